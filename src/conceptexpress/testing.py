@@ -1,0 +1,252 @@
+"""Random-weight Stable Diffusion pipelines built from configs, for tests and offline smoke checks.
+
+Nothing here downloads: configs are written in code and the CLIP tokenizer files are generated on the fly
+(a byte-level vocabulary with no merges, so every word is spelled out in characters). The saved folders are
+ordinary diffusers pipelines and load through :func:`conceptexpress.models.load_pipeline`, the same code path
+users hit with real weights.
+
+    >>> from conceptexpress.testing import save_tiny_pipeline
+    >>> path = save_tiny_pipeline("/tmp/tiny-sd")        # seconds, ~1 MB
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# SD 2.x tokenizers pad with "!"; SD 1.x tokenizers pad with the end-of-text token (DESIGN §2).
+PAD_STYLES = ("sd2", "sd1")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The reversible byte -> printable-unicode table of GPT-2/CLIP byte-level BPE.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(path: str | Path, *, pad_style: str = "sd2", model_max_length: int = 77) -> Path:
+    """Write a working CLIP BPE tokenizer (vocab.json, merges.txt, configs) to ``path``.
+
+    The vocabulary holds every byte symbol, its end-of-word form ``x</w>``, and the two special tokens
+    (512 + 2 ids), so any text tokenizes, one id per character. ``pad_style="sd2"`` pads with ``!``,
+    ``"sd1"`` pads with ``<|endoftext|>`` like SD 1.x.
+    """
+    from transformers import CLIPTokenizer
+
+    if pad_style not in PAD_STYLES:
+        raise ValueError(f"`pad_style` must be one of {PAD_STYLES}, got {pad_style!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    pad = "!" if pad_style == "sd2" else "<|endoftext|>"
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": pad,
+                "model_max_length": model_max_length,
+            }
+        ),
+        encoding="utf-8",
+    )
+    # Loading from vocab.json + merges.txt works on transformers 4.x (slow/fast) and 5.x alike.
+    tok = CLIPTokenizer.from_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _scheduler():
+    from diffusers import PNDMScheduler
+
+    # SD 2.1-base ships a PNDM scheduler with the training schedule of the DESIGN appendix.
+    return PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _save(path: Path, unet, vae, text_encoder, tokenizer_dir: Path, safe_serialization: bool = True) -> Path:
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=safe_serialization)
+    return path
+
+
+def tiny_unet_config(cross_attention_dim: int = 32) -> dict:
+    """UNet with SD 2.1's block layout at toy width: attention at latent, latent/2 and latent/4, plain latent/8."""
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 2, 4, 4),
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+        norm_num_groups=8,
+        norm_eps=1e-5,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, *, pad_style: str = "sd2", seed: int = 0) -> Path:
+    """Write a tiny random SD pipeline to ``path`` and return the path.
+
+    UNet: four levels like SD 2.1 (self- and cross-attention at latent, latent/2, latent/4; mid block at
+    latent/8), sample_size 16. VAE: factor 8 (4 blocks). Native resolution: 16 × 8 = 128 px. CLIP text encoder:
+    2 layers, hidden 32. Tokenizer: written on the fly, padding per ``pad_style`` (``"sd2"`` or ``"sd1"``).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    tok_dir = write_clip_tokenizer(path / "_tokenizer_src", pad_style=pad_style)
+    vocab_size = len(json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8")))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=128,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            hidden_act="gelu",
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=1,
+        )
+    )
+    out = _save(path, unet, vae, text_encoder, tok_dir)
+    _rmtree(tok_dir)
+    return out
+
+
+def sd21_unet_config() -> dict:
+    """UNet2DConditionModel config of SD 2.1-base (DESIGN appendix; 865.9 M parameters)."""
+    return dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(5, 10, 20, 20),
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        norm_num_groups=32,
+        norm_eps=1e-5,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def save_sd21_random_pipeline(path: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the full-size SD 2.1-base architecture with random weights (shape-level smoke tests).
+
+    Weights are stored in ``dtype`` (fp16 by default: 2.6 GB instead of 5.2 GB on disk); load them back in
+    any dtype. The tokenizer is the generated byte-level one (SD 2.x padding), so prompts tokenize
+    differently from the real model, but every shape is the real one: UNet 865.9 M parameters, 16 self- and
+    16 cross-attention layers, CLIP text encoder with 23 layers of width 1024, VAE factor 8.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = Path(path)
+    tok_dir = write_clip_tokenizer(path / "_tokenizer_src", pad_style="sd2")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**sd21_unet_config()).to(dtype)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+        scaling_factor=0.18215,
+    ).to(dtype)
+    vocab_size = 49408
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            projection_dim=512,
+            hidden_act="gelu",
+            # ids of the generated tokenizer's special tokens (its vocabulary is smaller than 49408)
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=1,
+        )
+    ).to(dtype)
+    out = _save(path, unet, vae, text_encoder, tok_dir)
+    _rmtree(tok_dir)
+    return out
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
