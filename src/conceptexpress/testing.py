@@ -250,3 +250,54 @@ def _rmtree(p: Path) -> None:
     import shutil
 
     shutil.rmtree(p, ignore_errors=True)
+
+
+def save_tiny_single_file(
+    pipeline_dir: str | Path, out_file: str | Path, *, text_encoder_layout: str = "clip"
+) -> Path:
+    """Write the pipeline folder ``pipeline_dir`` (e.g. from :func:`save_tiny_pipeline`) as one original-layout
+    ``.safetensors`` checkpoint, like the ``v1-5-pruned-emaonly`` / ``v2-1_512-ema-pruned`` files users download.
+
+    UNet under ``model.diffusion_model.*``, VAE under ``first_stage_model.*``, text encoder under
+    ``cond_stage_model.transformer.text_model.*`` (``text_encoder_layout="clip"``, SD 1.x style) or
+    ``cond_stage_model.model.*`` (``"open_clip"``, SD 2.x style); see :mod:`conceptexpress.models.ldm_format`.
+    Tokenizer and scheduler are not part of such files: load it back with ``config=pipeline_dir``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from .models.ldm_format import pipeline_to_ldm
+
+    pipeline_dir, out_file = Path(pipeline_dir), Path(out_file)
+    unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder")
+    state = pipeline_to_ldm(
+        unet.state_dict(),
+        vae.state_dict(),
+        text_encoder.state_dict(),
+        text_encoder_layout=text_encoder_layout,
+    )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses views into shared storage; the reshaped VAE attention weights are views.
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    save_file(tensors, str(out_file), metadata={"format": "pt"})
+    return out_file
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m conceptexpress.testing tiny|sd21 DIR``: write a random pipeline for offline trials."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m conceptexpress.testing", description=_main.__doc__)
+    parser.add_argument("kind", choices=("tiny", "sd21"), help="tiny (~7 MB) or the full SD 2.1-base shape (2.5 GB)")
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    out = save_tiny_pipeline(args.path) if args.kind == "tiny" else save_sd21_random_pipeline(args.path)
+    print(f"wrote a random {args.kind} pipeline to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

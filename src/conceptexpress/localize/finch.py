@@ -1,0 +1,181 @@
+"""FINCH hierarchical clustering (Sarfraz et al., CVPR 2019; paper Eq. 2) over any distance, with link constraints.
+
+One round: every current cluster i is linked to its first neighbour κ_i (the nearest other cluster under the
+given distance, ties to the lowest index); the clusters of the next level are the connected components of the
+graph of Eq. 2 (G(i, j) = 1 if κ_i = j, κ_j = i or κ_i = κ_j; its components are those of the links i—κ_i).
+The first round runs on the samples, every later one on the means of the *original* samples of each cluster
+(as ``finch-clust``'s ``get_merge``), until a round would not give a usable level.
+
+ConceptExpress (§3.2) adds constraints to the post-clustering: a link i—κ_i is dropped when its distance exceeds
+a threshold δ, or when a predicate rejects it (the two masks do not touch). Both are parameters here, so the
+same function serves the plain pre-clustering, the constrained post-clustering and the equivalence tests
+against ``finch-clust``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.sparse.csgraph import connected_components
+from torch import Tensor
+
+__all__ = ["FinchLevel", "LinkFilter", "StopRule", "finch"]
+
+LinkFilter = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``keep = link_filter(src, dst, labels)``: ``src``, ``dst`` (e,) int64 cluster indices of the candidate links
+src—dst of one round (dst = κ_src); ``labels`` (n,) int64 maps each original sample to its current cluster.
+Returns an (e,) bool tensor, True for links to keep."""
+
+StopRule = Literal["design", "original", "finch-clust"]
+
+
+@dataclass(frozen=True)
+class FinchLevel:
+    """One partition of the FINCH hierarchy.
+
+    Attributes:
+        labels: (n,) int64 cluster index in ``0..num_clusters-1`` of every original sample. Clusters are numbered
+            by their smallest member index, so equal inputs give equal labels.
+        num_clusters: number of clusters k.
+        max_link_distance: largest distance among the links kept in the round that produced this level (δ of the
+            paper's pre-clustering); 0.0 when that round kept no link.
+        means: (k, d) weighted mean of the original samples of each cluster (float32 or float64, like the input).
+    """
+
+    labels: Tensor
+    num_clusters: int
+    max_link_distance: float
+    means: Tensor
+
+
+def finch(
+    x: Tensor,
+    distance: Callable[[Tensor], Tensor],
+    *,
+    weights: Tensor | None = None,
+    max_link_distance: float | None = None,
+    link_filter: LinkFilter | None = None,
+    stop: StopRule = "design",
+) -> list[FinchLevel]:
+    """Run FINCH on the rows of ``x`` and return its levels, finest first.
+
+    Args:
+        x: (n, d) float samples, n >= 1.
+        distance: maps (k, d) rows to a (k, k) matrix of distances (only the off-diagonal entries are read; the
+            returned matrix may be overwritten in place). E.g. ``pairwise_symmetric_kl`` (Eq. 3) or a cosine
+            distance.
+        weights: optional (n,) positive mass of each sample. Cluster means are weighted by it, so that clustering
+            cluster centroids with weights = cluster sizes gives the means over the underlying rows.
+        max_link_distance: drop a link whose distance exceeds this value (δ of §3.2), in every round including
+            the first. ``None`` or ``inf``: no threshold.
+        link_filter: drop the links this predicate rejects (see ``LinkFilter``), in every round.
+        stop: when the hierarchy ends. A round that collapses everything into one cluster, or does not reduce
+            the count, always ends it and is not kept (as in standard FINCH). Then:
+
+            - ``"design"`` (default, DESIGN §3): any round that reduces the count is kept and the next one runs.
+            - ``"original"``: as in Sarfraz's reference code and the ConceptExpress release: a round that reduces
+              the count by exactly one is kept and ends the hierarchy.
+            - ``"finch-clust"``: as ``finch-clust`` 0.2.3 (``exit_clust <= 1``): a round that reduces the count
+              by exactly one is dropped and ends the hierarchy.
+
+            The first round is always kept (it may leave everything apart when constraints remove all links, or
+            join everything): FINCH always returns at least one level.
+
+    Returns:
+        The levels, with strictly decreasing ``num_clusters`` after the first.
+
+    Notes:
+        ``finch(x, cosine, stop="finch-clust")`` reproduces ``finch.FINCH(x, distance="cosine",
+        ensure_early_exit=False)``; adding ``max_link_distance`` = the largest link distance of the first round
+        reproduces ``ensure_early_exit=True`` (its ``min_sim``).
+    """
+    if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
+        raise ValueError(f"`x` must be a 2-D floating-point tensor (n, d), got {_describe(x)}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("`x` must have at least one row, got shape (0, d)")
+    if stop not in ("design", "original", "finch-clust"):
+        raise ValueError(f"`stop` must be 'design', 'original' or 'finch-clust', got {stop!r}")
+    if weights is not None:
+        weights = weights.to(device=x.device, dtype=x.dtype).reshape(-1)
+        if weights.shape[0] != n or bool((weights <= 0).any()):
+            raise ValueError(f"`weights` must be ({n},) and positive, got shape {tuple(weights.shape)}")
+    threshold = None if max_link_distance is None or max_link_distance == float("inf") else max_link_distance
+
+    # Round 0 works on the samples themselves: labels = identity, "means" = rows, masses = weights.
+    labels = torch.arange(n, device=x.device)  # (n,) sample -> current cluster
+    points = x  # (k, d), the rows the next round measures distances between
+    sums = x if weights is None else x * weights[:, None]  # (k, d) weighted sums of original rows
+    mass = torch.ones(n, dtype=x.dtype, device=x.device) if weights is None else weights  # (k,)
+
+    levels: list[FinchLevel] = []
+    while True:
+        k = points.shape[0]
+        comp, num, delta = _one_round(points, labels, distance, threshold, link_filter)
+        if levels:  # the first round is always kept
+            reduction = k - num
+            if num == 1 or reduction < 1 or (stop == "finch-clust" and reduction == 1):
+                break
+        labels = comp[labels]  # (n,) sample -> new cluster
+        sums = torch.zeros(num, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, comp, sums)  # (num, d)
+        mass = torch.zeros(num, dtype=x.dtype, device=x.device).index_add_(0, comp, mass)  # (num,)
+        points = sums / mass[:, None]  # (num, d) weighted means of the original rows
+        levels.append(FinchLevel(labels=labels, num_clusters=num, max_link_distance=delta, means=points))
+        if num == 1 or (stop == "original" and len(levels) > 1 and k - num == 1):
+            break
+    return levels
+
+
+def _one_round(
+    points: Tensor,
+    labels: Tensor,
+    distance: Callable[[Tensor], Tensor],
+    threshold: float | None,
+    link_filter: LinkFilter | None,
+) -> tuple[Tensor, int, float]:
+    """First-neighbour links between ``points``, filtered, merged into components.
+
+    Returns (comp (k,) int64 new cluster of each point numbered by smallest member, count, largest kept link).
+    """
+    k = points.shape[0]
+    if k == 1:
+        return torch.zeros(1, dtype=torch.long, device=points.device), 1, 0.0
+    dist = distance(points)  # (k, k)
+    if dist.shape != (k, k):
+        raise ValueError(f"`distance` must return a ({k}, {k}) matrix, got shape {tuple(dist.shape)}")
+    dist.fill_diagonal_(float("inf"))  # a point is not its own first neighbour
+    src = torch.arange(k, device=points.device)  # (k,)
+    dst = dist.argmin(dim=1)  # (k,) κ_i, first index on ties
+    link = dist[src, dst]  # (k,)
+    del dist
+    keep = torch.ones(k, dtype=torch.bool, device=points.device)
+    if threshold is not None:
+        keep &= link <= threshold
+    if link_filter is not None:
+        keep &= link_filter(src, dst, labels).to(device=points.device, dtype=torch.bool).reshape(k)
+    delta = float(link[keep].max()) if bool(keep.any()) else 0.0
+
+    s, t = src[keep].cpu().numpy(), dst[keep].cpu().numpy()
+    graph = sp.coo_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(k, k)).tocsr()
+    num, comp = connected_components(graph, directed=True, connection="weak")
+    comp = _number_by_first_member(comp)
+    return torch.from_numpy(comp).to(points.device), int(num), delta
+
+
+def _number_by_first_member(labels: np.ndarray) -> np.ndarray:
+    """Relabel so that cluster c is the one whose smallest member comes c-th (scipy's order is not documented)."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)} dtype {x.dtype}"
+    return type(x).__name__

@@ -1,0 +1,149 @@
+"""End-to-end concept localization (paper §3.2): image → one UNet pass → attention → concepts.
+
+The expensive step (VAE encode + one UNet pass with attention capture) runs once per image; the clustering
+that follows is the pure core of :mod:`conceptexpress.localize`. Deterministic: the latent is the VAE
+posterior *mean* (no sample) and the image is not flipped (the released code does both at random).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .attention.aggregate import CrossAttentionAccumulator, SelfAttentionAccumulator
+from .config import LocalizeConfig
+from .io.images import image_to_tensor, load_image, model_input_size, upsample_masks
+from .localize import ConceptClusters, cluster_concepts
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Localization:
+    """What localization found in one image.
+
+    ``clusters`` holds the latent-resolution result (masks (N, h, w) bool, centroids (N, h·w) float32 — the
+    token lookup table's m_i and f_i, Eq. 6–7); ``masks`` are the same concepts at the source image's size,
+    (N, H, W) bool, non-overlapping. ``eot`` is the raw [EOT] cross-attention map (h, w) float32.
+    """
+
+    clusters: ConceptClusters
+    masks: np.ndarray
+    eot: torch.Tensor
+    source_size: tuple[int, int]  # (W, H) of the photo after EXIF rotation
+    work_size: tuple[int, int]  # (W, H) fed to the VAE
+    latent_hw: tuple[int, int]
+    self_attention_layers: int
+    cross_attention_layers: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def num_concepts(self) -> int:
+        return self.clusters.num_concepts
+
+
+class ConceptLocalizer:
+    """Locates the concepts of images with a loaded pipeline (reuse it for many images)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, config: LocalizeConfig | None = None):
+        self.pipe = pipe
+        self.config = config or LocalizeConfig()
+        self.vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.native_resolution = int(pipe.unet.config.sample_size) * self.vae_factor
+
+    @property
+    def resolution(self) -> int:
+        return self.config.resolution or self.native_resolution
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image | str | Path) -> Localization:
+        from .attention.capture import capture_attention
+        from .models.text import encode_prompt, eot_index
+
+        pipe, cfg = self.pipe, self.config
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        image = image.convert("RGB")
+        work_size = model_input_size(image.size, self.resolution, self.vae_factor)
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+
+        clock = _Clock(device)
+        # 1. Clean latent: posterior mean, no noise (timestep 0 of paper §3.4).
+        pixels = image_to_tensor(image, work_size).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, H, W)
+        latent = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (1, 4, h, w)
+        latent = latent.to(dtype)
+        latent_hw = (latent.shape[-2], latent.shape[-1])
+        clock.lap("encode")
+
+        # 2. The unconditional prompt "" and the position of its [EOT] token.
+        text = encode_prompt(pipe.tokenizer, pipe.text_encoder, [""]).to(dtype)  # (1, L, D)
+        eot = eot_index(pipe.tokenizer, "")
+
+        # 3. One UNet pass with self-attention aggregated on the fly and the [EOT] map at latent/4.
+        self_acc = SelfAttentionAccumulator(latent_hw, weighting=cfg.weighting)
+        cross_acc = CrossAttentionAccumulator(latent_hw, [eot])
+        t = torch.full((1,), cfg.timestep, device=device, dtype=torch.long)
+        with capture_attention(pipe.unet, latent_hw, self_attention=self_acc, cross_attention=cross_acc):
+            pipe.unet(latent, t, encoder_hidden_states=text)
+        attn = self_acc.result()[0].float().cpu()  # (h·w, h·w), rows sum to 1
+        eot_map = cross_acc.result()[0, 0].float().cpu()  # (h, w)
+        clock.lap("unet")
+
+        # 4. Pre-clustering, filtering, post-clustering (pure core).
+        clusters = cluster_concepts(attn, eot_map, n_max=cfg.n_max)
+        for message in clusters.messages:
+            logger.warning(message)
+        clock.lap("cluster")
+        masks = upsample_masks(clusters.masks.numpy(), image.size)
+        clock.lap("upsample")
+        return Localization(
+            clusters=clusters,
+            masks=masks,
+            eot=eot_map,
+            source_size=image.size,
+            work_size=work_size,
+            latent_hw=latent_hw,
+            self_attention_layers=self_acc.num_layers,
+            cross_attention_layers=cross_acc.num_layers,
+            timings=clock.laps,
+        )
+
+
+class _Clock:
+    """Wall-clock laps (synchronizing CUDA so that GPU work is charged to its stage)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 4)
+        self._t = now
+
+
+def localize_concepts(
+    image: Image.Image | str | Path,
+    pipe: StableDiffusionPipeline | None = None,
+    config: LocalizeConfig | None = None,
+    **model_options,
+) -> Localization:
+    """One-call localization; loads the default (or ``model_options``) pipeline when none is given."""
+    if pipe is None:
+        from .models import load_pipeline
+
+        pipe = load_pipeline(**model_options)
+    return ConceptLocalizer(pipe, config)(image)
