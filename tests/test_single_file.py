@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -37,8 +39,12 @@ def _shapes(prefix: str, state_dict) -> dict[str, tuple[int, ...]]:
     return {prefix + k: tuple(v.shape) for k, v in state_dict.items()}
 
 
+@functools.cache
 def _full_size_ldm_shapes(text_encoder_layout: str, cross_attention_dim: int, width: int):
-    """Key → shape of a full-size SD checkpoint, built on the meta device (no memory, no weights)."""
+    """Key → shape of a full-size SD checkpoint, built on the meta device (no memory, no weights).
+
+    Cached: callers must copy the returned dict before changing it.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -152,7 +158,7 @@ def test_unknown_layouts_name_the_reason(keys, reason):
 
 
 def test_inpainting_unet_is_refused():
-    sd1, _, _ = _full_size_ldm_shapes("clip", 768, 64)
+    sd1 = dict(_full_size_ldm_shapes("clip", 768, 64)[0])
     sd1["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
     with pytest.raises(ValueError, match="inpainting"):
         classify_checkpoint(sd1)
@@ -322,7 +328,7 @@ def test_partial_hub_cache_counts_as_missing(tiny_file, monkeypatch, tmp_path):
         load_single_file(path, torch_dtype=torch.float32, config="org/tiny")
 
 
-@pytest.mark.parametrize("declared", [None, "v"])
+@pytest.mark.parametrize("declared", [None, "metadata", "weights"])
 def test_default_config_follows_the_family_from_the_cache(tiny_sd2_dir, tmp_path, monkeypatch, declared):
     """No ``config``: the family picks the hub id, read from the local cache first (stubbed here)."""
     import huggingface_hub
@@ -337,8 +343,12 @@ def test_default_config_follows_the_family_from_the_cache(tiny_sd2_dir, tmp_path
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = save_tiny_single_file(tiny_sd2_dir, tmp_path / "sd2.safetensors", text_encoder_layout="open_clip")
-    if declared:
-        save_file(load_file(path), str(path), metadata={"modelspec.prediction_type": declared})
+    if declared == "metadata":
+        save_file(load_file(path), str(path), metadata={"modelspec.prediction_type": "v"})
+    elif declared == "weights":  # the spread of LayerNorm biases that v-prediction training leaves
+        tensors = load_file(path)
+        tensors[v_pred_probe_key(list(tensors))] = torch.linspace(-0.5, 0.5, 32)
+        save_file(tensors, str(path))
     pipe = load_single_file(path, torch_dtype=torch.float32)
     assert calls == [(SD2_CONFIG, True)]
     if declared:  # SD 2.x v-prediction: the 768 px models, same architecture as the base mirror
@@ -347,3 +357,15 @@ def test_default_config_follows_the_family_from_the_cache(tiny_sd2_dir, tmp_path
     else:
         assert pipe.scheduler.config.prediction_type == "epsilon"
         assert pipe.unet.config.sample_size == 16
+
+
+def test_weight_heuristic_never_overrides_an_explicit_config(tiny_sd2_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_single_file(tiny_sd2_dir, tmp_path / "sd2.safetensors", text_encoder_layout="open_clip")
+    tensors = load_file(path)
+    tensors[v_pred_probe_key(list(tensors))] = torch.linspace(-0.5, 0.5, 32)
+    save_file(tensors, str(path))
+    assert inspect_single_file(path).prediction_type == "v_prediction"
+    pipe = load_single_file(path, torch_dtype=torch.float32, config=str(tiny_sd2_dir))
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.unet.config.sample_size == 16

@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import LocalizeConfig, ModelConfig, config_dict
+from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict
 from .errors import ConceptExpressError, NoConceptError
 
 logger = logging.getLogger("conceptexpress")
@@ -70,6 +70,7 @@ def config_from_args(args: argparse.Namespace, cls: type, **extra: Any):
 
 # ----------------------------------------------------------------------------- commands
 def _cmd_localize(args: argparse.Namespace) -> int:
+    from .extract import file_sha256
     from .io.atomic import ensure_output_dir
     from .io.images import load_image
     from .io.localization_files import save_localization
@@ -88,7 +89,12 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         loc,
         image,
         out,
-        meta={"image": str(Path(args.image).resolve()), "model": model_cfg.model, "config": config_dict(model_cfg, loc_cfg)},
+        meta={
+            "image": str(Path(args.image).resolve()),
+            "image_sha256": file_sha256(args.image),
+            "model": model_cfg.model,
+            "config": config_dict(model_cfg, loc_cfg),
+        },
     )
     if loc.num_concepts == 0:
         raise NoConceptError(
@@ -97,6 +103,26 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         )
     print(f"found {loc.num_concepts} concepts in {args.image} -> {out}/ ({', '.join(manifest['masks'][:3])}"
           f"{', …' if loc.num_concepts > 3 else ''}, overlay.png, stages.png, localization.json)")
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from .extract import SampleConfig, extract
+
+    manifest = extract(
+        args.image,
+        args.out or Path("outputs") / Path(args.image).stem,
+        model=config_from_args(args, ModelConfig),
+        localize=config_from_args(args, LocalizeConfig),
+        train=config_from_args(args, TrainConfig),
+        sample=config_from_args(args, SampleConfig),
+        resume=args.resume,
+        progress=not args.quiet,
+    )
+    tokens = " ".join(t["token"] for t in manifest["tokens"])
+    out = args.out or Path("outputs") / Path(args.image).stem
+    print(f"learned {manifest['num_concepts']} tokens ({tokens}) -> {out}/ "
+          f"({manifest['sample_passes']} UNet sample-passes); try: conceptexpress generate {out} \"a photo of <c1>\"")
     return 0
 
 
@@ -118,6 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, ModelConfig)
     add_config_args(p, LocalizeConfig)
     p.set_defaults(func=_cmd_localize)
+
+    from .extract import SampleConfig
+
+    p = sub.add_parser("extract", help="localize the concepts of one photo and learn one token each (paper §3)")
+    p.add_argument("image", help="the photo (PNG, JPEG, WebP, …)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: outputs/<image name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    add_config_args(p, ModelConfig)
+    add_config_args(p, LocalizeConfig)
+    add_config_args(p, TrainConfig)
+    add_config_args(p, SampleConfig)
+    p.set_defaults(func=_cmd_extract)
+
+    from .generate import add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 

@@ -88,3 +88,69 @@ def config_dict(*configs: Any) -> dict[str, Any]:
 
 def field_help(cls: type) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Concept-wise token learning (paper §3.3–3.4, DESIGN §4). Defaults are the paper's."""
+
+    steps: int = field(default=500, metadata=_help("training steps in all (paper: 500)"))
+    merge_step: int = field(default=100, metadata=_help("step after which split tokens are merged (paper: 100)"))
+    split_tokens: int = field(default=5, metadata=_help("split tokens g per concept (paper: 5)"))
+    lr: float = field(default=5e-4, metadata=_help("AdamW learning rate, constant (paper: 5e-4)"))
+    alpha: float = field(default=1e-3, metadata=_help("weight α of the contrastive loss, Eq. 12 (paper: 1e-3)"))
+    beta: float = field(default=1e-5, metadata=_help("weight β of the EMD attention alignment, Eq. 11-13 (paper: 1e-5)"))
+    tau: float = field(default=0.07, metadata=_help("temperature τ of the contrastive loss, Eq. 10 (paper: 0.07)"))
+    # Ablations of paper Table 2.
+    split_merge: bool = field(default=True, metadata=_help("split-and-merge (SnM); off = one token per concept"))
+    attn_reg: bool = field(default=True, metadata=_help("EMD attention alignment (Reg), Eq. 11"))
+    contrastive: bool = field(default=True, metadata=_help("contrastive loss between split tokens, Eq. 10"))
+    # Released code: AdamW defaults of its script (weight decay 1e-2, betas 0.9/0.999, eps 1e-8).
+    weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay (released code: 1e-2)"))
+    flip_p: float = field(default=0.5, metadata=_help("probability of flipping image and masks in a step"))
+    micro_batch: int = field(default=8, metadata=_help("prompts per UNet pass (memory); 0 = all prompts of a step at once"))
+    update_rule: str = field(
+        default="batched",
+        metadata=_help(
+            "batched: one AdamW step per training step; released: one step per prompt, replayed from the batched "
+            "pass (the authors' update dynamics)",
+            choices=("batched", "released"),
+        ),
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("UNet gradient checkpointing (less memory)"))
+    # "auto": fp16 autocast on CUDA when the weights are fp16, bf16 when bf16; none on CPU.
+    mixed_precision: str = field(
+        default="auto", metadata=_help("autocast on GPU", choices=("auto", "no", "fp16", "bf16"))
+    )
+    checkpoint_every: int = field(default=50, metadata=_help("write a resumable checkpoint every K steps (0 = never)"))
+    seed: int = field(default=0, metadata=_help("seed of token initialization, noise, timesteps and flips"))
+    emd_method: str = field(
+        default="auto",
+        metadata=_help("EMD solver: exact (POT emd2), sinkhorn (batched), auto = exact on CPU, sinkhorn on GPU",
+                       choices=("auto", "exact", "sinkhorn")),
+    )
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ConfigError(f"`{name}` must be {rule}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
+        need(isinstance(self.merge_step, int) and self.merge_step >= 0, "merge_step", "an integer >= 0")
+        need(isinstance(self.split_tokens, int) and self.split_tokens >= 1, "split_tokens", "an integer >= 1")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.alpha >= 0, "alpha", ">= 0")
+        need(self.beta >= 0, "beta", ">= 0")
+        need(self.tau > 0, "tau", "> 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(0.0 <= self.flip_p <= 1.0, "flip_p", "in [0, 1]")
+        need(isinstance(self.micro_batch, int) and self.micro_batch >= 0, "micro_batch", "an integer >= 0")
+        need(self.update_rule in ("batched", "released"), "update_rule", "'batched' or 'released'")
+        need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision", "auto, no, fp16 or bf16")
+        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+        need(self.emd_method in ("auto", "exact", "sinkhorn"), "emd_method", "auto, exact or sinkhorn")
+
+    @property
+    def tokens_per_concept(self) -> int:
+        """g in the split phase: 1 when split-and-merge is off."""
+        return self.split_tokens if self.split_merge else 1

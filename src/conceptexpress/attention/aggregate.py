@@ -233,14 +233,15 @@ class CrossAttentionAccumulator:
         self._layer_hw = hw
         self.num_layers += 1
 
-    def result(self) -> torch.Tensor:
+    def result(self, resize: bool = True) -> torch.Tensor:
         """Layer-mean maps, bilinearly resized to the latent: float32 ``(B, n, h, w)``, unnormalized
-        (probabilities, values in [0, 1]; the clustering core min-max normalizes the [EOT] map itself)."""
+        (probabilities, values in [0, 1]; the clustering core min-max normalizes the [EOT] map itself).
+        ``resize=False`` keeps the layers' own resolution ``(B, n, h_l, w_l)`` (the EMD loss of Eq. 11 works there)."""
         if self._sum is None or self._layer_hw is None:
             raise RuntimeError("CrossAttentionAccumulator.result() called before any layer was added")
         B, _, n = self._sum.shape
         h_l, w_l = self._layer_hw
         m = (self._sum / self.num_layers).transpose(1, 2).reshape(B, n, h_l, w_l)  # (B, n, h_l, w_l)
-        if (h_l, w_l) != self.latent_hw:
+        if resize and (h_l, w_l) != self.latent_hw:
             m = F.interpolate(m, size=self.latent_hw, mode="bilinear", align_corners=False)  # (B, n, h, w)
         return m

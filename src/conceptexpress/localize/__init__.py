@@ -1,8 +1,8 @@
 """Concept localization (paper §3.2) as pure functions on tensors: no diffusers or transformers import here.
 
-    from conceptexpress.localize import cluster_concepts
-    result = cluster_concepts(attn, eot, n_max=10)   # attn (h*w, h*w) row-stochastic, eot (h, w)
-    result.masks, result.centroids                    # (N, h, w) bool, (N, h*w) float32
+>>> from conceptexpress.localize import cluster_concepts
+>>> result = cluster_concepts(attn, eot, n_max=10)  # attn (h*w, h*w) row-stochastic, eot (h, w) raw
+>>> result.masks, result.centroids  # (N, h, w) bool, (N, h*w) float32 (Eq. 6)
 """
 
 from .cluster import ConceptClusters, cluster_concepts

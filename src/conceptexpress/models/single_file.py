@@ -360,13 +360,17 @@ def _check_all_weights_loaded(pipe: StableDiffusionPipeline) -> None:
 def _apply_prediction_type(
     pipe: StableDiffusionPipeline, info: CheckpointInfo, *, config_given: bool
 ) -> None:
+    """Make the scheduler's ``prediction_type`` (the denoising target, DESIGN appendix) match the file."""
     if info.prediction_type is None or (config_given and not info.prediction_is_explicit):
         return
     current = pipe.scheduler.config.get("prediction_type", "epsilon")
     if current != info.prediction_type:
-        logger.info(
-            "scheduler prediction_type %s -> %s (%s)", current, info.prediction_type, info.prediction_evidence
-        )
+        # A guess from weight statistics deserves the user's attention; a declared type is just news.
+        log = logger.info if info.prediction_is_explicit else logger.warning
+        log(
+            "%s: scheduler prediction_type %s -> %s (%s); pass --single-file-config DIR_OR_ID to override",
+            _LABELS[info.family], current, info.prediction_type, info.prediction_evidence,
+        )  # fmt: skip
         pipe.scheduler = type(pipe.scheduler).from_config(
             pipe.scheduler.config, prediction_type=info.prediction_type
         )

@@ -1,0 +1,215 @@
+"""``conceptexpress extract``: localization + token learning + export for one photo (DESIGN §5).
+
+The run folder grows in stages, each finished stage marked by a file written last:
+
+    localization.json   localization done (reused by later runs with the same image, model and config)
+    checkpoints/        resumable training state (``--resume``)
+    manifest.json       tokens exported; ``"complete": true`` only once everything is written
+
+so an interrupted run never leaves a folder that looks complete, and ``--resume`` loses nothing finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict
+from .errors import NoConceptError
+from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
+from .io.images import load_image
+from .io.localization_files import MANIFEST as LOCALIZATION_MANIFEST
+from .io.localization_files import read_localization, save_localization, versions
+
+logger = logging.getLogger(__name__)
+
+RUN_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sample images written after training with the already loaded pipeline."""
+
+    samples: bool = field(default=True, metadata={"help": "write sample images per concept after training"})
+    sample_count: int = field(default=2, metadata={"help": "images per prompt"})
+    sample_steps: int = field(default=30, metadata={"help": "denoising steps of the samples"})
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _localization_matches(out: Path, image_sha: str, model: str, loc_cfg: LocalizeConfig) -> bool:
+    path = out / LOCALIZATION_MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        meta.get("image_sha256") == image_sha
+        and meta.get("model") == model
+        and meta.get("config", {}).get("LocalizeConfig") == config_dict(loc_cfg)["LocalizeConfig"]
+    )
+
+
+def token_names(n: int) -> list[str]:
+    return [f"<c{i + 1}>" for i in range(n)]
+
+
+def extract(
+    image_path: str | Path,
+    out_dir: str | Path,
+    *,
+    model: ModelConfig | None = None,
+    localize: LocalizeConfig | None = None,
+    train: TrainConfig | None = None,
+    sample: SampleConfig | None = None,
+    resume: bool = False,
+    pipe=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole method on one photo and return the written run manifest (see module docstring)."""
+    from .export import write_token_files
+    from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
+    from .localizer import ConceptLocalizer
+    from .models import load_pipeline
+
+    model = model or ModelConfig()
+    localize = localize or LocalizeConfig()
+    train = train or TrainConfig()
+    sample = sample or SampleConfig()
+
+    # 1. Cheap checks first (image, output folder), then the model.
+    image = load_image(image_path)
+    image_sha = file_sha256(image_path)
+    out = ensure_output_dir(out_dir)
+    (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
+    if not resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if pipe is None:
+        pipe = load_pipeline(model)
+
+    # 2. Localization, once per image (reused when image, model and config match).
+    if _localization_matches(out, image_sha, model.model, localize):
+        loc_manifest, tensors = read_localization(out)
+        logger.info("reusing the localization in %s", out)
+    else:
+        loc = ConceptLocalizer(pipe, localize)(image)
+        loc_manifest = save_localization(
+            loc,
+            image,
+            out,
+            meta={
+                "image": str(Path(image_path).resolve()),
+                "image_sha256": image_sha,
+                "model": model.model,
+                "config": config_dict(model, localize),
+            },
+        )
+        _, tensors = read_localization(out)
+    n = int(loc_manifest["num_concepts"])
+    if n == 0:
+        raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
+    work_size = tuple(loc_manifest["work_size"])
+
+    # 3. Token learning (resumable).
+    trainer = TokenTrainer(pipe, image, work_size, tensors["masks"].bool(), tensors["centroids"], train)
+    callbacks = [_ProgressBar(train.steps, trainer.step)] if progress else []
+    try:
+        result = trainer.train(checkpoint_dir=out / "checkpoints", resume=resume, callbacks=callbacks)
+    finally:
+        for cb in callbacks:
+            cb.close()
+
+    # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, samples, manifest.
+    tokens = token_names(n)
+    entries = write_token_files(out, tokens, result.embeddings)
+    for entry, mask in zip(entries, loc_manifest["masks"]):
+        entry["mask"] = mask
+    atomic_write_json(out / "history.json", result.history)
+    atomic_save_image(loss_curve_image(result.history), out / "loss.png")
+    sample_files = _write_samples(pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else {}
+
+    manifest = {
+        "format": "conceptexpress-run-1",
+        "image": str(Path(image_path).resolve()),
+        "image_sha256": image_sha,
+        # A local model is recorded by absolute path so `generate` finds it from any working directory.
+        "base_model": str(Path(model.model).resolve()) if Path(model.model).exists() else model.model,
+        "single_file_config": model.single_file_config,
+        "tokens": entries,
+        "num_concepts": n,
+        "num_vectors": 1,
+        "embedding_dim": int(result.embeddings.shape[1]),
+        "seed": train.seed,
+        "steps": result.steps,
+        "sample_passes": result.sample_passes,
+        "optimizer_steps": result.optimizer_steps,
+        "released_code_sample_passes": released_sample_passes(n, train),
+        "final_loss": result.history[-1]["loss"] if result.history else None,
+        "localization": LOCALIZATION_MANIFEST,
+        "overlay": "overlay.png",
+        "loss_curve": "loss.png",
+        "history": "history.json",
+        "samples": sample_files,
+        "config": config_dict(model, localize, train, sample),
+        "versions": versions(),
+        "complete": True,
+    }
+    atomic_write_json(out / RUN_MANIFEST, manifest)
+    return manifest
+
+
+def _write_samples(pipe, out: Path, tokens, embeddings: torch.Tensor, cfg: SampleConfig, seed: int) -> dict[str, list[str]]:
+    """Images of each concept alone and of all together, from the pipeline already in memory."""
+    from .generate import GenerateConfig, generate
+
+    existing = set(pipe.tokenizer.get_vocab())
+    new = [t for t in tokens if t not in existing]
+    if new:
+        pipe.load_textual_inversion(
+            [embeddings[tokens.index(t)] for t in new], token=new, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
+        )
+    prompts = [f"a photo of {t}" for t in tokens] + ["a photo of " + " and ".join(tokens)]
+    gen_cfg = GenerateConfig(n=cfg.sample_count, seed=seed, steps=cfg.sample_steps)
+    images = generate(pipe, prompts, gen_cfg)
+    files: dict[str, list[str]] = {}
+    (out / "samples").mkdir(exist_ok=True)
+    for name, prompt, imgs in zip([*tokens, "all"], prompts, images):
+        stem = name.strip("<>")
+        files[prompt] = []
+        for k, img in enumerate(imgs):
+            rel = f"samples/{stem}_{k:02d}.png"
+            atomic_save_image(img, out / rel)
+            files[prompt].append(rel)
+    return files
+
+
+class _ProgressBar:
+    """tqdm bar with the current loss (a training callback)."""
+
+    def __init__(self, total: int, start: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc="learning tokens", unit="step", dynamic_ncols=True)
+
+    def __call__(self, trainer, record: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", phase=record["phase"])
+
+    def close(self) -> None:
+        self.bar.close()
+

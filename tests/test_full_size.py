@@ -1,0 +1,50 @@
+"""Full-size SD 2.1-base architecture with random weights: shapes, layer counts, and a localization pass.
+
+Slow (writes a 2.5 GB pipeline, ~1 min of CPU), behind the `slow` marker; CI still runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+
+
+@pytest.fixture(scope="module")
+def sd21(tmp_path_factory):
+    from conceptexpress.models import load_pipeline
+    from conceptexpress.testing import save_sd21_random_pipeline
+
+    path = save_sd21_random_pipeline(tmp_path_factory.mktemp("sd21"))
+    return load_pipeline(str(path), device="cpu", dtype="fp32")
+
+
+def test_architecture_matches_sd21_base(sd21):
+    unet = sd21.unet
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6, 1) == 865.9
+    names = list(unet.attn_processors)
+    assert sum(n.endswith("attn1.processor") for n in names) == 16
+    assert sum(n.endswith("attn2.processor") for n in names) == 16
+    assert sd21.text_encoder.config.hidden_size == 1024 and sd21.text_encoder.config.num_hidden_layers == 23
+    assert sd21.vae_scale_factor == 8 and unet.config.sample_size * sd21.vae_scale_factor == 512
+    assert sd21.tokenizer.pad_token == "!"
+
+
+def test_localization_pass_at_512(sd21):
+    from conceptexpress import LocalizeConfig, localize_concepts
+
+    loc = localize_concepts(EXAMPLE, sd21, LocalizeConfig())
+    assert loc.work_size == (512, 344)  # 600×400 photo: longer side 512, shorter side to a multiple of 8
+    assert loc.latent_hw == (43, 64)
+    assert loc.self_attention_layers == 16
+    assert loc.cross_attention_layers == 5  # latent/4 level: down_blocks.2 ×2 + up_blocks.1 ×3
+    assert loc.masks.shape[1:] == (400, 600)
+    n = loc.num_concepts
+    assert loc.clusters.centroids.shape == (n, 43 * 64)
+    if n:
+        torch.testing.assert_close(loc.clusters.centroids.sum(-1), torch.ones(n), atol=1e-4, rtol=0)
