@@ -48,3 +48,25 @@ def test_localization_pass_at_512(sd21):
     assert loc.clusters.centroids.shape == (n, 43 * 64)
     if n:
         torch.testing.assert_close(loc.clusters.centroids.sum(-1), torch.ones(n), atol=1e-4, rtol=0)
+
+
+def test_one_training_step_full_size(sd21):
+    """One training step of the full-size architecture at 256 px on CPU (shapes, capture and EMD at latent/4)."""
+    from conceptexpress.config import TrainConfig
+    from conceptexpress.io.images import load_image
+    from conceptexpress.learn.trainer import TokenTrainer
+
+    latent = (22, 32)  # 600×400 photo at 256 px: 256×176 → latent 32×22
+    masks = torch.zeros(2, *latent, dtype=torch.bool)
+    masks[0, 2:10, 3:12] = True
+    masks[1, 10:20, 16:28] = True
+    cents = masks.flatten(1).float() + 0.01
+    cents = cents / cents.sum(1, keepdim=True)
+    cfg = TrainConfig(steps=1, merge_step=1, split_tokens=2, micro_batch=2, checkpoint_every=0)
+    trainer = TokenTrainer(sd21, load_image(EXAMPLE), (256, 176), masks, cents, cfg)
+    before = trainer.vectors.detach().clone()
+    result = trainer.train()
+    assert result.sample_passes == 4 and result.embeddings.shape == (2, 1024)
+    assert not torch.equal(trainer.vectors.detach(), before)
+    record = result.history[0]
+    assert record["reg"] > 0 and record["mse"] > 0
