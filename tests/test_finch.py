@@ -12,7 +12,7 @@ import torch
 from sklearn.datasets import load_digits, load_iris, load_wine, make_blobs
 from sklearn.metrics import adjusted_rand_score
 
-from conceptexpress.localize import FinchLevel, finch
+from conceptexpress.localize import FinchLevel, finch, pairwise_symmetric_kl
 
 with warnings.catch_warnings():
     # finch-clust warns at import that pynndescent is missing; its exact 1-NN path is the one compared.
@@ -53,6 +53,22 @@ def test_plain_levels_match_finch_clust(name):
     data = DATASETS[name]()
     c, num_clust, _ = finch_clust.FINCH(data, distance="cosine", ensure_early_exit=False)
     ours = finch(torch.from_numpy(data.astype(np.float64)), _cosine, stop="finch-clust")
+    _assert_same_hierarchy(ours, c, num_clust)
+
+
+def _naive_symmetric_kl(p: np.ndarray, q: np.ndarray) -> float:
+    p, q = np.maximum(p, 1e-12), np.maximum(q, 1e-12)
+    return 0.5 * float(np.sum((p - q) * (np.log(p) - np.log(q))))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kl_levels_match_finch_clust_with_a_callable_metric(seed):
+    """The pre-clustering setting: symmetric KL (Eq. 3) between distributions, ours vs finch-clust per pair."""
+    rng = np.random.default_rng(seed)
+    centers = rng.dirichlet(np.full(30, 0.3), size=6)  # (6, 30)
+    rows = np.stack([rng.dirichlet(c * 50 + 0.01) for c in centers for _ in range(15)])  # (90, 30)
+    c, num_clust, _ = finch_clust.FINCH(rows, distance=_naive_symmetric_kl, ensure_early_exit=False)
+    ours = finch(torch.from_numpy(rows), pairwise_symmetric_kl, stop="finch-clust")
     _assert_same_hierarchy(ours, c, num_clust)
 
 

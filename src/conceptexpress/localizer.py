@@ -52,6 +52,19 @@ class Localization:
         return self.clusters.num_concepts
 
 
+@dataclass(frozen=True)
+class AttentionMaps:
+    """Output of the localization pass: ``attn`` (h·w, h·w) float32 row-stochastic, ``eot`` (h, w) float32 raw."""
+
+    attn: torch.Tensor
+    eot: torch.Tensor
+    work_size: tuple[int, int]
+    latent_hw: tuple[int, int]
+    self_attention_layers: int
+    cross_attention_layers: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 class ConceptLocalizer:
     """Locates the concepts of images with a loaded pipeline (reuse it for many images)."""
 
@@ -66,18 +79,22 @@ class ConceptLocalizer:
         return self.config.resolution or self.native_resolution
 
     @torch.no_grad()
-    def __call__(self, image: Image.Image | str | Path) -> Localization:
+    def attention(self, image: Image.Image) -> AttentionMaps:
+        """The expensive step: VAE encode + one UNet pass with capture (paper §3.2, §3.4).
+
+        Returns the aggregated self-attention (h·w, h·w) (rows sum to 1) and the raw [EOT] map (h, w), both
+        float32 on CPU. Clustering methods (ours, and the k-means / FINCH baselines of the localization
+        benchmark) all start from these same tensors.
+        """
         from .attention.capture import capture_attention
         from .models.text import encode_prompt, eot_index
 
         pipe, cfg = self.pipe, self.config
-        if not isinstance(image, Image.Image):
-            image = load_image(image)
         image = image.convert("RGB")
         work_size = model_input_size(image.size, self.resolution, self.vae_factor)
         device, dtype = pipe.unet.device, pipe.unet.dtype
-
         clock = _Clock(device)
+
         # 1. Clean latent: posterior mean, no noise (timestep 0 of paper §3.4).
         pixels = image_to_tensor(image, work_size).to(device=device, dtype=pipe.vae.dtype)  # (1, 3, H, W)
         latent = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (1, 4, h, w)
@@ -98,9 +115,25 @@ class ConceptLocalizer:
         attn = self_acc.result()[0].float().cpu()  # (h·w, h·w), rows sum to 1
         eot_map = cross_acc.result()[0, 0].float().cpu()  # (h, w)
         clock.lap("unet")
+        return AttentionMaps(
+            attn=attn,
+            eot=eot_map,
+            work_size=work_size,
+            latent_hw=latent_hw,
+            self_attention_layers=self_acc.num_layers,
+            cross_attention_layers=cross_acc.num_layers,
+            timings=clock.laps,
+        )
+
+    def __call__(self, image: Image.Image | str | Path) -> Localization:
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        image = image.convert("RGB")
+        maps = self.attention(image)
+        clock = _Clock(self.pipe.unet.device)
 
         # 4. Pre-clustering, filtering, post-clustering (pure core).
-        clusters = cluster_concepts(attn, eot_map, n_max=cfg.n_max)
+        clusters = cluster_concepts(maps.attn, maps.eot, n_max=self.config.n_max)
         for message in clusters.messages:
             logger.warning(message)
         clock.lap("cluster")
@@ -109,13 +142,13 @@ class ConceptLocalizer:
         return Localization(
             clusters=clusters,
             masks=masks,
-            eot=eot_map,
+            eot=maps.eot,
             source_size=image.size,
-            work_size=work_size,
-            latent_hw=latent_hw,
-            self_attention_layers=self_acc.num_layers,
-            cross_attention_layers=cross_acc.num_layers,
-            timings=clock.laps,
+            work_size=maps.work_size,
+            latent_hw=maps.latent_hw,
+            self_attention_layers=maps.self_attention_layers,
+            cross_attention_layers=maps.cross_attention_layers,
+            timings={**maps.timings, **clock.laps},
         )
 
 

@@ -271,7 +271,7 @@ class TokenTrainer:
                     grad = grad + con_grad
                     stats["con"] = con
                 self._apply(grad)
-        stats["loss"] = stats["mse"] + cfg.beta * stats["reg"] + cfg.alpha * stats["con"]
+        stats["loss"] = stats["mse"] + self.attention_weight * stats["reg"] + cfg.alpha * stats["con"]
         stats["phase"] = "merged" if self.merged else "split"
         stats["prompts"] = b_total
         return stats
@@ -306,7 +306,7 @@ class TokenTrainer:
         input_ids = torch.stack([p.input_ids for p in prompts]).to(self.device)  # (b, L)
         leaf = self.vectors.detach().unsqueeze(0).repeat(b, 1, 1).requires_grad_(True)  # (b, K, D)
         self._wrapper.batch_vectors = leaf
-        if cfg.attn_reg and cfg.beta > 0:
+        if cfg.attn_reg and self.attention_weight > 0:
             from ..attention.aggregate import CrossAttentionAccumulator
             from ..attention.capture import capture_attention
 
@@ -338,19 +338,33 @@ class TokenTrainer:
             reg = torch.zeros(b, device=self.device)
             if acc is not None:
                 maps = acc.result(resize=False)  # (b, width, h4, w4)
-                pairs = [(r, s, p.concepts[s]) for r, p in enumerate(prompts) for s in range(len(p.positions))]
-                targets = self._emd_targets(centroids, maps.shape[-2:])  # (N, h4, w4)
-                emd = losses.emd_loss(
-                    torch.stack([maps[r, s] for r, s, _ in pairs]),
-                    torch.stack([targets[c] for _, _, c in pairs]),
-                    method=self._emd_method(),
-                )  # (pairs,)
-                rows = torch.tensor([r for r, _, _ in pairs], device=self.device)
-                reg = reg.to(emd.dtype).index_add(0, rows, emd)  # Σ over the prompt's tokens
-            loss = (mse + cfg.beta * reg) * weight
+                reg = self.attention_loss(maps, prompts, masks, centroids)  # (b,)
+            loss = (mse + self.attention_weight * reg) * weight
             loss.sum().backward()
         self._wrapper.batch_vectors = None
         return leaf.grad.detach(), mse.detach(), reg.detach()
+
+    # ------------------------------------------------------------------ overridable parts (baselines)
+    @property
+    def attention_weight(self) -> float:
+        """Weight of :meth:`attention_loss` in a prompt's loss (β of Eq. 12–13)."""
+        return self.config.beta
+
+    def attention_loss(self, maps: torch.Tensor, prompts: list[Prompt], masks: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 summed over each prompt's tokens: EMD(c_[V], f_i) at the attention's resolution.
+
+        ``maps`` (b, width, h4, w4) token cross-attention (slot s of prompt r at ``maps[r, s]``); ``masks``
+        (N, h, w) and ``centroids`` (N, h, w) already flipped with the step. Returns (b,).
+        """
+        pairs = [(r, s, p.concepts[s]) for r, p in enumerate(prompts) for s in range(len(p.positions))]
+        targets = self._emd_targets(centroids, maps.shape[-2:])  # (N, h4, w4)
+        emd = losses.emd_loss(
+            torch.stack([maps[r, s] for r, s, _ in pairs]),
+            torch.stack([targets[c] for _, _, c in pairs]),
+            method=self._emd_method(),
+        )  # (pairs,)
+        rows = torch.tensor([r for r, _, _ in pairs], device=maps.device)
+        return torch.zeros(len(prompts), device=maps.device, dtype=emd.dtype).index_add(0, rows, emd)
 
     def _emd_targets(self, centroids: torch.Tensor, hw) -> torch.Tensor:
         # f_i at the attention's resolution: area averaging keeps it a distribution of the same mass.
