@@ -118,6 +118,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         sample=config_from_args(args, SampleConfig),
         resume=args.resume,
         progress=not args.quiet,
+        method=args.method,
     )
     tokens = " ".join(t["token"] for t in manifest["tokens"])
     out = args.out or Path("outputs") / Path(args.image).stem
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="the photo (PNG, JPEG, WebP, …)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: outputs/<image name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument(
+        "--method",
+        choices=("conceptexpress", "bas-dagger"),
+        default="conceptexpress",
+        help="token learning: ConceptExpress (default) or the BaS† baseline of paper §4.1 on the same masks",
+    )
     add_config_args(p, ModelConfig)
     add_config_args(p, LocalizeConfig)
     add_config_args(p, TrainConfig)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict
-from .errors import NoConceptError
+from .errors import ConfigError, NoConceptError
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 from .io.images import load_image
 from .io.localization_files import MANIFEST as LOCALIZATION_MANIFEST
@@ -31,6 +31,7 @@ from .io.localization_files import read_localization, save_localization, version
 logger = logging.getLogger(__name__)
 
 RUN_MANIFEST = "manifest.json"
+METHODS = ("conceptexpress", "bas-dagger")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def extract(
     resume: bool = False,
     pipe=None,
     progress: bool = True,
+    method: str = "conceptexpress",
 ) -> dict[str, Any]:
     """Run the whole method on one photo and return the written run manifest (see module docstring)."""
     from .export import write_token_files
@@ -125,8 +127,14 @@ def extract(
         raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
     work_size = tuple(loc_manifest["work_size"])
 
-    # 3. Token learning (resumable).
-    trainer = TokenTrainer(pipe, image, work_size, tensors["masks"].bool(), tensors["centroids"], train)
+    # 3. Token learning (resumable). BaS† (paper §4.1) trains on the same masks with Break-A-Scene's token phase.
+    if method not in METHODS:
+        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "bas-dagger":
+        from .learn.bas import BaSTrainer as trainer_cls
+    else:
+        trainer_cls = TokenTrainer
+    trainer = trainer_cls(pipe, image, work_size, tensors["masks"].bool(), tensors["centroids"], train)
     callbacks = [_ProgressBar(train.steps, trainer.step)] if progress else []
     try:
         result = trainer.train(checkpoint_dir=out / "checkpoints", resume=resume, callbacks=callbacks)
@@ -145,6 +153,7 @@ def extract(
 
     manifest = {
         "format": "conceptexpress-run-1",
+        "method": method,
         "image": str(Path(image_path).resolve()),
         "image_sha256": image_sha,
         # A local model is recorded by absolute path so `generate` finds it from any working directory.
