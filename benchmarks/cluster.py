@@ -1,9 +1,10 @@
 """Time concept clustering (paper §3.2) on a synthetic 64×64 latent against a plain 4096³ float32 matmul.
 
 DESIGN §7 target: clustering a 64×64 attention (4096 rows) costs <= 1.3× the fastest 4096³ float32 matmul
-(numpy or torch) measured in the same run. Prints one JSON object: the median times, their ratio, the torch
-thread count, and a breakdown (validation, first-round KL, remaining FINCH rounds, filter + post-clustering). All timings
-are interleaved round-robin, so a change of load on a shared machine hits all of them alike.
+(numpy or torch) measured in the same run. Prints one JSON object: the median times, their ratio (and the ratio
+of the best runs, steadier on a shared machine), the torch thread count, and a breakdown (validation, first-round
+KL, remaining FINCH rounds, filter + post-clustering). Timings are interleaved round-robin, so a change of load
+on a shared machine hits all of them alike.
 
 The attention is built from a label image (4 objects on a background) like the tests: every pixel attends to
 its own region, to its neighbourhood and a little at random. Each timed call is preceded by a short pause:

@@ -1,0 +1,45 @@
+"""Concept-localization benchmark (paper §4.5, Table 3 and Fig. 7): datasets, matching, baselines, runner.
+
+Imported lazily: ``conceptexpress.locbench.matching`` and ``.baselines`` are pure (numpy/scipy/torch), and
+nothing here loads diffusers until :func:`bench_localize` runs.
+
+    >>> from conceptexpress.locbench import BenchConfig, bench_localize, write_synthetic_dataset
+    >>> write_synthetic_dataset("/tmp/scenes", 8)
+    >>> results = bench_localize("/tmp/scenes", BenchConfig(), pipe=pipe, out_dir="/tmp/bench")
+    >>> results["summary"]["ours"]["iou"], results["summary"]["kmeans@7"]["recall"]
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "match_masks": "conceptexpress.locbench.matching",
+    "iou_matrix": "conceptexpress.locbench.matching",
+    "aggregate": "conceptexpress.locbench.matching",
+    "ImageMatch": "conceptexpress.locbench.matching",
+    "DatasetScores": "conceptexpress.locbench.matching",
+    "BaselineClusters": "conceptexpress.locbench.baselines",
+    "eot_filter": "conceptexpress.locbench.baselines",
+    "kmeans_concepts": "conceptexpress.locbench.baselines",
+    "finch_fixed_concepts": "conceptexpress.locbench.baselines",
+    "finch_levels": "conceptexpress.locbench.baselines",
+    "BenchSample": "conceptexpress.locbench.dataset",
+    "load_dataset": "conceptexpress.locbench.dataset",
+    "read_instance_masks": "conceptexpress.locbench.dataset",
+    "convert_clevr_masks": "conceptexpress.locbench.dataset",
+    "make_scene": "conceptexpress.locbench.scenes",
+    "write_synthetic_dataset": "conceptexpress.locbench.scenes",
+    "BenchConfig": "conceptexpress.locbench.run",
+    "bench_localize": "conceptexpress.locbench.run",
+    "format_table": "conceptexpress.locbench.run",
+    "add_bench_localize_parser": "conceptexpress.locbench.cli",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'conceptexpress.locbench' has no attribute {name!r}")

@@ -1,0 +1,415 @@
+"""The localization benchmark of paper §4.5: ours vs k-means@k vs FINCH@k on one shared attention per image.
+
+For every image: one localization pass (``ConceptLocalizer.attention``, cached in ``OUT/attention/``), then
+three clusterings of that same attention — ours (``cluster_concepts``, automatic N), k-means with k clusters
+and plain FINCH reduced to k clusters, both followed by our [EOT] filter (Eq. 5) — masks upsampled to the
+source size (``upsample_masks``, as the localizer does) and Hungarian-matched to the ground truth
+(:mod:`.matching`). Outputs in ``OUT``: ``table.md`` (paper Table 3), ``figure.png`` (paper Fig. 7),
+``results.json`` (per image, per method, resolved config; written last, so its presence means "finished").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from conceptexpress.config import LocalizeConfig, config_dict
+from conceptexpress.errors import ConfigError
+from conceptexpress.io.atomic import (
+    atomic_save_image,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    ensure_output_dir,
+)
+from conceptexpress.io.images import upsample_masks
+from conceptexpress.localize import cluster_concepts
+
+from .baselines import finch_fixed_concepts, finch_levels, kmeans_concepts
+from .dataset import BenchSample, load_dataset
+from .matching import ImageMatch, aggregate, match_masks
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+__all__ = ["BenchConfig", "bench_localize", "format_table", "method_names"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS, TABLE, FIGURE, CACHE_DIR = "results.json", "table.md", "figure.png", "attention"
+_CACHE_FORMAT = "conceptexpress-bench-attention-1"
+_PANEL_HEIGHT = 192
+_TITLE_HEIGHT = 22
+_GAP = 4
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Localization benchmark (paper §4.5). Ours reads ``LocalizeConfig.n_max``; it is not repeated here."""
+
+    # Paper Table 3 runs both baselines at 4, 5, 6 and 7 clusters. The CLI passes "4,5,6,7"; it becomes a tuple.
+    ks: str | tuple[int, ...] = field(
+        default=(4, 5, 6, 7),
+        metadata=_help("cluster counts k of the k-means and FINCH baselines, comma-separated"),
+    )
+    # 0.5: the usual "found" threshold of instance segmentation; Appendix B's value is not available.
+    iou_threshold: float = field(
+        default=0.5, metadata=_help("IoU a matched pair needs to count for recall and precision")
+    )
+    seed: int = field(default=0, metadata=_help("random state of k-means++ initialization"))
+    # Fixed so that results do not change with scikit-learn's default (which moved from 10 to "auto").
+    kmeans_n_init: int = field(default=10, metadata=_help("k-means restarts; the lowest inertia wins"))
+    limit: int | None = field(default=None, metadata=_help("only the first LIMIT images in name order"))
+    # Paper Fig. 7 shows two images.
+    figure_rows: int = field(default=2, metadata=_help("images shown in figure.png (0 = no figure)"))
+    # None = the largest k (7 by default, the count the paper's Fig. 7 uses).
+    figure_k: int | None = field(
+        default=None, metadata=_help("k of the baseline columns of figure.png (default: the largest of --ks)")
+    )
+    cache: bool = field(default=True, metadata=_help("keep each image's attention in OUT/attention/ and reuse it"))
+    # float32 is exact (64 MB per 512 px image); float16 halves that. Either way every run clusters the values
+    # as stored, so a rerun from the cache gives the same numbers as the first run.
+    cache_dtype: str = field(
+        default="float32",
+        metadata=_help("precision of the cached attention", choices=("float32", "float16")),
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ks", _parse_ks(self.ks))
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ConfigError(f"`iou_threshold` must be in (0, 1], got {self.iou_threshold!r}")
+        for name, lo in (("kmeans_n_init", 1), ("figure_rows", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+            raise ConfigError(f"`limit` must be a positive integer, got {self.limit!r}")
+        if self.figure_k is not None and self.figure_k not in self.ks:
+            raise ConfigError(f"`figure_k` must be one of ks {list(self.ks)}, got {self.figure_k!r}")
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ConfigError(f"`cache_dtype` must be 'float32' or 'float16', got {self.cache_dtype!r}")
+
+    @property
+    def fig_k(self) -> int:
+        return self.figure_k if self.figure_k is not None else max(self.ks)
+
+
+def _parse_ks(ks: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    try:
+        if isinstance(ks, str):
+            values = [int(v) for v in ks.replace(" ", "").split(",") if v]
+        elif isinstance(ks, int) and not isinstance(ks, bool):
+            values = [ks]
+        else:
+            values = [int(v) for v in ks]
+    except (TypeError, ValueError):
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"`ks` must be positive integers such as '4,5,6,7', got {ks!r}")
+    return tuple(sorted(set(values)))
+
+
+def method_names(ks: tuple[int, ...]) -> list[str]:
+    """Column order of Table 3: ``kmeans@k`` for every k, ``finch@k`` for every k, then ``ours``."""
+    return [f"kmeans@{k}" for k in ks] + [f"finch@{k}" for k in ks] + ["ours"]
+
+
+def bench_localize(
+    dataset_dir: str | Path,
+    config: BenchConfig | None = None,
+    *,
+    pipe: StableDiffusionPipeline,
+    localize_config: LocalizeConfig | None = None,
+    out_dir: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark on a dataset (layout: :mod:`.dataset`) and write ``OUT/{table.md,figure.png,results.json}``.
+
+    Args:
+        dataset_dir: the dataset folder.
+        config: benchmark options (cluster counts, IoU threshold, k-means seed, cache, figure).
+        pipe: a loaded Stable Diffusion pipeline (the one localization uses).
+        localize_config: localization options; ``n_max`` drives ours, the rest shape the shared attention.
+        out_dir: output folder; ``OUT/attention/<name>.safetensors`` caches each image's attention.
+        progress: show a progress bar.
+
+    Returns:
+        The content of ``results.json``: ``summary[method]`` holds the dataset scores (fractions in [0, 1]),
+        ``images[i]["methods"][method]`` the per-image matches.
+
+    Raises:
+        InputError: the dataset is missing, empty or inconsistent (checked before any UNet pass).
+        OutputError: ``out_dir`` cannot be written.
+    """
+    from conceptexpress.localizer import ConceptLocalizer
+
+    config = config or BenchConfig()
+    localize_config = localize_config or LocalizeConfig()
+    samples = load_dataset(dataset_dir, limit=config.limit)
+    out = ensure_output_dir(out_dir)
+    (out / RESULTS).unlink(missing_ok=True)  # until the new results land, the folder must not look finished
+    if config.cache:
+        ensure_output_dir(out / CACHE_DIR)
+    localizer = ConceptLocalizer(pipe, localize_config)
+    model_key = _model_fingerprint(pipe)
+    methods = method_names(config.ks)
+    matches: dict[str, list[ImageMatch]] = {m: [] for m in methods}
+    seconds: dict[str, float] = {"attention": 0.0, **{m: 0.0 for m in methods}}
+    images: list[dict[str, Any]] = []
+    figure_rows: list[tuple[Image.Image, np.ndarray, dict[str, np.ndarray]]] = []
+    figure_methods = (f"kmeans@{config.fig_k}", f"finch@{config.fig_k}", "ours")
+
+    for sample in _progress(samples, progress):
+        image, gt = sample.load()
+        t0 = time.perf_counter()
+        attn, eot, latent_hw, cached = _attention(localizer, sample, image, out, model_key, localize_config, config)
+        seconds["attention"] += time.perf_counter() - t0
+        predicted = _cluster_all(attn, eot, config, localize_config.n_max, seconds)
+        record: dict[str, Any] = {
+            "name": sample.name,
+            "image": str(sample.image_path),
+            "size": list(image.size),
+            "latent_hw": list(latent_hw),
+            "num_gt": int(gt.shape[0]),
+            "attention_cached": cached,
+            "methods": {},
+        }
+        upsampled: dict[str, np.ndarray] = {}
+        for method in methods:
+            latent_masks, messages = predicted[method]
+            masks = upsample_masks(latent_masks, image.size)  # (P, H, W) bool at the source size
+            match = match_masks(masks, gt, config.iou_threshold)
+            matches[method].append(match)
+            record["methods"][method] = {**match.to_dict(), "messages": list(messages)}
+            upsampled[method] = masks
+        images.append(record)
+        if len(figure_rows) < config.figure_rows:
+            figure_rows.append((image, gt, {m: upsampled[m] for m in figure_methods}))
+        del attn, predicted, upsampled
+
+    summary = {m: aggregate(matches[m]).to_dict() for m in methods}
+    if figure_rows:
+        atomic_save_image(bench_figure(figure_rows, config.fig_k), out / FIGURE)
+    atomic_write_text(out / TABLE, format_table(summary, config.ks, config.iou_threshold))
+    results = {
+        "benchmark": "concept localization (ConceptExpress paper §4.5, Table 3)",
+        "dataset": str(Path(dataset_dir).resolve()),
+        "num_images": len(images),
+        "methods": methods,
+        "config": {
+            **config_dict(config, localize_config),
+            "model": str(getattr(pipe, "name_or_path", "") or ""),
+        },
+        "definitions": DEFINITIONS,
+        "summary": summary,
+        "images": images,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "versions": _versions(),
+    }
+    atomic_write_json(out / RESULTS, results)
+    return results
+
+
+DEFINITIONS = {
+    "matching": "Hungarian, one-to-one, maximizing total IoU at the source image's resolution; pairs with IoU 0 are not matches",
+    "iou": "mean over ground-truth objects of the IoU with the matched prediction, an unmatched object counting 0",
+    "iou_matched": "mean IoU over matched pairs only",
+    "recall": "matched pairs with IoU >= iou_threshold / ground-truth objects",
+    "precision": "matched pairs with IoU >= iou_threshold / predicted masks (0 when there is none)",
+    "summary": "micro averages over all objects and masks of the dataset; macro_* = mean of per-image values",
+}
+
+
+def _cluster_all(
+    attn: torch.Tensor, eot: torch.Tensor, config: BenchConfig, n_max: int, seconds: dict[str, float]
+) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """(latent masks (M, h, w) bool, messages) of every method on one image's attention."""
+    out: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
+    for k in config.ks:
+        t0 = time.perf_counter()
+        r = kmeans_concepts(attn, eot, k, config.seed, n_init=config.kmeans_n_init)
+        seconds[f"kmeans@{k}"] += time.perf_counter() - t0
+        out[f"kmeans@{k}"] = (r.masks, r.messages)
+    t0 = time.perf_counter()
+    levels = finch_levels(attn)  # one hierarchy, reduced to every k
+    shared = (time.perf_counter() - t0) / len(config.ks)
+    for k in config.ks:
+        t0 = time.perf_counter()
+        r = finch_fixed_concepts(attn, eot, k, levels=levels)
+        seconds[f"finch@{k}"] += time.perf_counter() - t0 + shared
+        out[f"finch@{k}"] = (r.masks, r.messages)
+    t0 = time.perf_counter()
+    ours = cluster_concepts(attn, eot, n_max=n_max)
+    seconds["ours"] += time.perf_counter() - t0
+    out["ours"] = (ours.masks.numpy(), ours.messages)
+    return out
+
+
+# ----------------------------------------------------------------------------- attention cache
+def _attention(
+    localizer, sample: BenchSample, image: Image.Image, out: Path, model_key: str, loc: LocalizeConfig, config: BenchConfig
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool]:
+    """(attn (h·w, h·w) float32, eot (h, w) float32, (h, w), from cache?) for one image."""
+    from safetensors.torch import save
+
+    key = _cache_key(sample.image_path, model_key, loc, config.cache_dtype)
+    path = out / CACHE_DIR / f"{sample.name}.safetensors"
+    if config.cache and path.is_file():
+        hit = _read_cache(path, key)
+        if hit is not None:
+            return (*hit, True)
+    maps = localizer.attention(image)
+    stored = maps.attn.to(getattr(torch, config.cache_dtype)).contiguous()  # what the cache holds
+    eot = maps.eot.float().contiguous()
+    if config.cache:
+        meta = {"format": _CACHE_FORMAT, "key": key, "latent_hw": json.dumps(list(maps.latent_hw))}
+        atomic_write_bytes(path, save({"attn": stored, "eot": eot}, metadata=meta))
+    return _from_stored(stored), eot, tuple(maps.latent_hw), False
+
+
+def _from_stored(stored: torch.Tensor) -> torch.Tensor:
+    """float32 attention from its stored form; half precision is renormalized so that rows sum to 1 again."""
+    if stored.dtype == torch.float32:
+        return stored
+    attn = stored.float()
+    return attn / attn.sum(dim=1, keepdim=True)
+
+
+def _read_cache(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _CACHE_FORMAT or meta.get("key") != key:
+                logger.info("attention cache '%s' was made with another image, model or option; recomputing", path)
+                return None
+            attn, eot = f.get_tensor("attn"), f.get_tensor("eot")
+            latent_hw = tuple(json.loads(meta["latent_hw"]))
+    except Exception as e:  # noqa: BLE001 - an unreadable cache file is recomputed, never fatal
+        logger.warning("attention cache '%s' is unreadable (%s); recomputing", path, e)
+        return None
+    return _from_stored(attn), eot, latent_hw  # type: ignore[return-value]
+
+
+def _cache_key(image_path: Path, model_key: str, loc: LocalizeConfig, cache_dtype: str) -> str:
+    """Everything the attention depends on: image bytes, model weights, the localization pass's options."""
+    spec = {
+        "image_sha256": hashlib.sha256(Path(image_path).read_bytes()).hexdigest(),
+        "model": model_key,
+        "weighting": loc.weighting,
+        "resolution": loc.resolution,
+        "timestep": loc.timestep,
+        "dtype": cache_dtype,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _model_fingerprint(pipe) -> str:
+    """Hash of the model's name, dtype and a sample of its weights (first/last tensors of VAE, UNet, text encoder).
+
+    Cheap (a few thousand numbers per tensor) and enough to tell two checkpoints apart; delete OUT/attention/ or
+    pass ``cache=False`` after editing weights in ways this cannot see.
+    """
+    h = hashlib.sha256(str(getattr(pipe, "name_or_path", "")).encode())
+    for module in (pipe.vae, pipe.unet, pipe.text_encoder):
+        params = list(module.parameters())
+        for p in params[:3] + params[-3:]:
+            h.update(f"{tuple(p.shape)}{p.dtype}".encode())
+            h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- table and figure
+def format_table(summary: dict[str, dict[str, Any]], ks: tuple[int, ...], iou_threshold: float = 0.5) -> str:
+    """Markdown table shaped like paper Table 3: IoU, Recall, Precision (micro, %) per method column.
+
+    In every row the best value (after rounding to one decimal) is **bold** and the second best <u>underlined</u>;
+    ties share the mark.
+    """
+    methods = method_names(ks)
+    pad = [""] * (len(ks) - 1)
+    lines = [
+        "| Method | " + " | ".join(["k-means", *pad, "FINCH", *pad, "Ours"]) + " |",
+        "|---|" + "---:|" * len(methods),
+        "| #clust | " + " | ".join([*(str(k) for k in ks), *(str(k) for k in ks), "auto"]) + " |",
+    ]
+    for label, key in (("IoU", "iou"), ("Recall", "recall"), ("Precision", "precision")):
+        values = [round(100.0 * summary[m][key], 1) for m in methods]
+        ranked = sorted(set(values), reverse=True)
+        best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
+        cells = [f"**{v:.1f}**" if v == best else f"<u>{v:.1f}</u>" if v == second else f"{v:.1f}" for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ours = summary["ours"]
+    lines += [
+        "",
+        f"{ours['num_images']} images, {ours['num_gt']} objects. IoU: mean over ground-truth objects of the IoU with "
+        f"the Hungarian-matched mask (missed objects count 0). Recall / Precision: matched pairs with IoU >= "
+        f"{iou_threshold:g} over objects / over predicted masks. Micro averages over the dataset, in %. "
+        f"Ours found {ours['mean_num_pred']:.2f} concepts per image on average. "
+        "Best **bold**, second <u>underlined</u>.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def bench_figure(rows: list[tuple[Image.Image, np.ndarray, dict[str, np.ndarray]]], k: int) -> Image.Image:
+    """Paper Fig. 7: one row per image; columns source | k-means@k | FINCH@k | ours | ground truth.
+
+    ``rows`` holds (RGB image, gt (G, H, W) bool, {"kmeans@k", "finch@k", "ours": (M, H, W) bool}); every
+    located concept is a distinct coloured, numbered region (``overlay_concepts``).
+    """
+    from conceptexpress.viz import overlay_concepts
+
+    titles = ["source", f"k-means ({k})", f"FINCH ({k})", "ours (auto)", "ground truth"]
+    grid: list[list[Image.Image]] = []
+    for image, gt, masks in rows:
+        cells = [image] + [overlay_concepts(image, masks[m]) for m in (f"kmeans@{k}", f"finch@{k}", "ours")]
+        cells.append(overlay_concepts(image, gt))
+        w, h = image.size
+        size = (max(1, round(_PANEL_HEIGHT * w / h)), _PANEL_HEIGHT)
+        grid.append([c.resize(size, Image.Resampling.BICUBIC) for c in cells])
+    col_w = [max(row[c].width for row in grid) for c in range(len(titles))]
+    width = sum(col_w) + _GAP * (len(titles) + 1)
+    height = _TITLE_HEIGHT + len(grid) * (_PANEL_HEIGHT + _GAP) + _GAP
+    fig = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(fig)
+    x = _GAP
+    for c, title in enumerate(titles):
+        draw.text((x + 2, 5), title, fill=(0, 0, 0))
+        y = _TITLE_HEIGHT
+        for row in grid:
+            fig.paste(row[c], (x, y))
+            y += _PANEL_HEIGHT + _GAP
+        x += col_w[c] + _GAP
+    return fig
+
+
+# ----------------------------------------------------------------------------- helpers
+def _progress(samples: list[BenchSample], enabled: bool):
+    if not enabled:
+        return samples
+    from tqdm.auto import tqdm
+
+    return tqdm(samples, desc="bench-localize", unit="image", dynamic_ncols=True)
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+
+    from conceptexpress.io.localization_files import versions
+
+    return {**versions(), "scikit-learn": sklearn.__version__}
