@@ -259,11 +259,11 @@ def test_unexpected_exception_is_recorded_and_the_next_photo_runs(tmp_path, monk
 
 def test_ctrl_c_stops_the_dataset_and_keeps_finished_runs(tmp_path, monkeypatch, tiny_pipe):
     folder = _photo_folder(tmp_path / "photos", GOOD, broken=False)
-    calls = []
+    calls, interrupt_at = [], ["cone.png"]
 
     def fake_extract(image, out, **kw):
         calls.append(Path(image).name)
-        if len(calls) == 2:
+        if Path(image).name in interrupt_at:
             raise KeyboardInterrupt
         return _fake_finished_run(Path(image), Path(out))
 
@@ -276,6 +276,7 @@ def test_ctrl_c_stops_the_dataset_and_keeps_finished_runs(tmp_path, monkeypatch,
     assert summary["interrupted"] is True and summary["done"] == ["apple.png"] and summary["failed"] == []
 
     calls.clear()
+    interrupt_at.clear()
     s = extract_dataset(folder, runs, pipe=tiny_pipe, rank=0, world_size=1, progress=False)  # the same command
     assert calls == ["cone.png", "tower.png"] and s.skipped == ("apple.png",) and s.ok
 
@@ -384,7 +385,7 @@ def test_finished_run_of_another_image_is_an_error_not_a_skip(first_run, tmp_pat
     assert (runs / "apple" / "manifest.json").read_bytes() == before  # untouched
 
 
-def test_cli_exit_code_is_1_when_a_photo_failed(first_run, tmp_path, capsys):
+def test_cli_exit_code_is_1_when_a_photo_failed(first_run, tmp_path, capsys, caplog):
     folder, runs, _ = first_run
     runs = _copy_runs(runs, tmp_path)
     args = _parser().parse_args(["-q", "extract-dataset", str(folder), "--out", str(runs), "--rank", "0",
@@ -392,6 +393,8 @@ def test_cli_exit_code_is_1_when_a_photo_failed(first_run, tmp_path, capsys):
     assert args.func(args) == 1
     out = capsys.readouterr().out
     assert "0 done, 3 skipped, 1 failed (broken.png)" in out and "failures-rank0.json" in out
+    assert "0 done, 3 skipped" not in caplog.text  # printed once, not logged as well
+    assert "broken.png: failed" in caplog.text
 
 
 def test_each_photo_starts_from_the_pristine_pipeline(tmp_path, monkeypatch, tiny_pipe):
@@ -399,6 +402,7 @@ def test_each_photo_starts_from_the_pristine_pipeline(tmp_path, monkeypatch, tin
     folder = _photo_folder(tmp_path / "photos", GOOD[:2], broken=False)
     tokenizer_size = len(tiny_pipe.tokenizer)
     embeddings = tiny_pipe.text_encoder.get_input_embeddings()
+    rows = embeddings.weight.detach().clone()
     seen = []
     real_extract = extract_module.extract
 
@@ -414,6 +418,7 @@ def test_each_photo_starts_from_the_pristine_pipeline(tmp_path, monkeypatch, tin
     assert seen == [(False, tokenizer_size)] * 2
     assert len(tiny_pipe.tokenizer) == tokenizer_size
     assert tiny_pipe.text_encoder.get_input_embeddings() is embeddings
+    assert embeddings.num_embeddings == rows.shape[0] and embeddings.weight.equal(rows)  # resized in place, restored
     assert all((tmp_path / "runs" / Path(n).stem / "samples").is_dir() for n in GOOD[:2])
 
 

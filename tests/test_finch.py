@@ -97,8 +97,8 @@ def test_max_link_distance_matches_finch_clust_early_exit(monkeypatch):
         x = torch.from_numpy(data.astype(np.float64))
         c, num_clust, _ = finch_clust.FINCH(data, distance="cosine", ensure_early_exit=True)
         # finch-clust's min_sim = the largest link distance of the first round.
-        min_sim = finch(x, _cosine, stop="finch-clust")[0].max_link_distance
-        ours = finch(x, _cosine, stop="finch-clust", max_link_distance=min_sim)
+        min_sim = finch(x, _cosine, stop="finch-clust", graph="links")[0].max_link_distance
+        ours = finch(x, _cosine, stop="finch-clust", max_link_distance=min_sim, graph="links")
         _assert_same_hierarchy(ours, c, num_clust)
         plain = finch(x, _cosine, stop="finch-clust")
         constrained_somewhere |= [lv.num_clusters for lv in plain] != [lv.num_clusters for lv in ours]
@@ -132,7 +132,7 @@ STAIRS = torch.tensor([[0.0], [1.0], [3.0], [7.0], [15.0]], dtype=torch.float64)
     [("design", [4, 3, 2]), ("original", [4, 3]), ("finch-clust", [4])],
 )
 def test_stop_rules_on_reductions_by_one(stop, counts):
-    levels = finch(STAIRS, _euclidean, link_filter=_staircase_filter, stop=stop)
+    levels = finch(STAIRS, _euclidean, link_filter=_staircase_filter, stop=stop, graph="links")
     assert [level.num_clusters for level in levels] == counts
     expected = {4: [0, 0, 1, 2, 3], 3: [0, 0, 0, 1, 2], 2: [0, 0, 0, 0, 1]}
     assert [level.labels.tolist() for level in levels] == [expected[c] for c in counts]
@@ -196,3 +196,24 @@ def test_rejects_bad_arguments():
         finch(torch.ones(3, 2), _euclidean, weights=torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="distance"):
         finch(torch.ones(3, 2), lambda x: torch.zeros(2, 2))
+
+
+def test_eq2_graph_joins_shared_neighbours_under_constraints():
+    """Eq. 2 also joins i and j when κ_i = κ_j, and a constraint is checked on each such pair (released code).
+
+    κ_0 = κ_2 = 1. A predicate forbids 0—1 (think: masks that do not touch) but allows 0—2: through the
+    shared-neighbour pair Eq. 2 still joins 0 with 2 (and 1); first-neighbour links alone leave 0 apart.
+    The δ threshold alone cannot make this difference: d(i, j) ≥ d(i, κ_i) for a shared neighbour.
+    """
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.9]], dtype=torch.float64)
+
+    def forbid_0_1(src, dst, labels):
+        return ~(((src == 0) & (dst == 1)) | ((src == 1) & (dst == 0)))
+
+    eq2 = finch(pts, _euclidean, link_filter=forbid_0_1)[0]
+    links = finch(pts, _euclidean, link_filter=forbid_0_1, graph="links")[0]
+    assert eq2.labels.tolist() == [0, 0, 0]
+    assert links.labels.tolist() == [0, 1, 1]
+    # δ of Eq. 2 is the largest distance over every kept pair, shared-neighbour pairs included.
+    assert eq2.max_link_distance == pytest.approx(float(torch.dist(pts[0], pts[2])))
+    assert links.max_link_distance == pytest.approx(0.9)

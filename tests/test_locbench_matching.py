@@ -59,7 +59,11 @@ def test_extra_false_positive():
 
 def test_empty_prediction():
     m = match_masks(np.zeros((0, H, W), dtype=bool), GT)
-    assert (m.iou, m.recall, m.precision) == (0.0, 0.0, 0.0)  # precision of an empty prediction is 0 by definition
+    assert (m.iou, m.recall, m.precision) == (
+        0.0,
+        0.0,
+        0.0,
+    )  # precision of an empty prediction is 0 by definition
     assert m.iou_matched is None
     assert m.pairs.shape == (0, 2)
     assert m.to_dict()["pairs"] == []
@@ -94,7 +98,9 @@ def test_total_iou_equals_brute_force_optimum(seed):
     pred = rng.random((4, 8, 8)) < 0.3
     gt = rng.random((3, 8, 8)) < 0.3
     ious = iou_matrix(pred, gt)
-    best = max(sum(ious[p, g] for p, g in zip(perm, range(3))) for perm in itertools.permutations(range(4), 3))
+    best = max(
+        sum(ious[p, g] for p, g in zip(perm, range(3))) for perm in itertools.permutations(range(4), 3)
+    )
     assert match_masks(pred, gt).iou * 3 == pytest.approx(best)
 
 

@@ -307,25 +307,35 @@ class _TextSide:
 
     ``extract`` loads ``<c1>…<cN>`` into the tokenizer and text encoder to draw its samples and leaves them
     there. On a pipeline shared across photos the next photo's samples would then find ``<c1>`` already in the
-    vocabulary and be drawn with the *previous* photo's tokens. Restoring the exact original modules after each
-    photo keeps every photo independent of the ones before it (and keeps the embedding table frozen).
+    vocabulary and be drawn with the *previous* photo's tokens. Restoring the original state after each photo
+    keeps every photo independent of the ones before it. transformers resizes the embedding *in place*
+    (same module, new ``weight.data``, new ``num_embeddings``), so the snapshot holds the original weight
+    tensor as well as the module.
     """
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.tokenizer = copy.deepcopy(pipe.tokenizer)
         self.size = len(pipe.tokenizer)
-        self.embeddings = pipe.text_encoder.get_input_embeddings()
+        self.module = pipe.text_encoder.get_input_embeddings()
+        self.weight = self.module.weight.data  # the original rows, kept alive by this reference
+        self.padding_idx = getattr(self.module, "padding_idx", None)
         self.vocab_size = getattr(pipe.text_encoder.config, "vocab_size", None)
 
     def restore(self) -> None:
         pipe = self.pipe
         if len(pipe.tokenizer) != self.size:
-            pipe.tokenizer = copy.deepcopy(self.tokenizer)  # deep copy: the next photo may add tokens again
-        if pipe.text_encoder.get_input_embeddings() is not self.embeddings:
-            pipe.text_encoder.set_input_embeddings(self.embeddings)
-            if self.vocab_size is not None:
-                pipe.text_encoder.config.vocab_size = self.vocab_size
+            pipe.tokenizer = copy.deepcopy(self.tokenizer)  # a copy: the next photo may add tokens again
+        if pipe.text_encoder.get_input_embeddings() is not self.module:
+            pipe.text_encoder.set_input_embeddings(self.module)
+        weight = self.module.weight
+        if weight.shape != self.weight.shape or weight.data_ptr() != self.weight.data_ptr():
+            self.module.weight.data = self.weight
+            self.module.weight.grad = None  # a gradient of the resized table no longer fits
+            self.module.num_embeddings = self.weight.shape[0]
+            self.module.padding_idx = self.padding_idx
+        if self.vocab_size is not None:
+            pipe.text_encoder.config.vocab_size = self.vocab_size
 
 
 def _mismatch(run: Path, image: Path, recorded: str, sha: str, what: str) -> OutputError:
@@ -507,7 +517,8 @@ def extract_dataset(
     _close(bar, logs)
     result = summary(interrupted=False)
     atomic_write_json(summary_path(runs, rank), result.to_json())
-    (logger.warning if failed else logger.info)("%s", result.line())
+    # Tagged so the command line, which prints this line itself, can leave it out of its log.
+    logger.log(logging.WARNING if failed else logging.INFO, "%s", result.line(), extra={"dataset_summary": True})
     return result
 
 
@@ -594,7 +605,9 @@ def add_extract_dataset_parser(subparsers) -> argparse.ArgumentParser:
         description="Run `extract` on every image directly in FOLDER (png, jpg, jpeg, webp, bmp, tif, tiff; not "
         "recursive) into RUNS/<image name>/. Finished runs are skipped and half-finished ones continued, so "
         "rerunning the same command resumes. Under torchrun, accelerate launch or srun each process takes "
-        "every WORLD_SIZE-th image and its own GPU (docs/scaling.md).",
+        "every WORLD_SIZE-th image and its own GPU (docs/scaling.md). Exit code 1 when a photo failed (see "
+        "RUNS/failures-rank<r>.json); under a multi-process launch 0, since a non-zero exit makes the launcher "
+        "stop the other processes.",
     )
     p.add_argument("folder", help="folder of photos (not searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="runs folder: one run folder per photo, summaries, failures")
@@ -612,6 +625,11 @@ def add_extract_dataset_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+class _DropSummary(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "dataset_summary", False)
+
+
 def _cmd_extract_dataset(args: argparse.Namespace) -> int:
     """0 when every photo of this process's shard is done or skipped, 1 when some failed (one process).
 
@@ -627,18 +645,23 @@ def _cmd_extract_dataset(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"give both --rank and --world-size or neither, got --rank {args.rank} --world-size {args.world_size}"
         )
-    summary = extract_dataset(
-        args.folder,
-        args.out,
-        model=config_from_args(args, ModelConfig),
-        localize=config_from_args(args, LocalizeConfig),
-        train=config_from_args(args, TrainConfig),
-        sample=config_from_args(args, SampleConfig),
-        method=args.method,
-        rank=args.rank,
-        world_size=args.world_size,
-        progress=not getattr(args, "quiet", False),
-    )
+    quiet_summary = _DropSummary()
+    logger.addFilter(quiet_summary)  # printed below; logged too it would show twice
+    try:
+        summary = extract_dataset(
+            args.folder,
+            args.out,
+            model=config_from_args(args, ModelConfig),
+            localize=config_from_args(args, LocalizeConfig),
+            train=config_from_args(args, TrainConfig),
+            sample=config_from_args(args, SampleConfig),
+            method=args.method,
+            rank=args.rank,
+            world_size=args.world_size,
+            progress=not getattr(args, "quiet", False),
+        )
+    finally:
+        logger.removeFilter(quiet_summary)
     print(summary.line())
     if summary.failed:
         print(f"failures: {summary.failures_file}")

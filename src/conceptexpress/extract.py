@@ -167,14 +167,14 @@ def extract(
         "steps": result.steps,
         "sample_passes": result.sample_passes,
         "optimizer_steps": result.optimizer_steps,
-        "released_code_sample_passes": released_sample_passes(n, train),
+        "released_code_sample_passes": released_sample_passes(n, train) if method == "conceptexpress" else None,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "localization": LOCALIZATION_MANIFEST,
         "overlay": "overlay.png",
         "loss_curve": "loss.png",
         "history": "history.json",
         "samples": sample_files,
-        "config": config_dict(model, localize, train, sample),
+        "config": config_dict(model, localize, trainer.config, sample),  # the config actually used
         "versions": versions(),
         "complete": True,
     }

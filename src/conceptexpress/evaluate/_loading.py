@@ -60,15 +60,23 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def load_or_fail(what: str, source: str, alternatives: str, load: Callable[[str], T]) -> T:
-    """``load(source)`` with transformers quiet; any failure becomes one ``ModelLoadError`` line.
+def check_source(what: str, source: str, alternatives: str) -> None:
+    """Fail now (one ``ModelLoadError`` line) when ``source`` is empty or a local path that does not exist.
 
-    ``what`` names the model ("CLIP image encoder"), ``alternatives`` says what else the user can pass.
+    Hub ids are not checked here: that needs the network, which loading itself tries.
     """
     if not isinstance(source, str) or not source.strip():
         raise ModelLoadError(f"{what}: empty model id; {alternatives}")
     if looks_like_path(source) and not Path(source).expanduser().exists():
         raise ModelLoadError(f"{what} {source!r}: no such folder; {alternatives}")
+
+
+def load_or_fail(what: str, source: str, alternatives: str, load: Callable[[str], T]) -> T:
+    """``load(source)`` with transformers quiet; any failure becomes one ``ModelLoadError`` line.
+
+    ``what`` names the model ("CLIP image encoder"), ``alternatives`` says what else the user can pass.
+    """
+    check_source(what, source, alternatives)
     src = str(Path(source).expanduser()) if looks_like_path(source) else source
     try:
         with quiet_transformers():

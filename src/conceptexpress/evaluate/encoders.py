@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ._loading import load_or_fail, pil_image_processor
+from ._loading import check_source, load_or_fail, pil_image_processor
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -84,6 +84,10 @@ class _TransformersImageEncoder:
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------- public
+    def check(self) -> None:
+        """Fail fast (ModelLoadError) when the model id is empty or names a local folder that does not exist."""
+        check_source(f"{self.name.upper()} image encoder", self.model_id, self.alternatives)
+
     def load(self):
         """Load weights and processor now (idempotent); returns ``self``. Raises ModelLoadError."""
         if self._model is None:

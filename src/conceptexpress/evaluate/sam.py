@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError
-from ._loading import load_or_fail, pil_image_processor
+from ._loading import check_source, load_or_fail, pil_image_processor
 
 if TYPE_CHECKING:
     import torch
@@ -153,6 +153,10 @@ class SamMasker:
 
     def __repr__(self) -> str:
         return f"SamMasker({self.model_id!r}, device={str(self.device)!r})"
+
+    def check(self) -> None:
+        """Fail fast (ModelLoadError) when the model id is empty or names a local folder that does not exist."""
+        check_source("SAM model", self.model_id, _ALTERNATIVES)
 
     def load(self) -> SamMasker:
         """Load weights and processor now (idempotent). Raises ModelLoadError."""

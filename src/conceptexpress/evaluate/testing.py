@@ -33,7 +33,7 @@ def save_tiny_clip(path: str | Path, *, seed: int = 0) -> Path:
     config = CLIPConfig(
         text_config=dict(
             vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=16,
+            max_position_embeddings=77, projection_dim=16, bos_token_id=97, eos_token_id=98, pad_token_id=1,
         ),
         vision_config=dict(
             hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,

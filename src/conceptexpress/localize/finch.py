@@ -25,7 +25,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
-__all__ = ["FinchLevel", "LinkFilter", "StopRule", "finch", "single_torch_thread"]
+__all__ = ["FinchLevel", "GraphRule", "LinkFilter", "StopRule", "finch", "single_torch_thread"]
 
 LinkFilter = Callable[[Tensor, Tensor, Tensor], Tensor]
 """``keep = link_filter(src, dst, labels)``: ``src``, ``dst`` (e,) int64 cluster indices of the candidate links
@@ -33,6 +33,7 @@ src—dst of one round (dst = κ_src); ``labels`` (n,) int64 maps each original 
 Returns an (e,) bool tensor, True for links to keep."""
 
 StopRule = Literal["design", "original", "finch-clust"]
+GraphRule = Literal["eq2", "links"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ def finch(
     max_link_distance: float | None = None,
     link_filter: LinkFilter | None = None,
     stop: StopRule = "design",
+    graph: GraphRule = "eq2",
 ) -> list[FinchLevel]:
     """Run FINCH on the rows of ``x`` and return its levels, finest first.
 
@@ -86,6 +88,15 @@ def finch(
 
             The first round is always kept (it may leave everything apart when constraints remove all links, or
             join everything): FINCH always returns at least one level.
+        graph: which pairs are edges of a round's graph.
+
+            - ``"eq2"`` (default): the graph of paper Eq. 2, G(i, j) = 1 if κ_i = j, κ_j = i or κ_i = κ_j — the
+              first-neighbour links *and* the pairs that share a first neighbour, as the released code builds it
+              (``(A + I)(A + I)ᵀ``). The constraints (δ, the link predicate) are checked on every such pair with
+              that pair's own distance, and δ of a level is the largest distance over the kept pairs.
+            - ``"links"``: only the links i—κ_i (``finch-clust``). Without constraints both give the same
+              partitions (shared-neighbour pairs are already joined through the neighbour); they differ in the
+              constrained post-clustering and in δ.
 
     Returns:
         The levels, with strictly decreasing ``num_clusters`` after the first.
@@ -104,6 +115,8 @@ def finch(
         raise ValueError("`x` must have at least one row, got shape (0, d)")
     if stop not in ("design", "original", "finch-clust"):
         raise ValueError(f"`stop` must be 'design', 'original' or 'finch-clust', got {stop!r}")
+    if graph not in ("eq2", "links"):
+        raise ValueError(f"`graph` must be 'eq2' or 'links', got {graph!r}")
     if weights is not None:
         weights = weights.to(device=x.device, dtype=x.dtype).reshape(-1)
         if weights.shape[0] != n or bool((weights <= 0).any()):
@@ -122,7 +135,7 @@ def finch(
         dist = distance(points) if k > 1 else None  # (k, k), with the caller's thread settings
         # Bookkeeping below is many small ops: one torch thread (see single_torch_thread).
         with single_torch_thread(x.device):
-            comp, num, delta = _merge_first_neighbours(dist, k, labels, threshold, link_filter)
+            comp, num, delta = _merge_first_neighbours(dist, k, labels, threshold, link_filter, graph)
             if levels:  # the first round is always kept
                 reduction = k - num
                 if num == 1 or reduction < 1 or (stop == "finch-clust" and reduction == 1):
@@ -143,12 +156,14 @@ def _merge_first_neighbours(
     labels: Tensor,
     threshold: float | None,
     link_filter: LinkFilter | None,
+    graph: GraphRule = "eq2",
 ) -> tuple[Tensor, int, float]:
-    """One FINCH round on the (k, k) distances between current clusters (None when k = 1): first-neighbour
-    links, filtered, merged.
+    """One FINCH round on the (k, k) distances between current clusters (None when k = 1): build the graph
+    (first-neighbour links, plus shared-neighbour pairs for ``graph="eq2"``), drop the pairs the constraints
+    reject, merge the connected components.
 
     Returns (comp (k,) int64 new cluster of each current cluster, numbered by smallest member; the number of
-    clusters; the largest kept link distance).
+    clusters; the largest distance over the kept pairs).
     """
     if dist is None:
         return torch.zeros(1, dtype=torch.long, device=labels.device), 1, 0.0
@@ -159,19 +174,40 @@ def _merge_first_neighbours(
     dist.fill_diagonal_(float("inf"))  # a point is not its own first neighbour
     src = torch.arange(k, device=dist.device)  # (k,)
     dst = _row_argmin(dist)  # (k,) κ_i, first index on ties
-    link = dist[src, dst]  # (k,)
-    keep = torch.ones(k, dtype=torch.bool, device=dist.device)
+    if graph == "eq2":
+        sib_src, sib_dst = _shared_neighbour_pairs(dst.cpu().numpy())
+        src = torch.cat([src, torch.from_numpy(sib_src).to(dist.device)])  # (e,)
+        dst = torch.cat([dst, torch.from_numpy(sib_dst).to(dist.device)])
+    link = dist[src, dst]  # (e,) each pair's own distance
+    keep = torch.ones(link.shape[0], dtype=torch.bool, device=dist.device)
     if threshold is not None:
         keep &= link <= threshold
     if link_filter is not None:
-        keep &= link_filter(src, dst, labels).to(device=dist.device, dtype=torch.bool).reshape(k)
+        keep &= link_filter(src, dst, labels).to(device=dist.device, dtype=torch.bool).reshape(-1)
     delta = float(link[keep].max()) if bool(keep.any()) else 0.0
 
     s, t = src[keep].cpu().numpy(), dst[keep].cpu().numpy()
-    graph = sp.coo_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(k, k)).tocsr()
-    num, comp = connected_components(graph, directed=True, connection="weak")
+    graph_matrix = sp.coo_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(k, k)).tocsr()
+    num, comp = connected_components(graph_matrix, directed=True, connection="weak")
     comp = _number_by_first_member(comp)
     return torch.from_numpy(comp).to(labels.device), int(num), delta
+
+
+def _shared_neighbour_pairs(kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs i < j with κ_i = κ_j (the third case of Eq. 2), as two int64 arrays."""
+    order = np.argsort(kappa, kind="stable")
+    sorted_k = kappa[order]
+    starts = np.flatnonzero(np.r_[True, sorted_k[1:] != sorted_k[:-1]])
+    sizes = np.diff(np.r_[starts, len(kappa)])
+    srcs, dsts = [], []
+    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+        members = np.sort(order[start : start + size])
+        a, b = np.triu_indices(size, k=1)
+        srcs.append(members[a])
+        dsts.append(members[b])
+    if not srcs:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(srcs).astype(np.int64), np.concatenate(dsts).astype(np.int64)
 
 
 @contextmanager

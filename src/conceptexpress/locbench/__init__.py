@@ -32,7 +32,8 @@ _EXPORTS = {
     "write_synthetic_dataset": "conceptexpress.locbench.scenes",
     "BenchConfig": "conceptexpress.locbench.run",
     "bench_localize": "conceptexpress.locbench.run",
-    "format_table": "conceptexpress.locbench.run",
+    "format_table": "conceptexpress.locbench.report",
+    "bench_figure": "conceptexpress.locbench.report",
     "add_bench_localize_parser": "conceptexpress.locbench.cli",
 }
 

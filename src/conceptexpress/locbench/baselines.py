@@ -111,7 +111,9 @@ def kmeans_concepts(
     labels = km.fit_predict(rows)  # (h·w,)
     messages = []
     if len(np.unique(labels)) < k:
-        messages.append(f"k-means: only {len(np.unique(labels))} distinct clusters for k={k} (duplicate rows)")
+        messages.append(
+            f"k-means: only {len(np.unique(labels))} distinct clusters for k={k} (duplicate rows)"
+        )
     return _finish(labels, h, w, eot, messages)
 
 
@@ -127,7 +129,9 @@ def finch_levels(attn: Tensor, stop: str = "design") -> list[FinchLevel]:
     return finch(work, pairwise_symmetric_kl, stop=stop)
 
 
-def finch_fixed_labels(attn: Tensor, k: int, levels: list[FinchLevel] | None = None) -> tuple[np.ndarray, list[str]]:
+def finch_fixed_labels(
+    attn: Tensor, k: int, levels: list[FinchLevel] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """(h·w,) int64 FINCH labels reduced to exactly k clusters, as ``finch-clust``'s ``req_clust`` does.
 
     From the coarsest level with >= k clusters, merge the closest pair of cluster means (symmetric KL, Eq. 3;
@@ -199,7 +203,9 @@ def _finish(labels: np.ndarray, h: int, w: int, eot: Tensor, messages: list[str]
 
 def _check(attn: Tensor, eot: Tensor, k: int) -> tuple[int, int]:
     if not isinstance(attn, Tensor) or not isinstance(eot, Tensor):
-        raise ValueError(f"`attn` and `eot` must be torch tensors, got {type(attn).__name__}, {type(eot).__name__}")
+        raise ValueError(
+            f"`attn` and `eot` must be torch tensors, got {type(attn).__name__}, {type(eot).__name__}"
+        )
     if eot.ndim != 2:
         raise ValueError(f"`eot` must be an (h, w) map, got shape {tuple(eot.shape)}")
     h, w = eot.shape

@@ -28,18 +28,28 @@ def add_bench_localize_parser(subparsers) -> argparse.ArgumentParser:
         "docs/localization-benchmark.md.",
     )
     p.add_argument("dataset", type=Path, metavar="DATASET", help="dataset folder (images/ and masks/)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/bench-<DATASET name>)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: outputs/bench-<DATASET name>)"
+    )
     source = p.add_mutually_exclusive_group()
     source.add_argument(
-        "--make-synthetic", type=int, default=None, metavar="N",
+        "--make-synthetic",
+        type=int,
+        default=None,
+        metavar="N",
         help="first write N synthetic CLEVR-style scenes into DATASET (must not hold images yet)",
     )
     source.add_argument(
-        "--from-clevr", type=Path, default=None, metavar="SRC",
+        "--from-clevr",
+        type=Path,
+        default=None,
+        metavar="SRC",
         help="first convert SRC/images + SRC/masks (one colour per instance) into DATASET",
     )
     p.add_argument(
-        "--clevr-background", default="auto", metavar="BG",
+        "--clevr-background",
+        default="auto",
+        metavar="BG",
         help="background of --from-clevr masks: auto (most frequent border colour), an index, or r,g,b "
         "(default: auto)",
     )
@@ -76,11 +86,16 @@ def _cmd_bench_localize(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(model_cfg)
     results = bench_localize(
-        args.dataset, bench, pipe=pipe, localize_config=loc_cfg, out_dir=out, progress=not getattr(args, "quiet", False)
+        args.dataset,
+        bench,
+        pipe=pipe,
+        localize_config=loc_cfg,
+        out_dir=out,
+        progress=not getattr(args, "quiet", False),
     )
     s = results["summary"]["ours"]
     print(
-        f"scored {len(samples)} images: ours IoU {100 * s['iou']:.1f} / Recall {100 * s['recall']:.1f} / Precision "
+        f"scored {len(samples)} image{'s' if len(samples) != 1 else ''}: ours IoU {100 * s['iou']:.1f} / Recall {100 * s['recall']:.1f} / Precision "
         f"{100 * s['precision']:.1f} -> {out / TABLE}, {out / RESULTS}"
     )
     return 0

@@ -86,7 +86,9 @@ def load_dataset(folder: str | Path, *, limit: int | None = None, check: bool = 
         raise InputError(f"dataset folder '{folder}' does not exist or is not a folder")
     images_dir, masks_dir = folder / "images", folder / "masks"
     if not images_dir.is_dir():
-        raise InputError(f"dataset '{folder}' has no images/ folder (expected images/<name>.png and masks/<name>.png)")
+        raise InputError(
+            f"dataset '{folder}' has no images/ folder (expected images/<name>.png and masks/<name>.png)"
+        )
     images = _image_files(images_dir.iterdir())
     if not images:
         raise InputError(f"dataset '{folder}' is empty: no {'/'.join(IMAGE_SUFFIXES)} file in '{images_dir}'")
@@ -114,7 +116,9 @@ def read_instance_masks(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() == ".png"), key=lambda p: _natural(p.name))
+        files = sorted(
+            (p for p in path.iterdir() if p.suffix.lower() == ".png"), key=lambda p: _natural(p.name)
+        )
         if not files:
             raise InputError(f"mask folder '{path}' holds no .png instance mask")
         masks = []
@@ -167,7 +171,9 @@ def parse_background(text: str) -> str | int | tuple[int, int, int]:
             return int(t)
     except ValueError:
         pass
-    raise InputError(f"background must be 'auto', an index like '0', or a colour like '0,0,0' or '#000000'; got {text!r}")
+    raise InputError(
+        f"background must be 'auto', an index like '0', or a colour like '0,0,0' or '#000000'; got {text!r}"
+    )
 
 
 def convert_clevr_masks(
@@ -214,9 +220,13 @@ def convert_clevr_masks(
     for image_path in images:
         mask_path = masks_by_stem.get(image_path.stem)
         if mask_path is None:
-            raise InputError(f"CLEVR source image '{image_path}' has no mask '{src / 'masks' / image_path.stem}.png'")
+            raise InputError(
+                f"CLEVR source image '{image_path}' has no mask '{src / 'masks' / image_path.stem}.png'"
+            )
         if mask_path.suffix.lower() in (".jpg", ".jpeg"):
-            raise InputError(f"colour-coded mask '{mask_path}' is JPEG: instance colours need a lossless file (PNG)")
+            raise InputError(
+                f"colour-coded mask '{mask_path}' is JPEG: instance colours need a lossless file (PNG)"
+            )
         labels = _decode_colour_mask(mask_path, background, min_pixels)
         w, h = _image_size(image_path)
         if labels.shape != (h, w):
@@ -224,11 +234,15 @@ def convert_clevr_masks(
                 f"mask '{mask_path}' is {labels.shape[1]}x{labels.shape[0]} but image '{image_path}' is {w}x{h}"
             )
         atomic_write_bytes(dst / "images" / image_path.name, image_path.read_bytes())
-        atomic_save_image(Image.fromarray(labels.astype(np.uint8), mode="L"), dst / "masks" / f"{image_path.stem}.png")
+        atomic_save_image(
+            Image.fromarray(labels.astype(np.uint8), mode="L"), dst / "masks" / f"{image_path.stem}.png"
+        )
     return dst
 
 
-def _decode_colour_mask(path: Path, background: str | int | tuple[int, int, int], min_pixels: int) -> np.ndarray:
+def _decode_colour_mask(
+    path: Path, background: str | int | tuple[int, int, int], min_pixels: int
+) -> np.ndarray:
     """(H, W) int64 instance ids 0..K (0 = background) of a colour-coded mask."""
     im = _open(path, "colour-coded mask")
     if isinstance(background, tuple) or im.mode not in ({"P"} | _LABEL_MODES):
@@ -264,7 +278,10 @@ def _decode_colour_mask(path: Path, background: str | int | tuple[int, int, int]
 
 def _image_files(paths: Iterable[Path]) -> list[Path]:
     """Image files among ``paths`` in natural name order; two files with one stem are an error."""
-    files = sorted((p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural(p.name))
+    files = sorted(
+        (p for p in paths if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+        key=lambda p: _natural(p.name),
+    )
     seen: dict[str, Path] = {}
     for p in files:
         if p.stem in seen:
@@ -276,7 +293,9 @@ def _image_files(paths: Iterable[Path]) -> list[Path]:
 def _mask_path(masks_dir: Path, image: Path) -> Path:
     file, folder = masks_dir / f"{image.stem}.png", masks_dir / image.stem
     if file.is_file() and folder.is_dir():
-        raise InputError(f"image '{image}' has both a label map '{file}' and a mask folder '{folder}'; keep one")
+        raise InputError(
+            f"image '{image}' has both a label map '{file}' and a mask folder '{folder}'; keep one"
+        )
     if file.is_file():
         return file
     if folder.is_dir():
@@ -291,7 +310,9 @@ def _check_gt(sample: BenchSample, gt: np.ndarray, size_wh: tuple[int, int]) -> 
             f"mask '{sample.mask_path}' is {gt.shape[2]}x{gt.shape[1]} but image '{sample.image_path}' is {w}x{h}"
         )
     if gt.shape[0] == 0:
-        raise InputError(f"mask '{sample.mask_path}' holds no object (all background); remove the image or its mask")
+        raise InputError(
+            f"mask '{sample.mask_path}' holds no object (all background); remove the image or its mask"
+        )
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from conceptexpress.config import LocalizeConfig, config_dict
 from conceptexpress.errors import ConfigError
@@ -37,6 +37,7 @@ from conceptexpress.localize import cluster_concepts
 from .baselines import finch_fixed_concepts, finch_levels, kmeans_concepts
 from .dataset import BenchSample, load_dataset
 from .matching import ImageMatch, aggregate, match_masks
+from .report import bench_figure, format_table, method_names
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -47,9 +48,6 @@ logger = logging.getLogger(__name__)
 
 RESULTS, TABLE, FIGURE, CACHE_DIR = "results.json", "table.md", "figure.png", "attention"
 _CACHE_FORMAT = "conceptexpress-bench-attention-1"
-_PANEL_HEIGHT = 192
-_TITLE_HEIGHT = 22
-_GAP = 4
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -77,9 +75,11 @@ class BenchConfig:
     figure_rows: int = field(default=2, metadata=_help("images shown in figure.png (0 = no figure)"))
     # None = the largest k (7 by default, the count the paper's Fig. 7 uses).
     figure_k: int | None = field(
-        default=None, metadata=_help("k of the baseline columns of figure.png (default: the largest of --ks)")
+        default=None, metadata=_help("k of the baseline columns of figure.png; None = the largest of --ks")
     )
-    cache: bool = field(default=True, metadata=_help("keep each image's attention in OUT/attention/ and reuse it"))
+    cache: bool = field(
+        default=True, metadata=_help("keep each image's attention in OUT/attention/ and reuse it")
+    )
     # float32 is exact (64 MB per 512 px image); float16 halves that. Either way every run clusters the values
     # as stored, so a rerun from the cache gives the same numbers as the first run.
     cache_dtype: str = field(
@@ -95,7 +95,9 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+        ):
             raise ConfigError(f"`limit` must be a positive integer, got {self.limit!r}")
         if self.figure_k is not None and self.figure_k not in self.ks:
             raise ConfigError(f"`figure_k` must be one of ks {list(self.ks)}, got {self.figure_k!r}")
@@ -120,11 +122,6 @@ def _parse_ks(ks: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise ConfigError(f"`ks` must be positive integers such as '4,5,6,7', got {ks!r}")
     return tuple(sorted(set(values)))
-
-
-def method_names(ks: tuple[int, ...]) -> list[str]:
-    """Column order of Table 3: ``kmeans@k`` for every k, ``finch@k`` for every k, then ``ours``."""
-    return [f"kmeans@{k}" for k in ks] + [f"finch@{k}" for k in ks] + ["ours"]
 
 
 def bench_localize(
@@ -175,7 +172,9 @@ def bench_localize(
     for sample in _progress(samples, progress):
         image, gt = sample.load()
         t0 = time.perf_counter()
-        attn, eot, latent_hw, cached = _attention(localizer, sample, image, out, model_key, localize_config, config)
+        attn, eot, latent_hw, cached = _attention(
+            localizer, sample, image, out, model_key, localize_config, config
+        )
         seconds["attention"] += time.perf_counter() - t0
         predicted = _cluster_all(attn, eot, config, localize_config.n_max, seconds)
         record: dict[str, Any] = {
@@ -260,7 +259,13 @@ def _cluster_all(
 
 # ----------------------------------------------------------------------------- attention cache
 def _attention(
-    localizer, sample: BenchSample, image: Image.Image, out: Path, model_key: str, loc: LocalizeConfig, config: BenchConfig
+    localizer,
+    sample: BenchSample,
+    image: Image.Image,
+    out: Path,
+    model_key: str,
+    loc: LocalizeConfig,
+    config: BenchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool]:
     """(attn (h·w, h·w) float32, eot (h, w) float32, (h, w), from cache?) for one image."""
     from safetensors.torch import save
@@ -295,7 +300,9 @@ def _read_cache(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != _CACHE_FORMAT or meta.get("key") != key:
-                logger.info("attention cache '%s' was made with another image, model or option; recomputing", path)
+                logger.info(
+                    "attention cache '%s' was made with another image, model or option; recomputing", path
+                )
                 return None
             attn, eot = f.get_tensor("attn"), f.get_tensor("eot")
             latent_hw = tuple(json.loads(meta["latent_hw"]))
@@ -331,71 +338,6 @@ def _model_fingerprint(pipe) -> str:
             h.update(f"{tuple(p.shape)}{p.dtype}".encode())
             h.update(p.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- table and figure
-def format_table(summary: dict[str, dict[str, Any]], ks: tuple[int, ...], iou_threshold: float = 0.5) -> str:
-    """Markdown table shaped like paper Table 3: IoU, Recall, Precision (micro, %) per method column.
-
-    In every row the best value (after rounding to one decimal) is **bold** and the second best <u>underlined</u>;
-    ties share the mark.
-    """
-    methods = method_names(ks)
-    pad = [""] * (len(ks) - 1)
-    lines = [
-        "| Method | " + " | ".join(["k-means", *pad, "FINCH", *pad, "Ours"]) + " |",
-        "|---|" + "---:|" * len(methods),
-        "| #clust | " + " | ".join([*(str(k) for k in ks), *(str(k) for k in ks), "auto"]) + " |",
-    ]
-    for label, key in (("IoU", "iou"), ("Recall", "recall"), ("Precision", "precision")):
-        values = [round(100.0 * summary[m][key], 1) for m in methods]
-        ranked = sorted(set(values), reverse=True)
-        best, second = ranked[0], ranked[1] if len(ranked) > 1 else None
-        cells = [f"**{v:.1f}**" if v == best else f"<u>{v:.1f}</u>" if v == second else f"{v:.1f}" for v in values]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    ours = summary["ours"]
-    lines += [
-        "",
-        f"{ours['num_images']} images, {ours['num_gt']} objects. IoU: mean over ground-truth objects of the IoU with "
-        f"the Hungarian-matched mask (missed objects count 0). Recall / Precision: matched pairs with IoU >= "
-        f"{iou_threshold:g} over objects / over predicted masks. Micro averages over the dataset, in %. "
-        f"Ours found {ours['mean_num_pred']:.2f} concepts per image on average. "
-        "Best **bold**, second <u>underlined</u>.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def bench_figure(rows: list[tuple[Image.Image, np.ndarray, dict[str, np.ndarray]]], k: int) -> Image.Image:
-    """Paper Fig. 7: one row per image; columns source | k-means@k | FINCH@k | ours | ground truth.
-
-    ``rows`` holds (RGB image, gt (G, H, W) bool, {"kmeans@k", "finch@k", "ours": (M, H, W) bool}); every
-    located concept is a distinct coloured, numbered region (``overlay_concepts``).
-    """
-    from conceptexpress.viz import overlay_concepts
-
-    titles = ["source", f"k-means ({k})", f"FINCH ({k})", "ours (auto)", "ground truth"]
-    grid: list[list[Image.Image]] = []
-    for image, gt, masks in rows:
-        cells = [image] + [overlay_concepts(image, masks[m]) for m in (f"kmeans@{k}", f"finch@{k}", "ours")]
-        cells.append(overlay_concepts(image, gt))
-        w, h = image.size
-        size = (max(1, round(_PANEL_HEIGHT * w / h)), _PANEL_HEIGHT)
-        grid.append([c.resize(size, Image.Resampling.BICUBIC) for c in cells])
-    col_w = [max(row[c].width for row in grid) for c in range(len(titles))]
-    width = sum(col_w) + _GAP * (len(titles) + 1)
-    height = _TITLE_HEIGHT + len(grid) * (_PANEL_HEIGHT + _GAP) + _GAP
-    fig = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(fig)
-    x = _GAP
-    for c, title in enumerate(titles):
-        draw.text((x + 2, 5), title, fill=(0, 0, 0))
-        y = _TITLE_HEIGHT
-        for row in grid:
-            fig.paste(row[c], (x, y))
-            y += _PANEL_HEIGHT + _GAP
-        x += col_w[c] + _GAP
-    return fig
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -81,7 +81,9 @@ def make_scene(
         if placed is not None:
             break
     else:
-        raise ValueError(f"cannot place {k} shapes of radius {r_lo:.0f}-{r_hi:.0f} px in a {width}x{height} image")
+        raise ValueError(
+            f"cannot place {k} shapes of radius {r_lo:.0f}-{r_hi:.0f} px in a {width}x{height} image"
+        )
 
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float64) + 0.5  # pixel centres
     labels = np.zeros((height, width), dtype=np.int32)

@@ -1,0 +1,152 @@
+"""Finding the finished runs of a dataset folder: ``RUNS/<image stem>/manifest.json`` (written by ``extract``).
+
+A RUNS folder holds one run folder per photo. A run is evaluated when its manifest says ``"complete": true``, its
+source photo still exists with the hash the manifest records, and every token has a mask of the photo's size;
+any other folder is skipped with one warning line (and listed in ``summary.json``), so a dataset with a few
+failed photos still evaluates. A folder that is itself a run (has ``manifest.json``) is accepted as a dataset of
+one run. Hidden folders and the output folder are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = ["DEFAULT_METHOD", "EvalRun", "discover_runs", "load_masks", "load_source"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Runs written before `extract --method` existed are ConceptExpress runs.
+DEFAULT_METHOD = "conceptexpress"
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One finished run to evaluate."""
+
+    path: Path  # the run folder
+    label: str  # "<RUNS folder name>/<run folder name>", unique within one evaluation
+    method: str  # manifest "method": "conceptexpress", "bas-dagger", …
+    manifest: dict[str, Any]
+    image: Path  # the source photo
+    image_sha256: str
+    masks: tuple[Path, ...]  # one per token, manifest order
+
+    @property
+    def tokens(self) -> list[str]:
+        return [entry["token"] for entry in self.manifest["tokens"]]
+
+
+def _sha256(path: Path) -> str:
+    from ..extract import file_sha256
+
+    return file_sha256(path)
+
+
+def _check_run(run: Path, label: str) -> EvalRun:
+    """The run at ``run`` if it can be evaluated; InputError (one line) saying why not otherwise."""
+    from PIL import Image
+
+    from ..export import read_manifest
+    from ..io.images import load_image
+
+    manifest = read_manifest(run)
+    image = Path(str(manifest.get("image", "")))
+    if not manifest.get("image") or not image.is_file():
+        raise InputError(f"run {str(run)!r}: its source photo {str(image)!r} is missing")
+    sha = _sha256(image)
+    if manifest.get("image_sha256") and manifest["image_sha256"] != sha:
+        raise InputError(f"run {str(run)!r}: the photo {str(image)!r} changed since extraction (sha256 differs)")
+    size = load_image(image).size  # (W, H) as displayed, EXIF orientation applied like `extract`
+    masks = []
+    for entry in manifest["tokens"]:
+        rel = entry.get("mask")
+        path = (run / str(rel)).resolve() if isinstance(rel, str) else None
+        if path is None or not path.is_file():
+            raise InputError(f"run {str(run)!r}: token {entry['token']!r} has no mask file ({rel!r})")
+        with Image.open(path) as im:
+            if im.size != size:
+                raise InputError(
+                    f"run {str(run)!r}: mask {rel!r} is {im.size[0]}x{im.size[1]}, the photo is {size[0]}x{size[1]}"
+                )
+        masks.append(path)
+    method = str(manifest.get("method") or DEFAULT_METHOD)
+    return EvalRun(run, label, method, manifest, image, sha, tuple(masks))
+
+
+def discover_runs(
+    runs_dirs: list[str | Path], *, exclude: tuple[Path, ...] = ()
+) -> tuple[list[EvalRun], list[dict[str, str]]]:
+    """The runs of every RUNS folder, in folder order then name order, and the skipped ones.
+
+    Returns:
+        ``(runs, skipped)``; ``skipped`` holds ``{"path": …, "reason": …}`` for every run folder that cannot be
+        evaluated (each also logged as a warning).
+
+    Raises:
+        InputError: a RUNS folder does not exist, or no run at all can be evaluated.
+    """
+    if isinstance(runs_dirs, str | Path) or not runs_dirs:
+        raise InputError(f"pass at least one RUNS folder, got {runs_dirs!r}")
+    excluded = {p.resolve() for p in exclude}
+    runs: list[EvalRun] = []
+    skipped: list[dict[str, str]] = []
+    seen: set[Path] = set()
+    for root in map(Path, runs_dirs):
+        if not root.is_dir():
+            raise InputError(f"RUNS folder {str(root)!r} does not exist or is not a folder")
+        if (root / MANIFEST).is_file():
+            candidates = [(root, root.resolve().name)]
+        else:
+            candidates = [
+                (d, f"{root.resolve().name}/{d.name}")
+                for d in sorted(root.iterdir())
+                if d.is_dir() and not d.name.startswith(".") and d.resolve() not in excluded
+            ]
+        for run, label in candidates:
+            if run.resolve() in seen:
+                continue
+            seen.add(run.resolve())
+            if not (run / MANIFEST).is_file():
+                reason = "no manifest.json (not a run, or the run did not finish)"
+                logger.warning("skipping %s: %s", run, reason)
+                skipped.append({"path": str(run), "reason": reason})
+                continue
+            try:
+                runs.append(_check_run(run, label))
+            except InputError as exc:
+                logger.warning("skipping %s", exc)
+                skipped.append({"path": str(run), "reason": str(exc)})
+    if not runs:
+        where = ", ".join(repr(str(p)) for p in runs_dirs)
+        raise InputError(f"no finished run to evaluate in {where} (expected RUNS/<name>/manifest.json from `extract`)")
+    labels = [r.label for r in runs]
+    if len(set(labels)) != len(labels):
+        # Two RUNS folders with the same name: fall back to full paths so rows stay distinguishable.
+        runs = [EvalRun(r.path, str(r.path), r.method, r.manifest, r.image, r.image_sha256, r.masks) for r in runs]
+    return runs, skipped
+
+
+def load_source(run: EvalRun):
+    """The run's source photo as RGB PIL (EXIF orientation applied, as ``extract`` saw it)."""
+    from ..io.images import load_image
+
+    return load_image(run.image)
+
+
+def load_masks(run: EvalRun) -> list[np.ndarray]:
+    """The run's concept masks, ``(H, W)`` bool each (PNG value > 127)."""
+    from PIL import Image
+
+    out = []
+    for path in run.masks:
+        with Image.open(path) as im:
+            out.append(np.asarray(im.convert("L")) > 127)
+    return out
