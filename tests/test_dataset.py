@@ -281,6 +281,26 @@ def test_ctrl_c_stops_the_dataset_and_keeps_finished_runs(tmp_path, monkeypatch,
     assert calls == ["cone.png", "tower.png"] and s.skipped == ("apple.png",) and s.ok
 
 
+@pytest.mark.parametrize("method", ["conceptexpress", "bas-dagger"])
+def test_skipping_a_run_made_with_other_options_warns(tmp_path, caplog, method):
+    from dataclasses import replace
+
+    from conceptexpress.config import LocalizeConfig, config_dict
+
+    folder = _photo_folder(tmp_path / "photos", GOOD[:2], broken=False)
+    model = ModelConfig(model="unused", device="cpu")
+    used = replace(FAST_TRAIN, split_merge=False, contrastive=False) if method == "bas-dagger" else FAST_TRAIN
+    for name, train in (("apple.png", used), ("cone.png", replace(used, steps=9))):
+        manifest = _fake_finished_run(folder / name, tmp_path / "runs" / Path(name).stem)
+        manifest.update(method=method, config=config_dict(model, LocalizeConfig(), train, NO_SAMPLES))
+        (tmp_path / "runs" / Path(name).stem / "manifest.json").write_text(json.dumps(manifest))
+    s = extract_dataset(folder, tmp_path / "runs", model=model, train=FAST_TRAIN, method=method,
+                        rank=0, world_size=1, progress=False)
+    assert s.skipped == GOOD[:2]
+    assert "apple.png: skipped" not in caplog.text  # the options the method forces are no difference
+    assert "cone.png: skipped, finished with other options (TrainConfig)" in caplog.text
+
+
 def test_model_that_does_not_load_is_raised_not_recorded(tmp_path):
     folder = _photo_folder(tmp_path / "photos", GOOD[:1], broken=False)
     with pytest.raises(ModelLoadError):

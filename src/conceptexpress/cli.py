@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .generate import add_generate_parser
 
     add_generate_parser(sub)
+
+    from .locbench.cli import add_bench_localize_parser
+
+    add_bench_localize_parser(sub)
     return parser
 
 

@@ -345,8 +345,15 @@ def _mismatch(run: Path, image: Path, recorded: str, sha: str, what: str) -> Out
     )
 
 
+# Training options a method forces whatever was asked (learn/bas.py: BaS† has no split-and-merge and no
+# contrastive loss); a manifest records the config actually used, so these are compared as forced.
+_METHOD_FORCES: dict[str, dict[str, Any]] = {"bas-dagger": {"split_merge": False, "contrastive": False}}
+
+
 def _config_differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Names of the options a finished run was made with that differ from the ones asked for now."""
     recorded = manifest.get("config", {})
+    wanted = {**wanted, "TrainConfig": {**wanted["TrainConfig"], **_METHOD_FORCES.get(wanted["method"], {})}}
     diffs = [k for k in ("LocalizeConfig", "TrainConfig") if k in recorded and recorded[k] != wanted[k]]
     if recorded.get("ModelConfig", {}).get("model") not in (None, wanted["ModelConfig"]["model"]):
         diffs.append("model")
