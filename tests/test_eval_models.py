@@ -17,6 +17,16 @@ from conceptexpress.evaluate.sam import (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for these tiny models: on a busy 2-core runner, OpenMP threads spinning at barriers made
+    the tiny UNet/ViT calls ~5x slower than a single thread (measured: 77 s vs 15 s for tests/test_eval_*)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_eval_models(tmp_path_factory):
     from conceptexpress.evaluate.testing import save_tiny_eval_models

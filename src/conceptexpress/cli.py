@@ -168,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
 
+    from .dataset import add_extract_dataset_parser
+
+    add_extract_dataset_parser(sub)
+
     from .locbench.cli import add_bench_localize_parser
 
     add_bench_localize_parser(sub)

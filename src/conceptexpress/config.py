@@ -54,8 +54,12 @@ class ModelConfig:
 class LocalizeConfig:
     """Concept localization (paper §3.2, DESIGN §3)."""
 
-    # Paper §3.2 upper limit on the number of concepts; the pre-clustering level is picked against it.
-    n_max: int = field(default=10, metadata=_help("upper limit N_max on the number of concepts (paper §3.2)"))
+    # Paper §3.2 "upper limit" N_max: the pre-clustering level is the coarsest with >= N_max clusters. Like the
+    # paper's algorithm and the released code, the final count is not clamped: filtering and post-clustering
+    # usually bring it below N_max, but it can exceed it when most pre-clusters pass the filter and none merge.
+    n_max: int = field(
+        default=10, metadata=_help("N_max of paper §3.2: picks the pre-clustering level (not a hard cap on N)")
+    )
     # "released" reproduces the authors' code (effective weight latent/res); "diffseg" renormalizes each
     # resized map to sum 1 before weighting by res/latent (DESIGN §3).
     weighting: str = field(

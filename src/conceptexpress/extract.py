@@ -187,14 +187,18 @@ def _write_samples(pipe, out: Path, tokens, embeddings: torch.Tensor, cfg: Sampl
     from .generate import GenerateConfig, generate
 
     existing = set(pipe.tokenizer.get_vocab())
-    new = [t for t in tokens if t not in existing]
-    if new:
-        pipe.load_textual_inversion(
-            [embeddings[tokens.index(t)] for t in new], token=new, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
-        )
-    prompts = [f"a photo of {t}" for t in tokens] + ["a photo of " + " and ".join(tokens)]
-    gen_cfg = GenerateConfig(n=cfg.sample_count, seed=seed, steps=cfg.sample_steps)
-    images = generate(pipe, prompts, gen_cfg)
+    clash = [t for t in tokens if t in existing]
+    if clash:
+        # A token of that name is already in the pipeline (another run's): sampling would use its embedding.
+        raise ConfigError(f"tokens {clash} already exist in the loaded pipeline; unload them before sampling")
+    pipe.load_textual_inversion(list(embeddings), token=list(tokens), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    try:
+        prompts = [f"a photo of {t}" for t in tokens] + ["a photo of " + " and ".join(tokens)]
+        gen_cfg = GenerateConfig(n=cfg.sample_count, seed=seed, steps=cfg.sample_steps)
+        images = generate(pipe, prompts, gen_cfg)
+    finally:
+        # Leave the pipeline as it was: the next image of a dataset learns tokens of the same names.
+        pipe.unload_textual_inversion(list(tokens))
     files: dict[str, list[str]] = {}
     (out / "samples").mkdir(exist_ok=True)
     for name, prompt, imgs in zip([*tokens, "all"], prompts, images):
