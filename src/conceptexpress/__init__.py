@@ -19,7 +19,7 @@ _EXPORTS = {
     "ModelConfig": "conceptexpress.config",
     "LocalizeConfig": "conceptexpress.config",
     "TrainConfig": "conceptexpress.config",
-    "extract": "conceptexpress.extract",
+    "extract_concepts": "conceptexpress.extract:extract",
     "TokenTrainer": "conceptexpress.learn.trainer",
     "generate_from_run": "conceptexpress.generate",
     "load_tokens_into": "conceptexpress.export",
@@ -36,6 +36,9 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
+    # Names that equal a submodule (`localize`, `extract`) are exported under another name: importing the
+    # submodule would otherwise replace the function on the package.
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, _, attr = _EXPORTS[name].partition(":")
+        return getattr(importlib.import_module(module), attr or name)
     raise AttributeError(f"module 'conceptexpress' has no attribute {name!r}")
