@@ -107,3 +107,10 @@ def test_metrics_module_imports_no_model_library():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_package_exports_resolve_lazily():
+    import conceptexpress.evaluate as ev
+
+    for name in ev.__all__:
+        assert getattr(ev, name) is not None

@@ -152,3 +152,15 @@ def test_every_ablation_combination_runs(pipe, image, snm, reg, con):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     if not snm:
         assert result.history[0]["prompts"] == 2  # one token per concept from the start
+
+
+def test_half_precision_weights_train_fp32_vectors(tiny_sd2_dir, image):
+    """bf16 weights (the GPU path minus autocast, which is CUDA-only): vectors stay fp32, losses finite."""
+    from conceptexpress.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd2_dir), device="cpu", dtype="bf16")
+    masks, cents = _concepts()
+    tr = TokenTrainer(pipe, image, WORK, masks, cents, TrainConfig(steps=2, merge_step=1, split_tokens=2, checkpoint_every=0))
+    result = tr.train()
+    assert tr.vectors.dtype == torch.float32 and torch.isfinite(result.embeddings).all()
+    assert all(r["mse"] > 0 for r in result.history)
