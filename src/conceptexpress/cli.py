@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_extract_dataset_parser(sub)
 
+    from .evaluate.cli import add_evaluate_parser
+
+    add_evaluate_parser(sub)
+
     from .locbench.cli import add_bench_localize_parser
 
     add_bench_localize_parser(sub)
