@@ -217,3 +217,14 @@ def test_eq2_graph_joins_shared_neighbours_under_constraints():
     # δ of Eq. 2 is the largest distance over every kept pair, shared-neighbour pairs included.
     assert eq2.max_link_distance == pytest.approx(float(torch.dist(pts[0], pts[2])))
     assert links.max_link_distance == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 60])
+def test_shared_neighbour_pairs_brute_force(n):
+    from conceptexpress.localize.finch import _shared_neighbour_pairs
+
+    kappa = np.random.default_rng(n).integers(0, max(1, n // 3), n)
+    src, dst = _shared_neighbour_pairs(kappa)
+    assert (src < dst).all()
+    expected = {(i, j) for i in range(n) for j in range(i + 1, n) if kappa[i] == kappa[j]}
+    assert set(zip(src.tolist(), dst.tolist())) == expected and len(src) == len(expected)

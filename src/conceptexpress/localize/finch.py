@@ -194,20 +194,21 @@ def _merge_first_neighbours(
 
 
 def _shared_neighbour_pairs(kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs i < j with κ_i = κ_j (the third case of Eq. 2), as two int64 arrays."""
-    order = np.argsort(kappa, kind="stable")
+    """All pairs i < j with κ_i = κ_j (the third case of Eq. 2), as two int64 arrays (vectorized: no loop)."""
+    n = len(kappa)
+    order = np.lexsort((np.arange(n), kappa))  # by κ, then by index
     sorted_k = kappa[order]
     starts = np.flatnonzero(np.r_[True, sorted_k[1:] != sorted_k[:-1]])
-    sizes = np.diff(np.r_[starts, len(kappa)])
-    srcs, dsts = [], []
-    for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-        members = np.sort(order[start : start + size])
-        a, b = np.triu_indices(size, k=1)
-        srcs.append(members[a])
-        dsts.append(members[b])
-    if not srcs:
+    ends = np.r_[starts[1:], n]
+    group_end = np.repeat(ends, ends - starts)  # (n,) end of each sorted position's group
+    later = group_end - np.arange(n) - 1  # members after this position in its group
+    total = int(later.sum())
+    if total == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(srcs).astype(np.int64), np.concatenate(dsts).astype(np.int64)
+    first = np.repeat(np.arange(n), later)  # (P,) sorted position of the first member of each pair
+    offset = np.arange(total) - np.repeat(np.cumsum(later) - later, later)  # 0.. within each first's run
+    second = first + 1 + offset
+    return order[first].astype(np.int64), order[second].astype(np.int64)
 
 
 @contextmanager
