@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict
+from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict, field_help
 from .errors import ConceptExpressError, NoConceptError
 
 logger = logging.getLogger("conceptexpress")
@@ -59,6 +59,19 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def add_run_model_args(parser: argparse.ArgumentParser, default_text: str) -> None:
+    """ModelConfig flags for commands that read finished runs: ``--model`` and ``--single-file-config`` default
+    to what each run's manifest recorded (``default_text`` says so in --help), not to ModelConfig's defaults."""
+    add_config_args(parser, ModelConfig, skip=("model", "single_file_config"))
+    helps = field_help(ModelConfig)
+    group = parser.add_argument_group("ModelConfig (base model)")
+    for name in ("model", "single_file_config"):
+        group.add_argument(
+            "--" + name.replace("_", "-"), dest=f"ModelConfig.{name}", default=None, metavar=name.upper(),
+            help=f"{helps[name]} (default: {default_text})",
+        )
 
 
 def config_from_args(args: argparse.Namespace, cls: type, **extra: Any):

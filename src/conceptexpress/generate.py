@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ModelConfig, field_help
+from .config import ModelConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -322,7 +322,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     :class:`~conceptexpress.config.ModelConfig` with the run's base model as default. Sets ``func`` to a
     handler that returns the exit code.
     """
-    from .cli import add_config_args
+    from .cli import add_config_args, add_run_model_args
 
     p = subparsers.add_parser(
         "generate",
@@ -339,15 +339,7 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
         help=f"{n_field.metadata['help']} (default: {n_field.default})",
     )
     add_config_args(p, GenerateConfig, skip=("n",))
-    # model / single_file_config default to the run's manifest, not to ModelConfig's defaults.
-    add_config_args(p, ModelConfig, skip=("model", "single_file_config"))
-    helps = field_help(ModelConfig)
-    group = p.add_argument_group("ModelConfig (base model)")
-    for name in ("model", "single_file_config"):
-        group.add_argument(
-            "--" + name.replace("_", "-"), dest=f"ModelConfig.{name}", default=None, metavar=name.upper(),
-            help=f"{helps[name]} (default: the run's, from manifest.json)",
-        )
+    add_run_model_args(p, "the run's, from manifest.json")
     p.set_defaults(func=_cmd_generate)
     return p
 

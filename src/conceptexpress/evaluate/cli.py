@@ -14,8 +14,7 @@ __all__ = ["add_evaluate_parser"]
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``evaluate`` on ``subparsers`` (from ``add_subparsers``); its ``func`` returns the exit code."""
-    from ..cli import add_config_args
-    from ..config import ModelConfig, field_help
+    from ..cli import add_config_args, add_run_model_args
     from .protocol import EvalConfig
 
     p = subparsers.add_parser(
@@ -32,15 +31,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=None, help="result folder (default: <parent of the first RUNS>/eval)")
     add_config_args(p, EvalConfig)
-    # model / single_file_config default to each run's manifest, not to ModelConfig's defaults.
-    add_config_args(p, ModelConfig, skip=("model", "single_file_config"))
-    helps = field_help(ModelConfig)
-    group = p.add_argument_group("ModelConfig (base model)")
-    for name in ("model", "single_file_config"):
-        group.add_argument(
-            "--" + name.replace("_", "-"), dest=f"ModelConfig.{name}", default=None, metavar=name.upper(),
-            help=f"{helps[name]} (default: each run's, from its manifest.json)",
-        )
+    add_run_model_args(p, "each run's, from its manifest.json")
     p.set_defaults(func=_cmd_evaluate)
     return p
 
