@@ -34,13 +34,20 @@ IMAGE_COLUMNS = ("method", "run", "image", "encoder", "encoder_model", "sim_c", 
 
 
 def method_name(method: str) -> str:
-    """Display name of a manifest ``method`` (``bas-dagger`` → ``BaS†``)."""
-    return _METHOD_NAMES.get(method, method)
+    """Display name of a row label (``bas-dagger`` → ``BaS†``, ``conceptexpress -SnM`` → ``ConceptExpress −SnM``)."""
+    base, _, ablations = method.partition(" ")
+    name = _METHOD_NAMES.get(base, base)
+    return f"{name} {ablations.replace('-', '−')}" if ablations else name
 
 
 def method_order(methods) -> list[str]:
+    # Baseline first, ablations (most switched off first, as paper Table 2) before the full method.
     known = [m for m in _METHOD_ORDER if m in methods]
-    return known + sorted(m for m in methods if m not in _METHOD_ORDER)
+    ablations = sorted((m for m in methods if m not in _METHOD_ORDER and m.startswith("conceptexpress ")),
+                       key=lambda m: (-m.count("-"), m))
+    others = sorted(m for m in methods if m not in _METHOD_ORDER and not m.startswith("conceptexpress "))
+    head = [m for m in known if m != "conceptexpress"]
+    return head + others + ablations + (["conceptexpress"] if "conceptexpress" in known else [])
 
 
 def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

@@ -77,8 +77,24 @@ def _check_run(run: Path, label: str) -> EvalRun:
                     f"run {str(run)!r}: mask {rel!r} is {im.size[0]}x{im.size[1]}, the photo is {size[0]}x{size[1]}"
                 )
         masks.append(path)
+    return EvalRun(run, label, method_label(manifest), manifest, image, sha, tuple(masks))
+
+
+def method_label(manifest: dict) -> str:
+    """Table row of a run: its ``method``, plus the ablations it was trained with (paper Table 2).
+
+    ConceptExpress runs trained with ``--no-split-merge`` / ``--no-attn-reg`` / ``--no-contrastive`` get their own
+    rows (``conceptexpress -SnM -Reg`` …), so the ablation switches reproduce Table 2 with one `evaluate` call.
+    The contrastive loss only exists with split-and-merge, so ``-Con`` is not shown when ``-SnM`` is.
+    """
     method = str(manifest.get("method") or DEFAULT_METHOD)
-    return EvalRun(run, label, method, manifest, image, sha, tuple(masks))
+    if method != DEFAULT_METHOD:
+        return method
+    train = (manifest.get("config") or {}).get("TrainConfig") or {}
+    off = [name for key, name in (("split_merge", "SnM"), ("attn_reg", "Reg"), ("contrastive", "Con")) if train.get(key) is False]
+    if "SnM" in off and "Con" in off:
+        off.remove("Con")
+    return " ".join([method, *(f"-{name}" for name in off)])
 
 
 def discover_runs(
