@@ -112,7 +112,8 @@ class TrainConfig:
     # Released code: AdamW defaults of its script (weight decay 1e-2, betas 0.9/0.999, eps 1e-8).
     weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay (released code: 1e-2)"))
     flip_p: float = field(default=0.5, metadata=_help("probability of flipping image and masks in a step"))
-    micro_batch: int = field(default=8, metadata=_help("prompts per UNet pass (memory); 0 = all prompts of a step at once"))
+    # 4 is a guess for 8 GB GPUs at 512 px (not measured: no GPU was available); raise it on larger cards.
+    micro_batch: int = field(default=4, metadata=_help("prompts per UNet pass (memory); 0 = all prompts of a step at once"))
     update_rule: str = field(
         default="batched",
         metadata=_help(
