@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict, field_help
+from .config import LocalizeConfig, ModelConfig, TrainConfig, field_help
 from .errors import ConceptExpressError, NoConceptError
 
 logger = logging.getLogger("conceptexpress")
@@ -83,11 +83,9 @@ def config_from_args(args: argparse.Namespace, cls: type, **extra: Any):
 
 # ----------------------------------------------------------------------------- commands
 def _cmd_localize(args: argparse.Namespace) -> int:
-    from .extract import file_sha256
+    from .extract import localize_to_folder
     from .io.atomic import ensure_output_dir
     from .io.images import load_image
-    from .io.localization_files import save_localization
-    from .localizer import ConceptLocalizer
     from .models import load_pipeline
 
     # Cheap checks first: a bad option, image or output folder fails before the model loads.
@@ -97,18 +95,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     out = ensure_output_dir(args.out or Path("outputs") / Path(args.image).stem)
 
     pipe = load_pipeline(model_cfg)
-    loc = ConceptLocalizer(pipe, loc_cfg)(image)
-    manifest = save_localization(
-        loc,
-        image,
-        out,
-        meta={
-            "image": str(Path(args.image).resolve()),
-            "image_sha256": file_sha256(args.image),
-            "model": model_cfg.model,
-            "config": config_dict(model_cfg, loc_cfg),
-        },
-    )
+    manifest, loc = localize_to_folder(pipe, image, args.image, out, model_cfg, loc_cfg)
     if loc.num_concepts == 0:
         raise NoConceptError(
             f"no salient concept found in {args.image!r} (every cluster failed the [EOT] filter); "

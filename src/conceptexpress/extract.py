@@ -66,6 +66,24 @@ def _localization_matches(out: Path, image_sha: str, model: str, loc_cfg: Locali
     )
 
 
+def localize_to_folder(pipe, image, image_path, out: Path, model: ModelConfig, localize: LocalizeConfig, *, image_sha: str | None = None):
+    """Localize ``image`` and write the localization folder (what `localize` and `extract` share).
+
+    Returns (manifest, Localization). The manifest records the image path and SHA-256, the model and the
+    resolved configs, which is what lets `extract` reuse a localization instead of recomputing it.
+    """
+    from .localizer import ConceptLocalizer
+
+    loc = ConceptLocalizer(pipe, localize)(image)
+    meta = {
+        "image": str(Path(image_path).resolve()),
+        "image_sha256": image_sha or file_sha256(image_path),
+        "model": model.model,
+        "config": config_dict(model, localize),
+    }
+    return save_localization(loc, image, out, meta=meta), loc
+
+
 def token_names(n: int) -> list[str]:
     return [f"<c{i + 1}>" for i in range(n)]
 
@@ -86,7 +104,6 @@ def extract(
     """Run the whole method on one photo and return the written run manifest (see module docstring)."""
     from .export import write_token_files
     from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
-    from .localizer import ConceptLocalizer
     from .models import load_pipeline
 
     model = model or ModelConfig()
@@ -109,18 +126,7 @@ def extract(
         loc_manifest, tensors = read_localization(out)
         logger.info("reusing the localization in %s", out)
     else:
-        loc = ConceptLocalizer(pipe, localize)(image)
-        loc_manifest = save_localization(
-            loc,
-            image,
-            out,
-            meta={
-                "image": str(Path(image_path).resolve()),
-                "image_sha256": image_sha,
-                "model": model.model,
-                "config": config_dict(model, localize),
-            },
-        )
+        loc_manifest, _ = localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
         _, tensors = read_localization(out)
     n = int(loc_manifest["num_concepts"])
     if n == 0:
