@@ -16,50 +16,31 @@ Grouping: rows of the table are the manifests' ``method`` values. All runs of on
 given, form that method's dataset: its SIM^I is the mean over its concepts, its SIM^C the mean over its source
 images, and its ACC^k is computed against the prototypes of that method's own concepts only (methods never share a
 classifier). Evaluate two datasets (D1, D2) with two ``evaluate`` calls.
+
+This module holds the options, the result and the entry point; phases 1 and 2 are in :mod:`.phases`, phase 3
+and ``summary.json`` in :mod:`.scoring`.
 """
 
 from __future__ import annotations
 
-import gc
-import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .encoders import DEFAULT_CLIP, DEFAULT_DINO, ENCODERS
+from .phases import _generate_all, _model_options, _sam_all
 from .sam import DEFAULT_SAM
+from .scoring import DEFINITIONS, _score, _summary
+from .scoring import SUMMARY_FORMAT as SUMMARY_FORMAT  # re-exported: importable from here as before
+from .scoring import TOPK as TOPK
 
 __all__ = ["DEFINITIONS", "EvalConfig", "EvalResult", "evaluate_runs"]
 
-logger = logging.getLogger(__name__)
-
-SUMMARY_FORMAT = "conceptexpress-eval-1"
-TOPK = (1, 3)  # paper Table 1 reports ACC^1 and ACC^3
 _MAX_SEED = 2**63 - 1
-
-DEFINITIONS = {
-    "points": "sam_points distinct pixels drawn uniformly without replacement from the extracted mask "
-    "(numpy default_rng(seed), fresh per concept), passed to SAM as pixel centres (x + 0.5, y + 0.5)",
-    "sam_mask": "SAM prompted with all points at once (labels 1), multimask output; the candidate with the highest "
-    "predicted IoU, upsampled to the photo and thresholded at logit 0; an empty SAM mask falls back to the "
-    "extracted mask (sam_fallback = true)",
-    "masked_concept": "the source photo with pixels outside the SAM mask set to black (0, 0, 0); with crop: cut to "
-    "the mask's bounding box and padded with black to a centred square",
-    "features": "encoder features, L2-normalized: CLIP = projected image embedding, DINO = last-layer [CLS] token; "
-    "each encoder's own image processor",
-    "SIM^I": "per concept: mean over its images_per_concept generations ('a photo of [V_i]') of cos(masked concept, "
-    "generated); method value = mean over the method's concepts",
-    "SIM^C": "per source photo: mean over its compositional_images generations ('a photo of [V_1] and ... [V_N]') of "
-    "cos(whole unmasked photo, generated); method value = mean over the method's photos",
-    "ACC^k": "prototypes = masked-concept features of every concept of the method's runs (one per concept); queries = "
-    "every single-concept generated image of the method, labelled with its concept; a query is correct when fewer "
-    "than k other prototypes have a cosine >= its own prototype's (ties count against it); method value = correct "
-    "queries / queries",
-}
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -163,323 +144,6 @@ class EvalResult:
     def metric(self, method: str, encoder: str, name: str) -> float | None:
         """One cell of the table: ``metric("conceptexpress", "clip", "acc1")``."""
         return self.summary["methods"][method]["metrics"][encoder][name]
-
-
-# ----------------------------------------------------------------------------- phase 1: generation
-def _model_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    allowed = [f.name for f in fields(ModelConfig)]
-    unknown = sorted(set(options or {}) - set(allowed))
-    if unknown:
-        raise ConfigError(f"`model_options` has unknown keys {unknown}; allowed: {allowed}")
-    given = {k: v for k, v in (options or {}).items() if v is not None}
-    ModelConfig(**given)  # a bad --device / --dtype / --model fails here, before any work
-    return given
-
-
-def _run_model(run, options: dict[str, Any]) -> ModelConfig:
-    """The run's base model (manifest), with the user's overrides (``--model``, ``--device``, ``--dtype`` …)."""
-    recorded = {"model": run.manifest.get("base_model"), "single_file_config": run.manifest.get("single_file_config")}
-    return ModelConfig(**{**{k: v for k, v in recorded.items() if v is not None}, **options})
-
-
-def _prompts(run, config: EvalConfig) -> list[tuple[str, str, int]]:
-    """``(folder name, prompt, images)`` of a run: each concept alone, then all together."""
-    tokens = run.tokens
-    out = [(f"concept_{i + 1:02d}", f"a photo of {t}", config.images_per_concept) for i, t in enumerate(tokens)]
-    out.append(("all", "a photo of " + " and ".join(tokens), config.compositional_images))
-    return out
-
-
-def _generation_cache(run, model: ModelConfig, config: EvalConfig):
-    from ..extract import file_sha256
-    from .cache import GeneratedCache
-
-    key = {
-        "format": "conceptexpress-eval-generated-1",
-        "model": model.model,
-        "single_file_config": model.single_file_config,
-        "steps": config.steps,
-        "guidance": float(config.guidance),
-        "seed": config.seed,
-        # Retraining a run in place changes its token files, hence the key: stale pictures are never reused.
-        "tokens": {e["token"]: file_sha256(run.path / e["file"]) for e in run.manifest["tokens"]},
-    }
-    return GeneratedCache(run.path, key)
-
-
-def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader: Callable, progress: bool):
-    """Phase 1: make sure every run has its images; returns ``{label: {"concepts": [[Path]], "all": [Path]}}``."""
-    from ..export import load_tokens_into
-    from ..generate import generate
-    from .progress import progress_bar
-
-    plans = []
-    for run in runs:
-        model = _run_model(run, options)
-        cache = _generation_cache(run, model, config)
-        todo = [(name, prompt, n, cache.available(name, prompt)) for name, prompt, n in _prompts(run, config)]
-        plans.append((run, model, cache, todo))
-    missing = sum(max(n - have, 0) for *_, todo in plans for _, _, n, have in todo)
-    # Runs of one base model together, so each model is loaded once.
-    plans.sort(key=lambda p: (p[1].model, p[1].single_file_config or ""))
-
-    out: dict[str, dict[str, Any]] = {}
-    pipe, pipe_model = None, None
-    with progress_bar(missing, "generate", "image", progress) as bar:
-        for run, model, cache, todo in plans:
-            if any(have < n for _, _, n, have in todo):
-                if pipe is None or pipe_model != model:
-                    pipe = None
-                    _free_memory()
-                    pipe, pipe_model = pipe_loader(model), model
-                before = set(pipe.tokenizer.get_vocab())
-                load_tokens_into(pipe, run.path)
-                try:
-                    for name, prompt, n, have in todo:
-                        if have >= n:
-                            continue
-                        images = generate(pipe, [prompt], config.generate_config(n - have, start=have))[0]
-                        extra = {
-                            "seeds": [config.seed + i for i in range(n)],
-                            "model": model.model,
-                            "device": str(getattr(pipe, "device", "")),
-                            "dtype": str(getattr(pipe, "dtype", "")).removeprefix("torch."),
-                        }
-                        cache.extend(name, prompt, have, images, extra)
-                        bar.update(n - have)
-                finally:
-                    # The next run's tokens have the same names (<c1>, …): remove this run's before loading them.
-                    added = [t for t in pipe.tokenizer.get_vocab() if t not in before]
-                    if added:
-                        pipe.unload_textual_inversion(added)
-            names = {name: n for name, _, n, _ in todo}
-            out[run.label] = {
-                "root": cache.root,
-                "concepts": [cache.paths(name, names[name]) for name, *_ in todo[:-1]],
-                "all": cache.paths("all", names["all"]),
-            }
-    del pipe
-    _free_memory()
-    return out
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------- phase 2: SAM
-def _sam_all(runs, config: EvalConfig, device, progress: bool) -> dict[str, list[dict[str, Any]]]:
-    """Phase 2: every concept's SAM mask; returns ``{label: [{"mask", "points", "score", "fallback", "area"}]}``."""
-    from ..extract import file_sha256
-    from .cache import EVAL_DIR, cache_key, read_sam_cache, write_sam_cache
-    from .progress import progress_bar
-    from .runs import load_masks, load_source
-    from .sam import SamMasker
-
-    jobs = []
-    for run in runs:
-        key = {
-            "format": "conceptexpress-eval-sam-1",
-            "sam": config.sam,
-            "points": config.sam_points,
-            "seed": config.seed,
-            "image_sha256": run.image_sha256,
-            "masks": [file_sha256(p) for p in run.masks],
-        }
-        folder = run.path / EVAL_DIR / f"sam-{cache_key(key)}"
-        jobs.append((run, key, folder, read_sam_cache(folder, key, len(run.masks))))
-
-    out: dict[str, list[dict[str, Any]]] = {}
-    memo: dict[str, list[dict[str, Any]]] = {}  # same photo and masks (another method's run): segment once
-    masker = None
-    with progress_bar(sum(c is None for *_, c in jobs), "sam", "image", progress) as bar:
-        for run, key, folder, cached in jobs:
-            if cached is None:
-                memo_key = cache_key(key)
-                if memo_key not in memo:
-                    masker = masker or SamMasker(config.sam, device=device)
-                    masks = load_masks(run)
-                    preds = masker.masks_from_points(load_source(run), masks, config.sam_points, config.seed)
-                    concepts = []
-                    for pred, extracted in zip(preds, masks):
-                        fallback = not pred.mask.any()
-                        if fallback:
-                            logger.warning("%s: SAM returned an empty mask for a concept; using the extracted mask", run.label)
-                        mask = extracted if fallback else pred.mask
-                        concepts.append(
-                            {
-                                "mask": mask,
-                                "points": pred.points.tolist(),
-                                "score": pred.score,
-                                "fallback": fallback,
-                                "area": float(mask.mean()),
-                            }
-                        )
-                    memo[memo_key] = concepts
-                concepts = [{**c, "token": t} for c, t in zip(memo[memo_key], run.tokens)]
-                write_sam_cache(folder, key, concepts)
-                cached = concepts
-                bar.update(1)
-            out[run.label] = cached
-    if masker is not None:
-        masker.unload()
-    _free_memory()
-    return out
-
-
-# ----------------------------------------------------------------------------- phase 3: features and metrics
-def _open_rgb(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
-def _encode_run(encoder, run, generated: dict[str, Any], sam: list[dict[str, Any]], crop: bool):
-    """Features of one run: source ``(D,)``, masked concepts ``(N, D)``, per-concept generations ``[(K, D)]``,
-    compositional generations ``(K', D)``."""
-    from .runs import load_source
-    from .sam import masked_concept_image
-
-    source = load_source(run)
-    masked = [masked_concept_image(source, c["mask"], crop) for c in sam]
-    per_concept = [[_open_rgb(p) for p in paths] for paths in generated["concepts"]]
-    comp = [_open_rgb(p) for p in generated["all"]]
-    feats = encoder.encode([source, *masked, *(im for ims in per_concept for im in ims), *comp])  # (1+N+ΣK+K', D)
-    n = len(masked)
-    gen, start = [], 1 + n
-    for ims in per_concept:
-        gen.append(feats[start : start + len(ims)])
-        start += len(ims)
-    return feats[0], feats[1 : 1 + n], gen, feats[start:]
-
-
-def _score(runs, generated, sam, config: EvalConfig, device, progress: bool):
-    import torch
-
-    from .encoders import build_encoder
-    from .metrics import compositional_similarity, identity_similarity, topk_correct
-    from .progress import progress_bar
-
-    concept_rows: list[dict[str, Any]] = []
-    image_rows: list[dict[str, Any]] = []
-    methods = list(dict.fromkeys(r.method for r in runs))
-    for enc_name in config.encoder_names:
-        enc_id = config.encoder_id(enc_name)
-        encoder = build_encoder(enc_name, enc_id, device=device)
-        feats = {}
-        with progress_bar(len(runs), f"encode {enc_name}", "image", progress) as bar:
-            for run in runs:
-                feats[run.label] = _encode_run(encoder, run, generated[run.label], sam[run.label], config.crop)
-                bar.update(1)
-        encoder.unload()
-        for method in methods:
-            mruns = [r for r in runs if r.method == method]
-            # The method's classifier: one prototype per concept of its runs (paper §4.2, ACC^k).
-            prototypes = torch.cat([feats[r.label][1] for r in mruns])  # (P, D)
-            # Queries: every generated single-concept image, labelled with its concept's prototype row.
-            gens = [g for r in mruns for g in feats[r.label][2]]  # P tensors (K, D), prototype order
-            q = torch.cat(gens)  # (Q, D)
-            y = torch.cat([torch.full((g.shape[0],), j) for j, g in enumerate(gens)])  # (Q,)
-            correct = {k: topk_correct(q, y, prototypes, k) for k in TOPK}  # (Q,) bool each
-            label = 0
-            for r in mruns:
-                source, masked, gen, comp = feats[r.label]
-                for i, (token, g) in enumerate(zip(r.tokens, gen)):
-                    hits = y == label  # this concept's queries
-                    label += 1
-                    s = sam[r.label][i]
-                    concept_rows.append(
-                        {
-                            "method": method,
-                            "run": r.label,
-                            "token": token,
-                            "concept": i + 1,
-                            "encoder": enc_name,
-                            "encoder_model": enc_id,
-                            "sim_i": identity_similarity(masked[i], g),
-                            "images": int(g.shape[0]),
-                            "top1_correct": int(correct[1][hits].sum()),
-                            "top3_correct": int(correct[3][hits].sum()),
-                            "prototypes": int(prototypes.shape[0]),
-                            "sam_score": float(s["score"]),
-                            "sam_area": float(s["area"]),
-                            "sam_fallback": bool(s["fallback"]),
-                        }
-                    )
-                per_image = [compositional_similarity(source, c[None]) for c in comp]
-                image_rows.append(
-                    {
-                        "method": method,
-                        "run": r.label,
-                        "image": str(r.image),
-                        "encoder": enc_name,
-                        "encoder_model": enc_id,
-                        "sim_c": compositional_similarity(source, comp),
-                        "images": int(comp.shape[0]),
-                        "per_image": per_image,
-                    }
-                )
-    return concept_rows, image_rows
-
-
-def _mean(values: list[float]) -> float | None:
-    return float(sum(values) / len(values)) if values else None
-
-
-def _summary(runs, skipped, concept_rows, image_rows, config: EvalConfig, options, out: Path) -> dict[str, Any]:
-    from ..io.localization_files import versions
-
-    methods: dict[str, Any] = {}
-    for method in dict.fromkeys(r.method for r in runs):
-        mruns = [r for r in runs if r.method == method]
-        metrics = {}
-        for enc in config.encoder_names:
-            crows = [c for c in concept_rows if c["method"] == method and c["encoder"] == enc]
-            irows = [i for i in image_rows if i["method"] == method and i["encoder"] == enc]
-            queries = sum(c["images"] for c in crows)
-            metrics[enc] = {
-                "sim_i": _mean([c["sim_i"] for c in crows]),
-                "sim_c": _mean([i["sim_c"] for i in irows]),
-                "acc1": sum(c["top1_correct"] for c in crows) / queries if queries else None,
-                "acc3": sum(c["top3_correct"] for c in crows) / queries if queries else None,
-                "queries": queries,
-                "prototypes": len(crows),
-            }
-        methods[method] = {
-            "runs": len(mruns),
-            "concepts": sum(len(r.tokens) for r in mruns),
-            "base_models": sorted({_run_model(r, options).model for r in mruns}),
-            "metrics": metrics,
-        }
-    return {
-        "format": SUMMARY_FORMAT,
-        "complete": True,
-        "num_runs": len(runs),
-        "num_concepts": sum(len(r.tokens) for r in runs),
-        "encoders": {name: config.encoder_id(name) for name in config.encoder_names},
-        "sam": config.sam,
-        "config": asdict(config),
-        "model_options": options,
-        "definitions": DEFINITIONS,
-        "methods": methods,
-        "runs": [
-            {"run": r.label, "method": r.method, "path": str(r.path.resolve()), "image": str(r.image), "concepts": len(r.tokens)}
-            for r in runs
-        ],
-        "skipped": skipped,
-        "files": {
-            "concepts": ["concepts.csv", "concepts.json"],
-            "images": ["images.csv", "images.json"],
-            "table": "table.md",
-        },
-        "out": str(out.resolve()),
-        "versions": versions(),
-    }
 
 
 # ----------------------------------------------------------------------------- entry point
