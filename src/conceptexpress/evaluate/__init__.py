@@ -9,7 +9,7 @@ transformers or diffusers::
 
 Layout: ``metrics.py`` (pure metrics), ``encoders.py`` (CLIP / DINO adapters), ``sam.py`` (points, SAM, masked
 images), ``runs.py`` (finding runs), ``cache.py`` (generated images and SAM masks in ``RUN/eval/``),
-``report.py`` (CSV / JSON / table), ``protocol.py`` (``EvalConfig``, ``evaluate_runs``), ``cli.py``
+``report.py`` (CSV / JSON / table), ``protocol.py`` (``EvalConfig``, ``evaluate_runs``), ``phases.py`` (generation, SAM), ``scoring.py`` (features, metrics, summary), ``cli.py``
 (``conceptexpress evaluate``), ``testing.py`` (tiny random models).
 """
 
