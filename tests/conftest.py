@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -27,3 +29,34 @@ def tiny_pipe(tiny_sd2_dir):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(tiny_sd2_dir)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd2_dir):
+    """The SD 2.x-style tiny pipeline loaded through `load_pipeline` (the user path), fp32 on CPU."""
+    from conceptexpress.models import load_pipeline
+
+    return load_pipeline(str(tiny_sd2_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image():
+    """The example photo (600×400 RGB)."""
+    from conceptexpress.io.images import load_image
+
+    return load_image(EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for tiny models: on a busy 2-core runner, OpenMP threads spinning at barriers made the
+    tiny UNet/ViT calls ~5x slower than a single thread (measured: 77 s vs 15 s for tests/test_eval_*)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

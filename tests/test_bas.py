@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from conceptexpress.config import TrainConfig
-from conceptexpress.io.images import load_image
 from conceptexpress.learn import losses
 from conceptexpress.learn.bas import LAMBDA_ATTENTION, BaSTrainer, attention_mse, sample_union
 from conceptexpress.learn.trainer import TokenTrainer
@@ -18,18 +17,6 @@ from conceptexpress.learn.trainer import TokenTrainer
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
 WORK = (128, 88)  # the tiny model's working size for the 600×400 example
 LATENT = (11, 16)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd2_dir):
-    from conceptexpress.models import load_pipeline
-
-    return load_pipeline(str(tiny_sd2_dir), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def image():
-    return load_image(EXAMPLE)
 
 
 def _concepts(n: int = 3):

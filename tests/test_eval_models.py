@@ -16,15 +16,7 @@ from conceptexpress.evaluate.sam import (
     sample_mask_points,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for these tiny models: on a busy 2-core runner, OpenMP threads spinning at barriers made
-    the tiny UNet/ViT calls ~5x slower than a single thread (measured: 77 s vs 15 s for tests/test_eval_*)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

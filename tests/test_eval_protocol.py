@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from conceptexpress.cli import main
@@ -22,14 +21,7 @@ EXTRACT_FAST = ["--steps", "2", "--merge-step", "1", "--split-tokens", "2", "--n
 COLUMNS = "| Method | SIM^I | SIM^C | ACC^1 | ACC^3 |"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for these tiny models: on a busy 2-core runner, OpenMP threads spinning at barriers made
-    the tiny UNet/ViT calls ~5x slower than a single thread (measured: 77 s vs 15 s for tests/test_eval_*)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _photo(path: Path, background, shapes) -> Path:
