@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conceptexpress.config import TrainConfig
+from conceptexpress.errors import ConfigError
 from conceptexpress.learn.trainer import TokenTrainer, released_sample_passes
 
 WORK = (128, 88)  # the tiny model's working size for the 600×400 example
@@ -58,7 +59,7 @@ def test_merge_is_mean_of_split_tokens(pipe, image):
 
 
 def test_schedule_prompts_and_sample_passes(pipe, image):
-    tr = _trainer(pipe, image)
+    tr = _trainer(pipe, image, update_rule="batched")
     assert len(tr.split_prompts) == 6 and len(tr.merged_prompts) == 3
     assert tr.merged_prompts[-1].slots == (0, 1)  # joint prompt "a photo of [V1] and [V2]"
     result = tr.train()
@@ -69,9 +70,35 @@ def test_schedule_prompts_and_sample_passes(pipe, image):
 
 
 def test_released_rule_steps_once_per_prompt(pipe, image):
-    result = _trainer(pipe, image, update_rule="released").train()
+    assert TrainConfig().update_rule == "released"  # the default: the authors' dynamics (DESIGN §4)
+    result = _trainer(pipe, image).train()
     assert result.optimizer_steps == 18  # 6 + 6 + 3 + 3, one AdamW step per prompt
     assert result.sample_passes == 18  # from one batched pass per step
+
+
+def test_token_gradient_is_clipped_to_max_grad_norm(pipe, image):
+    assert TrainConfig().max_grad_norm == 1.0  # released: --max_grad_norm 1.0
+    seen = []
+
+    def spy(tr):
+        original = tr.optimizer.step
+
+        def step(*args, **kwargs):
+            seen.append(float(tr.vectors.grad.norm()))
+            return original(*args, **kwargs)
+
+        tr.optimizer.step = step
+        return tr
+
+    # alpha large enough that the unclipped norm exceeds the limits below.
+    clipped = spy(_trainer(pipe, image, steps=1, merge_step=1, alpha=100.0, max_grad_norm=0.01)).train()
+    assert clipped.history[0]["grad_norm"] > 0.01
+    assert max(seen) == pytest.approx(0.01, rel=1e-4)  # every replayed step clipped to the limit
+    seen.clear()
+    free = spy(_trainer(pipe, image, steps=1, merge_step=1, alpha=100.0, max_grad_norm=0)).train()
+    assert max(seen) == pytest.approx(free.history[0]["grad_norm"], rel=1e-5) and max(seen) > 0.01
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        TrainConfig(max_grad_norm=-1.0)
 
 
 def test_micro_batching_does_not_change_the_step(pipe, image):
@@ -114,8 +141,8 @@ def _first_step_grad(pipe, image, **kw) -> torch.Tensor:
     original = tr._apply
 
     def capture(grad):
-        grads["g"] = grad.detach().clone()
-        original(grad)
+        grads.setdefault("g", grad.detach().clone())  # the first optimizer step's gradient
+        return original(grad)
 
     tr._apply = capture
     tr.train()

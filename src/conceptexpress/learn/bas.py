@@ -38,8 +38,8 @@ Deviations from Break-A-Scene's code, all deliberate:
 * prior preservation: off. In the token phase it cannot change the new rows' gradient (the class prompt has no
   new token); it only adds frozen-row gradients to the norm that is clipped;
 * gradient clipping: Break-A-Scene clips the embedding-matrix gradient to norm 1.0, a norm that includes the
-  gradients of the frozen prompt words, which our spliced rows never compute. Not reproduced: Adam is
-  invariant to a per-step gradient scale except through its moment history, and ConceptExpress does not clip;
+  gradients of the frozen prompt words, which our spliced rows never compute. Here the token rows' gradient is
+  clipped to ``TrainConfig.max_grad_norm`` (1.0), as for ConceptExpress;
 * t, noise, flip and the VAE posterior sample come from the trainer's seeded CPU generator (Break-A-Scene uses
   the global RNGs), so runs are reproducible and ``--resume`` continues bit-for-bit;
 * λ weights the attention term in the logged loss exactly as in Break-A-Scene (``loss = mse + λ·attn``).

@@ -9,9 +9,15 @@ One training step, in order:
 3. push all prompts through the UNet in micro-batches, capturing the learnable tokens' cross-attention at
    latent/4 only (SDPA elsewhere), and back-propagate masked ε-MSE (Eq. 8) + β·EMD (Eq. 11) of each prompt
    into a per-prompt copy of the token vectors;
-4. add α·contrastive (Eq. 10) in the split phase and take one AdamW step (Eq. 12/13, ``update_rule="batched"``),
-   or replay one AdamW step per prompt from the per-prompt gradients (``update_rule="released"``, the
-   authors' dynamics: 100·g·N + 400·(N+1) optimizer steps from a single batched pass per step).
+4. add α·contrastive (Eq. 10) in the split phase and replay one AdamW step per prompt from the per-prompt
+   gradients (``update_rule="released"``, the default: the authors' dynamics, 100·g·N + 400·(N+1) optimizer
+   steps from a single batched pass per step), or take one AdamW step on the mean (Eq. 12/13 read literally,
+   ``update_rule="batched"``). Each step's token gradient is clipped to ``max_grad_norm`` (1.0, as released).
+
+Precision: the token vectors (and their AdamW state) are fp32 master weights whatever the model's dtype. On CUDA the
+text encoder and UNet run under bf16 autocast where the GPU supports it, else fp16 autocast with dynamic loss
+scaling (``torch.amp.GradScaler``): dL/d(UNet output) is ~2e-6 at 512 px, below fp16's smallest normal number, so
+unscaled fp16 token gradients flush to zero. A step whose scaled gradient overflows is skipped and logged.
 
 At ``merge_step`` each concept's g vectors are averaged into its first row (the released code's layout, so the
 AdamW moments of that row carry over). Only the new vectors train; the model's weights never change.
@@ -57,6 +63,7 @@ class TrainResult:
     sample_passes: int
     optimizer_steps: int
     steps: int
+    skipped_steps: int = 0  # fp16 steps whose scaled gradient overflowed (no optimizer step taken)
 
 
 def released_sample_passes(num_concepts: int, config: TrainConfig) -> int:
@@ -139,6 +146,12 @@ class TokenTrainer:
         self.history: list[dict[str, Any]] = []
         self.sample_passes = 0
         self.optimizer_steps = 0
+        # 3. Mixed precision: autocast dtype, and loss scaling whenever the UNet computes in fp16.
+        self.amp_dtype = self._amp_dtype()
+        compute_dtype = self.amp_dtype or pipe.unet.dtype
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=compute_dtype == torch.float16)
+        self._last_scale = self.scaler.get_scale()
+        self.skipped_steps = 0
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
 
     # ------------------------------------------------------------------ prompts
@@ -203,6 +216,7 @@ class TokenTrainer:
             sample_passes=self.sample_passes,
             optimizer_steps=self.optimizer_steps,
             steps=self.step,
+            skipped_steps=self.skipped_steps,
         )
 
     def embeddings(self) -> torch.Tensor:
@@ -236,7 +250,8 @@ class TokenTrainer:
         masks = self.masks.flip(-1) if flip else self.masks  # (N, h, w)
         centroids = self.centroids.flip(-1) if flip else self.centroids
 
-        # 3. Per-prompt copies of the vectors collect per-prompt gradients in one backward per micro-batch.
+        # 3. Per-prompt copies of the vectors collect per-prompt gradients in one backward per micro-batch
+        #    (multiplied by the loss scale in fp16).
         per_prompt = torch.zeros(b_total, *self.vectors.shape, device=self.device)  # (B, K, D)
         stats = {"mse": 0.0, "reg": 0.0}
         micro = cfg.micro_batch or b_total
@@ -250,17 +265,22 @@ class TokenTrainer:
             stats["mse"] += float(mse.sum()) / b_total
             stats["reg"] += float(reg.sum()) / b_total
         self.sample_passes += b_total
+        skip = self._unscale(per_prompt)
 
         # 4. Contrastive term (split phase) and the optimizer step(s).
         use_con = not self.merged and cfg.contrastive and cfg.alpha > 0 and self.g > 1
         stats["con"] = 0.0
-        if cfg.update_rule == "batched":
+        norms = []
+        if skip:
+            if use_con:
+                stats["con"] = self._contrastive_grad(paper=cfg.update_rule == "batched")[1]
+        elif cfg.update_rule == "batched":
             grad = per_prompt.sum(0)  # (K, D): ∇ of (1/B)Σ_b (L_b + β R_b)
             if use_con:
                 con_grad, con = self._contrastive_grad(paper=True)
                 grad += con_grad
                 stats["con"] = con
-            self._apply(grad)
+            norms.append(self._apply(grad))
         else:
             # Replay: each prompt's own loss (unweighted, as the released code steps on it) in prompt order,
             # with the released contrastive term re-evaluated at the current vectors before each step.
@@ -270,17 +290,54 @@ class TokenTrainer:
                     con_grad, con = self._contrastive_grad(paper=False)
                     grad = grad + con_grad
                     stats["con"] = con
-                self._apply(grad)
+                norms.append(self._apply(grad))
         stats["loss"] = stats["mse"] + self.attention_weight * stats["reg"] + cfg.alpha * stats["con"]
+        # Token-gradient norm before clipping (the largest of the step's optimizer steps).
+        stats["grad_norm"] = max(norms) if norms else None
+        if self.scaler.is_enabled():
+            stats["loss_scale"] = self._last_scale
+            stats["skipped"] = skip
         stats["phase"] = "merged" if self.merged else "split"
         stats["prompts"] = b_total
         return stats
 
-    def _apply(self, grad: torch.Tensor) -> None:
-        self.vectors.grad = grad.to(self.vectors.dtype)
+    def _apply(self, grad: torch.Tensor) -> float:
+        """One AdamW step on the token gradient ``grad`` (K, D), clipped to ``max_grad_norm``; returns its norm."""
+        grad = grad.to(self.vectors.dtype)
+        norm = float(torch.linalg.vector_norm(grad))
+        limit = self.config.max_grad_norm
+        if limit > 0 and norm > limit:
+            # torch.nn.utils.clip_grad_norm_'s rule (what the released code's accelerate call runs).
+            grad = grad * (limit / (norm + 1e-6))
+        self.vectors.grad = grad
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
+        return norm
+
+    def _unscale(self, per_prompt: torch.Tensor) -> bool:
+        """Undo the fp16 loss scale of a step's gradients (B, K, D) in place; True if the step must be skipped.
+
+        GradScaler's own bookkeeping decides: its ``unscale_`` records whether the step's summed gradient holds
+        inf/NaN, and ``update()`` halves the scale after such a step (and doubles it after 2000 clean ones). The
+        per-prompt gradients are divided by the same scale here, since the optimizer steps on them one by one.
+        """
+        if not self.scaler.is_enabled():
+            return False
+        self._last_scale = scale = self.scaler.get_scale()
+        self.vectors.grad = per_prompt.sum(0)  # (K, D)
+        self.scaler.unscale_(self.optimizer)
+        self.vectors.grad = None
+        skip = not bool(torch.isfinite(per_prompt).all())
+        per_prompt.mul_(1.0 / scale)
+        self.scaler.update()
+        if skip:
+            self.skipped_steps += 1
+            logger.warning(
+                "step %d: fp16 token gradient overflowed at loss scale %g; optimizer step skipped, scale lowered to %g",
+                self.step + 1, scale, self.scaler.get_scale(),
+            )
+        return skip
 
     def _contrastive_grad(self, paper: bool) -> tuple[torch.Tensor, float]:
         cfg = self.config
@@ -317,7 +374,7 @@ class TokenTrainer:
             capture = capture_attention(unet, self.latent_hw, cross_attention=acc)
         else:
             acc, capture = None, contextlib.nullcontext()
-        amp_dtype = self._amp_dtype()
+        amp_dtype = self.amp_dtype
         autocast = (
             torch.autocast(self.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         )
@@ -340,7 +397,7 @@ class TokenTrainer:
                 maps = acc.result(resize=False)  # (b, width, h4, w4)
                 reg = self.attention_loss(maps, prompts, masks, centroids)  # (b,)
             loss = (mse + self.attention_weight * reg) * weight
-            loss.sum().backward()
+            self.scaler.scale(loss.sum()).backward()  # the identity unless fp16 loss scaling is on
         self._wrapper.batch_vectors = None
         return leaf.grad.detach(), mse.detach(), reg.detach()
 
@@ -378,13 +435,16 @@ class TokenTrainer:
         return m
 
     def _amp_dtype(self) -> torch.dtype | None:
+        """Autocast dtype of the forward passes: explicit fp16/bf16 on any device, ``auto`` on CUDA only."""
         mp = self.config.mixed_precision
-        if self.device.type != "cuda" or mp == "no":
+        if mp == "no":
             return None
-        if mp == "auto":
-            dtype = self.pipe.unet.dtype
-            return dtype if dtype in (torch.float16, torch.bfloat16) else None
-        return torch.float16 if mp == "fp16" else torch.bfloat16
+        if mp != "auto":
+            return torch.float16 if mp == "fp16" else torch.bfloat16
+        if self.device.type != "cuda":
+            return None
+        # bf16 has fp32's exponent range: no loss scaling needed. Older GPUs (before Ampere) get fp16 + GradScaler.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     # ------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, image: Image.Image) -> str:
@@ -430,7 +490,16 @@ class TokenTrainer:
         self.step = state.step
         self.history = list(state.history)
         self.sample_passes = state.sample_passes
-        self.optimizer_steps = sum(1 if self.config.update_rule == "batched" else r["prompts"] for r in self.history)
+        self.optimizer_steps = sum(
+            0 if r.get("skipped") else 1 if self.config.update_rule == "batched" else r["prompts"] for r in self.history
+        )
+        self.skipped_steps = sum(bool(r.get("skipped")) for r in self.history)
+        if self.scaler.is_enabled() and self.history and "loss_scale" in self.history[-1]:
+            # The scale itself is not checkpointed: restart from the last one used (halved if that step overflowed).
+            last = self.history[-1]
+            self.scaler = torch.amp.GradScaler(
+                self.device.type, init_scale=last["loss_scale"] / (2.0 if last.get("skipped") else 1.0)
+            )
         logger.info("resumed from step %d", self.step)
 
 
