@@ -133,6 +133,11 @@ def test_summary_and_table_follow_paper_table_1(dataset, first):
     )  # paper order: baseline, then ours
     value = result.metric("conceptexpress", "clip", "sim_i")
     assert f"{value:.3f}" in table
+    # The sampler is recorded: the released DDIM by default, in the summary, the table and each image record.
+    assert EvalConfig().scheduler == "ddim" and (EvalConfig().steps, EvalConfig().guidance) == (50, 7.5)
+    assert summary["config"]["scheduler"] == "ddim" and "DDIM (released sampler), 2 steps, guidance 7.5" in table
+    record = json.loads(next((dataset["runs"] / "cups" / "eval").glob("generated-*/concept_01/*.json")).read_text())
+    assert record["sampler"]["class"] == "DDIMScheduler" and record["sampler"]["steps"] == 2
 
 
 def test_bas_copy_has_the_same_similarities_as_its_source_run(first):

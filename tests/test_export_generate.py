@@ -225,6 +225,56 @@ def test_config_validation():
             GenerateConfig(**kwargs)
 
 
+def test_default_sampler_is_the_released_one():
+    cfg = GenerateConfig()
+    assert (cfg.scheduler, cfg.steps, cfg.guidance, cfg.seed) == ("ddim", 50, 7.5, 0)
+    assert cfg.height is None and cfg.width is None  # the model's native size
+    from conceptexpress.extract import SampleConfig
+
+    assert (SampleConfig().sample_scheduler, SampleConfig().sample_steps) == ("ddim", 50)
+    with pytest.raises(ConfigError, match="`scheduler` must be one of ddim, pipeline"):
+        GenerateConfig(scheduler="lms")
+
+
+def test_sampler_is_ddim_from_the_pipeline_config_and_restored(loaded_pipe):
+    from diffusers import DDIMScheduler
+
+    from conceptexpress.generate import generate, sampler_record
+    from conceptexpress.sampler import build_scheduler, using_scheduler
+
+    own = loaded_pipe.scheduler
+    ddim = build_scheduler(own, "ddim")
+    assert isinstance(ddim, DDIMScheduler) and ddim.config.clip_sample is False and ddim.config.set_alpha_to_one is False
+    for key in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "prediction_type", "steps_offset"):
+        assert ddim.config[key] == own.config[key]  # the model's own training schedule
+    assert ddim.config.beta_schedule == "scaled_linear"
+    assert build_scheduler(own, "pipeline") is own
+
+    seen = []
+    original_call = type(loaded_pipe).__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append((type(self.scheduler).__name__, kwargs["num_inference_steps"], kwargs["guidance_scale"]))
+        return original_call(self, *args, **kwargs)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(type(loaded_pipe), "__call__", spy):
+        generate(loaded_pipe, ["a photo of <c1>"], GenerateConfig(n=1, steps=2, height=64, width=64))
+        generate(loaded_pipe, ["a photo of <c1>"], GenerateConfig(n=1, steps=2, height=64, width=64, scheduler="euler"))
+    assert seen == [("DDIMScheduler", 2, 7.5), ("EulerDiscreteScheduler", 2, 7.5)]
+    assert loaded_pipe.scheduler is own  # the caller's scheduler is back
+    with pytest.raises(RuntimeError, match="boom"), using_scheduler(loaded_pipe, "ddim"):
+        raise RuntimeError("boom")
+    assert loaded_pipe.scheduler is own  # also after an error
+    record = sampler_record(loaded_pipe, GenerateConfig())
+    assert record["scheduler"] == "ddim" and record["class"] == "DDIMScheduler"
+    assert (record["steps"], record["guidance"]) == (50, 7.5)
+    assert record["config"]["clip_sample"] is False and record["config"]["set_alpha_to_one"] is False
+    native = loaded_pipe.unet.config.sample_size * loaded_pipe.vae_scale_factor
+    assert record["size"] == [native, native]
+
+
 def test_generate_from_run(run_sd2, loaded_pipe, tmp_path):
     run, _ = run_sd2
     cfg = GenerateConfig(n=2, steps=2, height=64, width=64, seed=3)
@@ -237,6 +287,7 @@ def test_generate_from_run(run_sd2, loaded_pipe, tmp_path):
         assert Image.open(folder / "grid.png").size == (128, 64)
         record = json.loads((folder / "generation.json").read_text())
         assert record["seeds"] == [3, 4] and record["config"]["n"] == 2
+        assert record["sampler"]["class"] == "DDIMScheduler" and record["sampler"]["steps"] == 2
 
     again = generate_from_run(run, ["<c2>"], cfg, pipe=loaded_pipe, out_dir=tmp_path / "b")
     other = generate_from_run(run, ["<c2>"], GenerateConfig(n=2, steps=2, height=64, width=64, seed=4),

@@ -81,5 +81,10 @@ def test_samples_leave_the_shared_pipeline_as_it_was(tiny_sd2_dir, tmp_path):
     for out in ("a", "b"):  # the second run learns tokens of the same names: no clash, no stale embedding
         m = extract_concepts(EXAMPLE, tmp_path / out, train=fast, sample=samples, pipe=pipe, progress=False)
         assert m["complete"] and m["samples"]
+        # The released sampler by default, recorded in the manifest; the pipeline keeps its own scheduler.
+        assert m["sampler"]["class"] == "DDIMScheduler" and m["sampler"]["scheduler"] == "ddim"
+        assert (m["sampler"]["steps"], m["sampler"]["guidance"]) == (1, 7.5)
+        assert m["config"]["SampleConfig"]["sample_scheduler"] == "ddim"
+        assert type(pipe.scheduler).__name__ == "PNDMScheduler"
         assert len(pipe.tokenizer) == vocab and "<c1>" not in pipe.tokenizer.get_vocab()
         assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == rows

@@ -27,6 +27,7 @@ from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 from .io.images import load_image
 from .io.localization_files import MANIFEST as LOCALIZATION_MANIFEST
 from .io.localization_files import read_localization, save_localization, versions
+from .sampler import DEFAULT_SCHEDULER, SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,22 @@ METHODS = ("conceptexpress", "bas-dagger")
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Sample images written after training with the already loaded pipeline."""
+    """Sample images written after training with the already loaded pipeline (seeds 0…n−1 from ``TrainConfig.seed``)."""
 
     samples: bool = field(default=True, metadata={"help": "write sample images per concept after training"})
     sample_count: int = field(default=2, metadata={"help": "images per prompt"})
-    sample_steps: int = field(default=30, metadata={"help": "denoising steps of the samples"})
+    # Released sampler (DESIGN §4b, conceptexpress.sampler): DDIM, 50 steps, guidance 7.5, native size.
+    sample_steps: int = field(default=50, metadata={"help": "denoising steps of the samples"})
+    sample_scheduler: str = field(
+        default=DEFAULT_SCHEDULER,
+        metadata={"help": "sampler of the samples (see `generate --help`)", "choices": SCHEDULERS},
+    )
+
+    def __post_init__(self) -> None:
+        if self.sample_scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"`sample_scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.sample_scheduler!r}"
+            )
 
 
 def file_sha256(path: str | Path) -> str:
@@ -155,7 +167,9 @@ def extract(
         entry["mask"] = mask
     atomic_write_json(out / "history.json", result.history)
     atomic_save_image(loss_curve_image(result.history), out / "loss.png")
-    sample_files = _write_samples(pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else {}
+    sample_files, sampler = (
+        _write_samples(pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else ({}, None)
+    )
 
     manifest = {
         "format": "conceptexpress-run-1",
@@ -180,6 +194,7 @@ def extract(
         "loss_curve": "loss.png",
         "history": "history.json",
         "samples": sample_files,
+        "sampler": sampler,  # scheduler, its config, steps, guidance, size of the samples (None: no samples)
         "config": config_dict(model, localize, trainer.config, sample),  # the config actually used
         "versions": versions(),
         "complete": True,
@@ -188,9 +203,14 @@ def extract(
     return manifest
 
 
-def _write_samples(pipe, out: Path, tokens, embeddings: torch.Tensor, cfg: SampleConfig, seed: int) -> dict[str, list[str]]:
-    """Images of each concept alone and of all together, from the pipeline already in memory."""
-    from .generate import GenerateConfig, generate
+def _write_samples(
+    pipe, out: Path, tokens, embeddings: torch.Tensor, cfg: SampleConfig, seed: int
+) -> tuple[dict[str, list[str]], dict[str, Any]]:
+    """Images of each concept alone and of all together, from the pipeline already in memory.
+
+    Returns ``({prompt: [files]}, sampler record)``; the pipeline's tokens and scheduler are left as they were.
+    """
+    from .generate import GenerateConfig, generate, sampler_record
 
     existing = set(pipe.tokenizer.get_vocab())
     clash = [t for t in tokens if t in existing]
@@ -200,8 +220,9 @@ def _write_samples(pipe, out: Path, tokens, embeddings: torch.Tensor, cfg: Sampl
     pipe.load_textual_inversion(list(embeddings), token=list(tokens), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
     try:
         prompts = [f"a photo of {t}" for t in tokens] + ["a photo of " + " and ".join(tokens)]
-        gen_cfg = GenerateConfig(n=cfg.sample_count, seed=seed, steps=cfg.sample_steps)
+        gen_cfg = GenerateConfig(n=cfg.sample_count, seed=seed, steps=cfg.sample_steps, scheduler=cfg.sample_scheduler)
         images = generate(pipe, prompts, gen_cfg)
+        sampler = sampler_record(pipe, gen_cfg)
     finally:
         # Leave the pipeline as it was: the next image of a dataset learns tokens of the same names.
         pipe.unload_textual_inversion(list(tokens))
@@ -214,7 +235,7 @@ def _write_samples(pipe, out: Path, tokens, embeddings: torch.Tensor, cfg: Sampl
             rel = f"samples/{stem}_{k:02d}.png"
             atomic_save_image(img, out / rel)
             files[prompt].append(rel)
-    return files
+    return files, sampler
 
 
 class _ProgressBar:

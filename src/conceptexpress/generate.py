@@ -1,12 +1,13 @@
 """Generate images with the learned tokens of a run (``conceptexpress generate RUN "a photo of <c1>"``).
 
-Each image ``i`` of a prompt starts from noise drawn by its own CPU ``torch.Generator`` seeded with
-``seed + i``: the pictures do not depend on batch size, device or the other prompts, and image ``i`` of two
+The sampler is the released code's by default (:mod:`conceptexpress.sampler`: DDIM, 50 steps, guidance 7.5, the
+model's native size, seeds 0…n−1). Each image ``i`` of a prompt starts from noise drawn by its own CPU
+``torch.Generator`` seeded with ``seed + i``: the pictures do not depend on batch size, device or the other prompts, and image ``i`` of two
 prompts starts from the same noise, so prompts compare side by side. Outputs::
 
     RUN/generated/<slug-of-prompt>/000.png 001.png …   one file per image
     RUN/generated/<slug-of-prompt>/grid.png            all images of the prompt
-    RUN/generated/<slug-of-prompt>/generation.json     prompt, seeds, config, model — written last
+    RUN/generated/<slug-of-prompt>/generation.json     prompt, seeds, sampler, config, model — written last
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .sampler import DEFAULT_SCHEDULER, SCHEDULERS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,9 +49,15 @@ class GenerateConfig:
     n: int = field(default=4, metadata=_help("images per prompt"))
     # Image i uses seed + i, so a seed reproduces every picture whatever the batch size.
     seed: int = field(default=0, metadata=_help("random seed; image i of every prompt uses seed + i"))
-    # 30 steps of the model's own scheduler (PNDM for SD 2.1-base) are close to converged.
-    steps: int = field(default=30, metadata=_help("denoising steps"))
-    # 7.5: the SD default used for the paper's samples; 1 turns classifier-free guidance off.
+    # Released code (infer.py): DDIM (clip_sample False, set_alpha_to_one False) from the model's own schedule.
+    scheduler: str = field(
+        default=DEFAULT_SCHEDULER,
+        metadata=_help("sampler: ddim (released code), pipeline (the model's own, PNDM for SD 2.1-base), pndm, "
+                       "dpmsolver, euler", choices=SCHEDULERS),
+    )
+    # Released code: 50 DDIM steps.
+    steps: int = field(default=50, metadata=_help("denoising steps"))
+    # Released code: 7.5, the SD default; 1 turns classifier-free guidance off.
     guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
     # None = the model's native size (UNet sample_size × VAE factor: 512 for SD 2.1-base).
     height: int | None = field(default=None, metadata=_help("image height in pixels, a multiple of 8; None = the model's native size"))
@@ -66,6 +74,8 @@ class GenerateConfig:
             raise ConfigError(f"`seed` must be an integer in [0, 2**63 - 1 - n], got {self.seed!r}")
         if not is_int(self.steps) or self.steps < 1:
             raise ConfigError(f"`steps` must be an integer >= 1, got {self.steps!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool) or not (
             math.isfinite(self.guidance) and self.guidance >= 0
         ):
@@ -158,33 +168,49 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
     """Sample ``config.n`` images for each prompt (already expanded; tokens already loaded into ``pipe``).
 
     The ``n`` images of a prompt run as one batch (``2n`` UNet rows with guidance); image ``i`` starts from
-    noise of a CPU generator seeded ``config.seed + i``.
+    noise of a CPU generator seeded ``config.seed + i``. ``config.scheduler`` replaces ``pipe.scheduler`` for the
+    call only: the pipeline is handed back with its own scheduler.
 
     Returns:
         One list of ``n`` RGB PIL images per prompt, in order, each ``width × height`` (model native by default).
     """
     import torch
 
+    from .sampler import using_scheduler
+
     config = config or GenerateConfig()
     if isinstance(prompts, str) or not prompts:
         raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}")
     results = []
-    for prompt in prompts:
-        # CPU generators: the same noise on cuda, mps and cpu (diffusers draws on CPU and moves it).
-        generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.n)]
-        out = pipe(
-            prompt=prompt,
-            negative_prompt=config.negative_prompt or None,
-            num_images_per_prompt=config.n,
-            generator=generators,
-            num_inference_steps=config.steps,
-            guidance_scale=config.guidance,
-            height=config.height,
-            width=config.width,
-            output_type="pil",
-        )
-        results.append([img.convert("RGB") for img in out.images])
+    with using_scheduler(pipe, config.scheduler):
+        for prompt in prompts:
+            # CPU generators: the same noise on cuda, mps and cpu (diffusers draws on CPU and moves it).
+            generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.n)]
+            out = pipe(
+                prompt=prompt,
+                negative_prompt=config.negative_prompt or None,
+                num_images_per_prompt=config.n,
+                generator=generators,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance,
+                height=config.height,
+                width=config.width,
+                output_type="pil",
+            )
+            results.append([img.convert("RGB") for img in out.images])
     return results
+
+
+def sampler_record(pipe, config: GenerateConfig) -> dict[str, Any]:
+    """What a run records about how its pictures were sampled (:func:`conceptexpress.sampler.describe`)."""
+    from .sampler import build_scheduler, describe
+
+    scheduler = build_scheduler(pipe.scheduler, config.scheduler)
+    record = describe(scheduler, config.scheduler, config.steps, config.guidance)
+    unet = pipe.unet.config
+    native = int(unet.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    record["size"] = [config.width or native, config.height or native]  # (W, H) in pixels
+    return record
 
 
 def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
@@ -282,6 +308,7 @@ def generate_from_run(
     load_tokens_into(pipe, run)
 
     # 3. Sample and write, one prompt at a time so a long job keeps what it finished.
+    sampler = sampler_record(pipe, config)
     for prompt, folder in zip(expanded, prompt_folders(root, expanded)):
         images = generate(pipe, [prompt], config)[0]
         _save_prompt(
@@ -290,6 +317,7 @@ def generate_from_run(
             {
                 "prompt": prompt,
                 "seeds": [config.seed + i for i in range(config.n)],
+                "sampler": sampler,
                 "run": str(run.resolve()),
                 "model": model_name,
                 "config": asdict(config),

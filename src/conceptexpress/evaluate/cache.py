@@ -9,8 +9,8 @@ Layout (``<key>`` = first 12 hex digits of the SHA-256 of the JSON key, which ``
     RUN/eval/sam-<key>/concept_01.png …               the SAM mask kept for each concept (0 / 255)
     RUN/eval/sam-<key>/sam.json                       key, points, scores (written last)
 
-The generation key holds what decides the pictures (base model, steps, guidance, seed, the token files' hashes),
-not the number of images: image i of a prompt always starts from seed + i (:mod:`conceptexpress.generate`), so
+The generation key holds what decides the pictures (base model, scheduler, steps, guidance, seed, the token files'
+hashes), not the number of images: image i of a prompt always starts from seed + i (:mod:`conceptexpress.generate`), so
 asking for more images later only generates the missing ones. Every file is written atomically; a folder whose
 record is missing or disagrees with the request counts as empty.
 """

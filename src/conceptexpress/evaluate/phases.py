@@ -53,6 +53,7 @@ def _generation_cache(run, model: ModelConfig, config: EvalConfig):
         "format": "conceptexpress-eval-generated-1",
         "model": model.model,
         "single_file_config": model.single_file_config,
+        "scheduler": config.scheduler,
         "steps": config.steps,
         "guidance": float(config.guidance),
         "seed": config.seed,
@@ -65,7 +66,7 @@ def _generation_cache(run, model: ModelConfig, config: EvalConfig):
 def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader: Callable, progress: bool):
     """Phase 1: make sure every run has its images; returns ``{label: {"concepts": [[Path]], "all": [Path]}}``."""
     from ..export import load_tokens_into
-    from ..generate import generate
+    from ..generate import generate, sampler_record
     from .progress import progress_bar
 
     plans = []
@@ -93,9 +94,11 @@ def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader
                     for name, prompt, n, have in todo:
                         if have >= n:
                             continue
-                        images = generate(pipe, [prompt], config.generate_config(n - have, start=have))[0]
+                        gen_cfg = config.generate_config(n - have, start=have)
+                        images = generate(pipe, [prompt], gen_cfg)[0]
                         extra = {
                             "seeds": [config.seed + i for i in range(n)],
+                            "sampler": sampler_record(pipe, gen_cfg),
                             "model": model.model,
                             "device": str(getattr(pipe, "device", "")),
                             "dtype": str(getattr(pipe, "dtype", "")).removeprefix("torch."),

@@ -4,7 +4,8 @@ For every finished run (:mod:`.runs`), in three phases so that only one family o
 
 1. Generate (:mod:`conceptexpress.generate`): ``images_per_concept`` images of "a photo of [V_i]" for every
    concept and ``compositional_images`` of "a photo of [V_1] and … [V_N]", image k from seed ``seed + k``, at the
-   model's native size. The base model recorded in the manifest is loaded once per distinct model and reused
+   model's native size, with the released sampler by default (DDIM, 50 steps, guidance 7.5; recorded in the
+   summary and the table). The base model recorded in the manifest is loaded once per distinct model and reused
    across runs; each run's tokens are loaded into it and removed again after its images. Cached in
    ``RUN/eval/generated-<key>/`` (:mod:`.cache`).
 2. SAM (:mod:`.sam`): each concept's SAM mask from ``sam_points`` points of its extracted mask; cached in
@@ -31,6 +32,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..sampler import DEFAULT_SCHEDULER, SCHEDULERS
 from .encoders import DEFAULT_CLIP, DEFAULT_DINO, ENCODERS
 from .phases import _generate_all, _model_options, _sam_all
 from .sam import DEFAULT_SAM
@@ -63,9 +65,14 @@ class EvalConfig:
     )
     # One seed for the whole protocol: image k of every prompt starts from seed + k; SAM's points use it too.
     seed: int = field(default=0, metadata=_help("seed: image k of a prompt uses seed + k; also seeds SAM's points"))
-    # Not stated in the paper; 50 is the diffusers default of SD pipelines.
+    # Not stated in the paper; the released code samples with DDIM (clip_sample False, set_alpha_to_one False).
+    scheduler: str = field(
+        default=DEFAULT_SCHEDULER,
+        metadata=_help("sampler of the evaluation images (see `generate --help`)", choices=SCHEDULERS),
+    )
+    # Not stated in the paper; the released code's 50 steps.
     steps: int = field(default=50, metadata=_help("denoising steps of the evaluation images"))
-    # The SD default, as for the paper's samples.
+    # The released code's 7.5 (the SD default).
     guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale of the evaluation images"))
     # Paper §4.2 names CLIP and DINO without variants; ViT-B/32 and ViT-S/16 are the usual choices.
     clip: str = field(default=DEFAULT_CLIP, metadata=_help("CLIP model: hub id or local folder (transformers)"))
@@ -90,6 +97,8 @@ class EvalConfig:
         most = max(self.images_per_concept, self.compositional_images)
         if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED - most:
             raise ConfigError(f"`seed` must be an integer in [0, 2**63 - 1 - images], got {self.seed!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         g = self.guidance
         if isinstance(g, bool) or not isinstance(g, int | float) or not (math.isfinite(g) and g >= 0):
             raise ConfigError(f"`guidance` must be a finite number >= 0, got {g!r}")
@@ -127,7 +136,9 @@ class EvalConfig:
         """Sampling options for images ``start … start + n - 1`` of a prompt (image k from seed + k)."""
         from ..generate import GenerateConfig
 
-        return GenerateConfig(n=n, seed=self.seed + start, steps=self.steps, guidance=float(self.guidance))
+        return GenerateConfig(
+            n=n, seed=self.seed + start, steps=self.steps, guidance=float(self.guidance), scheduler=self.scheduler
+        )
 
 
 @dataclass(frozen=True)

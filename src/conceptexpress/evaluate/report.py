@@ -25,6 +25,10 @@ _METHOD_NAMES = {"bas-dagger": "BaS†", "conceptexpress": "ConceptExpress"}
 # Paper Table 1 lists the baseline first and "Ours" last.
 _METHOD_ORDER = ("bas-dagger", "conceptexpress")
 _ENCODER_NAMES = {"clip": "CLIP", "dino": "DINO"}
+_SCHEDULER_NAMES = {
+    "ddim": "DDIM (released sampler)", "pipeline": "the model's own scheduler", "pndm": "PNDM",
+    "dpmsolver": "DPM-Solver++", "euler": "Euler",
+}
 
 CONCEPT_COLUMNS = (
     "method", "run", "token", "concept", "encoder", "encoder_model", "sim_i", "images", "top1_correct",
@@ -62,13 +66,15 @@ def format_table(summary: dict[str, Any]) -> str:
     """Markdown shaped like paper Table 1 from ``summary.json``'s content: one block per encoder."""
     config = summary["config"]
     methods = summary["methods"]
+    sched = config.get("scheduler", "pipeline")  # summaries written before the option sampled with the model's own
     lines = [
         "# Concept similarity and classification accuracy (paper Table 1)",
         "",
         f"{summary['num_runs']} source images, {summary['num_concepts']} concepts; "
         f"{config['images_per_concept']} images per concept (\"a photo of [V_i]\"), "
         f"{config['compositional_images']} per image (\"a photo of [V_1] and … [V_N]\"); "
-        f"{config['steps']} steps, guidance {config['guidance']}, seed {config['seed']}; "
+        f"{_SCHEDULER_NAMES.get(sched, sched)}, {config['steps']} steps, guidance {config['guidance']}, "
+        f"seed {config['seed']}; "
         f"SAM `{summary['sam']}` with {config['sam_points']} points"
         f"{', masks cropped to their box' if config['crop'] else ''}.",
     ]
