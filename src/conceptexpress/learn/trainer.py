@@ -358,7 +358,7 @@ class TokenTrainer:
     def _micro_batch(self, prompts, latents, noise, timesteps, masks, centroids, weight):
         """Forward + backward of a few prompts; returns (per-prompt vector grads (b, K, D), mse (b,), reg (b,))."""
         cfg = self.config
-        pipe, unet = self.pipe, self.pipe.unet
+        unet = self.pipe.unet
         b = len(prompts)
         input_ids = torch.stack([p.input_ids for p in prompts]).to(self.device)  # (b, L)
         leaf = self.vectors.detach().unsqueeze(0).repeat(b, 1, 1).requires_grad_(True)  # (b, K, D)
@@ -382,24 +382,36 @@ class TokenTrainer:
         # during backward and must find the capturing processors still installed.
         with torch.enable_grad(), capture:
             with autocast:
-                hidden = pipe.text_encoder(input_ids)[0].to(unet.dtype)  # (b, L, D_text)
-                noisy = self.scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
-                pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample  # (b, 4, h, w)
-            if self.prediction_type == "v_prediction":
-                target = self.scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
+                pred, target = self._denoise(input_ids, latents, noise, timesteps)  # (b, 4, h, w) each
             # Eq. 8: mask = union of the masks of the prompt's concepts (joint prompt: all concepts).
             union = torch.stack([masks[list(p.concepts)].any(0) for p in prompts]).to(self.device)  # (b, h, w)
             mse = losses.masked_denoising_loss(pred.float(), target.float(), union.float())  # (b,)
             reg = torch.zeros(b, device=self.device)
             if acc is not None:
-                maps = acc.result(resize=False)  # (b, width, h4, w4)
+                maps = self._token_attention(acc)  # (b, width, h4, w4)
                 reg = self.attention_loss(maps, prompts, masks, centroids)  # (b,)
             loss = (mse + self.attention_weight * reg) * weight
             self.scaler.scale(loss.sum()).backward()  # the identity unless fp16 loss scaling is on
         self._wrapper.batch_vectors = None
         return leaf.grad.detach(), mse.detach(), reg.detach()
+
+    def _denoise(self, input_ids, latents, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's part of a micro-batch: (UNet prediction, denoising target), each (b, 4, h, w).
+
+        The learnable rows reach the text encoder through the spliced wrapper (``batch_vectors``); a test replaces
+        this method with a stub denoiser to check Eq. 12/13 by hand.
+        """
+        pipe, unet = self.pipe, self.pipe.unet
+        hidden = pipe.text_encoder(input_ids)[0].to(unet.dtype)  # (b, L, D_text)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
+        pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample  # (b, 4, h, w)
+        if self.prediction_type == "v_prediction":
+            return pred, self.scheduler.get_velocity(latents, noise, timesteps)
+        return pred, noise
+
+    def _token_attention(self, acc) -> torch.Tensor:
+        """Cross-attention of each prompt's learnable tokens captured during :meth:`_denoise`, (b, width, h4, w4)."""
+        return acc.result(resize=False)
 
     # ------------------------------------------------------------------ overridable parts (baselines)
     @property
