@@ -187,6 +187,7 @@ def extract(
         "steps": result.steps,
         "sample_passes": result.sample_passes,
         "optimizer_steps": result.optimizer_steps,
+        "skipped_steps": result.skipped_steps,  # fp16 steps dropped by loss scaling (overflow); 0 in bf16/fp32
         "released_code_sample_passes": released_sample_passes(n, train) if method == "conceptexpress" else None,
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "localization": LOCALIZATION_MANIFEST,
