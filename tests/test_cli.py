@@ -117,7 +117,7 @@ def test_unknown_model(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--n-max", "1"], ["--resolution", "16"], ["--dtype", "fp8"], ["--weighting", "x"], ["--n-max", "ten"]]
+    "flags", [["--n-max", "1"], ["--resolution", "16"], ["--dtype", "fp8"], ["--weighting", "x"], ["--n-max", "ten"], ["--clustering", "x"]]
 )
 def test_bad_option_values(capsys, tmp_path, flags):
     code, _, err = _run(capsys, "localize", EXAMPLE, "--out", tmp_path / "o", *flags)
@@ -131,8 +131,8 @@ def test_zero_concepts_is_a_clear_exit(capsys, tmp_path, tiny_sd2_dir, monkeypat
     import conceptexpress.localizer as localizer
     from conceptexpress.localize import cluster_concepts
 
-    def no_concepts(attn, eot, n_max=10):
-        return cluster_concepts(attn, eot.new_ones(eot.shape), n_max=n_max)  # constant [EOT]: nothing passes
+    def no_concepts(attn, eot, n_max=10, **options):
+        return cluster_concepts(attn, eot.new_ones(eot.shape), n_max=n_max, **options)  # constant [EOT]: none passes
 
     monkeypatch.setattr(localizer, "cluster_concepts", no_concepts)
     code, _, err = _run(capsys, "localize", EXAMPLE, "--model", tiny_sd2_dir, "--out", tmp_path, "--device", "cpu")

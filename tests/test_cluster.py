@@ -122,10 +122,10 @@ def test_half_precision_inputs_are_clustered_in_float32(dtype):
     assert_consistent(result)
 
 
-def test_centroids_are_eq6():
+def test_paper_centroids_are_eq6():
     labels = rectangles(3)
     attn = synthetic_attention(labels, seed=3)  # float64
-    result = cluster_concepts(attn, eot_for(labels))
+    result = cluster_concepts(attn, eot_for(labels), clustering="paper")
     m = result.masks.reshape(result.num_concepts, -1).double()  # (N, h*w)
     expected = m @ attn / m.sum(1, keepdim=True)  # f_i = m_i · A / |m_i|
     torch.testing.assert_close(result.centroids, expected.float(), rtol=1e-5, atol=1e-7)
@@ -254,11 +254,16 @@ def test_constant_eot_finds_nothing():
 def test_no_level_with_n_max_clusters_uses_finest_level():
     labels = rectangles(2)
     attn = synthetic_attention(labels, dtype=torch.float32)
-    result = cluster_concepts(attn, eot_for(labels), n_max=5000)
+    result = cluster_concepts(attn, eot_for(labels), n_max=5000, clustering="paper")
     assert result.pre_level == 0 and result.levels[0] < 5000
     assert any("n_max=5000" in m for m in result.messages)
-    assert result.delta > 0
+    assert result.delta > 0  # "paper": the first partition's δ comes from its own round
     assert_consistent(result)
+    # "released": the released code defines no δ at the first partition (min_sim=None), and says so.
+    released = cluster_concepts(attn, eot_for(labels), n_max=5000)
+    assert released.pre_level == 0 and released.delta is None
+    assert any("without the δ constraint" in m for m in released.messages)
+    assert_consistent(released)
 
 
 def test_rejects_bad_inputs():

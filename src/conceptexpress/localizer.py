@@ -133,7 +133,9 @@ class ConceptLocalizer:
         clock = _Clock(self.pipe.unet.device)
 
         # 4. Pre-clustering, filtering, post-clustering (pure core).
-        clusters = cluster_concepts(maps.attn, maps.eot, n_max=self.config.n_max)
+        clusters = cluster_concepts(
+            maps.attn, maps.eot, n_max=self.config.n_max, clustering=self.config.clustering
+        )
         for message in clusters.messages:
             logger.warning(message)
         clock.lap("cluster")

@@ -100,7 +100,8 @@ def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dic
             "level": clusters.pre_level,
             "clusters": int(clusters.kept.numel()),
             "kept": int(clusters.kept.sum()),
-            "delta": float(clusters.delta),
+            "delta": None if clusters.delta is None else float(clusters.delta),  # None: no δ constraint
+            "clustering": clusters.clustering,
         },
         "messages": list(clusters.messages),
         "versions": versions(),

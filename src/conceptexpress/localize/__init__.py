@@ -2,7 +2,7 @@
 
 >>> from conceptexpress.localize import cluster_concepts
 >>> result = cluster_concepts(attn, eot, n_max=10)  # attn (h*w, h*w) row-stochastic, eot (h, w) raw
->>> result.masks, result.centroids  # (N, h, w) bool, (N, h*w) float32 (Eq. 6)
+>>> result.masks, result.centroids  # (N, h, w) bool, (N, h*w) float32 (Eq. 6 with clustering="paper")
 """
 
 from .cluster import ConceptClusters, cluster_concepts

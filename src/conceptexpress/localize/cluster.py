@@ -3,12 +3,22 @@
 Pure functions on tensors: the inputs are the aggregated self-attention A (row-stochastic, (h·w, h·w)) and the
 [EOT] cross-attention map e (h, w); the output is one binary latent mask and one centroid per concept. The
 decisions the paper leaves open follow DESIGN §3 and are recorded where they are made.
+
+Two modes (DESIGN §3, docs/fidelity.md L11, L13, L15, L16):
+
+- ``clustering="released"`` (default) reproduces the partition of the authors' released code, which produced the
+  published numbers: δ = max d_ij · adj_ij with adj = (A + I)(A + I)ᵀ over the round that produced the pre-level
+  (none when that level is the first partition), a round that reduces the count by exactly one ends FINCH (kept),
+  and merged clusters are the *unweighted* means of their members' rows, which are also the final features.
+- ``clustering="paper"``: δ = the largest distance over the pairs of that round (the first partition included),
+  FINCH runs while a round reduces the count, merged means are pixel-weighted, so the centroids are Eq. 6.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -16,7 +26,10 @@ from torch import Tensor
 from .finch import FinchLevel, LinkFilter, StopRule, finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
 
-__all__ = ["ConceptClusters", "cluster_concepts"]
+__all__ = ["CLUSTERINGS", "Clustering", "ConceptClusters", "cluster_concepts"]
+
+Clustering = Literal["released", "paper"]
+CLUSTERINGS: tuple[str, ...] = ("released", "paper")
 
 # Row sums of a float32 attention aggregated over 16 layers stay within ~1e-5 of 1; 1e-3 only catches inputs
 # that were never row-normalized.
@@ -31,18 +44,23 @@ class ConceptClusters:
 
     Attributes:
         masks: (N, h, w) bool latent mask m_i of each concept, disjoint, ordered by first pixel in raster order.
-        centroids: (N, h·w) float32 f_i = m_i·A / |m_i| (Eq. 6), the mean attention row over each mask.
+        centroids: (N, h·w) float32 feature f_i of each concept. ``clustering="paper"``: f_i = m_i·A / |m_i|
+            (Eq. 6), the mean attention row over the mask; ``"released"``: the unweighted mean of the mean rows of
+            the pre-clusters merged into the concept (equal to Eq. 6 when they have equal sizes).
         pre_labels: (h, w) int64 pre-cluster index (0..N'-1) of every latent pixel, at the selected level.
         kept: (N',) bool, True for the pre-clusters that pass the [EOT] filter (Eq. 5).
         post_labels: (h, w) int64 concept index of every pixel, -1 for pixels of filtered pre-clusters.
         scores: (N',) float32 mean of the normalized [EOT] map inside each pre-cluster (left side of Eq. 5).
         threshold: mean of the normalized [EOT] map over the image (right side of Eq. 5).
         eot: (h, w) float32 the min-max normalized [EOT] map the filter read.
-        delta: δ, the largest link distance of the round that produced the selected pre-clustering level; the
-            post-clustering drops links longer than this.
+        delta: δ of the round that produced the selected pre-clustering level (``FinchLevel.max_adjacency_distance``
+            for ``clustering="released"``, ``max_link_distance`` for ``"paper"``); the post-clustering drops
+            pairs farther apart than this. None when no δ applies: ``"released"`` at the first partition (the
+            released code passes ``min_sim=None`` there), or ``delta_constraint=False``.
         pre_level: index of the selected level in ``levels``.
         levels: number of clusters of every level of the pre-clustering hierarchy, finest first.
         messages: human-readable notes on fallbacks taken (empty when everything went the normal way).
+        clustering: the mode that produced this result, ``"released"`` or ``"paper"``.
     """
 
     masks: Tensor
@@ -53,10 +71,11 @@ class ConceptClusters:
     scores: Tensor
     threshold: float
     eot: Tensor
-    delta: float
+    delta: float | None
     pre_level: int
     levels: tuple[int, ...]
     messages: tuple[str, ...]
+    clustering: str = "released"
 
     @property
     def num_concepts(self) -> int:
@@ -69,9 +88,10 @@ def cluster_concepts(
     eot: Tensor,
     n_max: int = 10,
     *,
+    clustering: Clustering = "released",
     delta_constraint: bool = True,
     adjacency_constraint: bool = True,
-    stop: StopRule = "design",
+    stop: StopRule | None = None,
     eps: float = 1e-12,
 ) -> ConceptClusters:
     """Locate the concepts of one image from its self-attention and [EOT] attention (paper §3.2).
@@ -81,24 +101,32 @@ def cluster_concepts(
             summing to 1). float64 is clustered in float64, anything else in float32. Any device.
         eot: (h, w) raw [EOT] cross-attention map e at latent resolution; min-max normalized here (DESIGN §3).
         n_max: N_max, the upper limit of the number of concepts; selects the pre-clustering level.
+        clustering: ``"released"`` (default: the authors' code, which produced the published numbers) or
+            ``"paper"`` (Eq. 6 centroids and the package's δ and stop rule); see the module docstring.
         delta_constraint: post-clustering drops links longer than δ (paper constraint 1). Off: ablation only.
         adjacency_constraint: post-clustering drops links between masks that do not touch under 4-connectivity
             (paper constraint 2). Off: ablation only.
-        stop: FINCH stopping rule for both clusterings (see ``finch``).
+        stop: FINCH stopping rule for both clusterings (see ``finch``); None = the mode's own, ``"original"``
+            for ``"released"``, ``"design"`` for ``"paper"``.
         eps: floor applied before the logarithm of the KL divergence (zeros in ``attn`` are allowed).
 
     Returns:
         A ``ConceptClusters``; N = 0 with a message (never an exception) when no region is salient.
 
     Raises:
-        ValueError: on a shape mismatch, a non-square ``attn``, NaN/inf, negative or non-normalized rows, or
-            ``n_max`` < 2.
+        ValueError: on a shape mismatch, a non-square ``attn``, NaN/inf, negative or non-normalized rows,
+            ``n_max`` < 2, or an unknown ``clustering``.
     """
+    if clustering not in CLUSTERINGS:
+        raise ValueError(f"`clustering` must be 'released' or 'paper', got {clustering!r}")
+    released = clustering == "released"
+    if stop is None:
+        stop = "original" if released else "design"
     # Everything but the KL products (numpy/OpenBLAS) is small bookkeeping: one torch thread (see finch.py).
     device = attn.device if isinstance(attn, Tensor) else torch.device("cpu")
     with single_torch_thread(device):
         h, w = _validate(attn, eot, n_max)
-        return _cluster(attn, eot, h, w, n_max, delta_constraint, adjacency_constraint, stop, eps)
+        return _cluster(attn, eot, h, w, n_max, released, delta_constraint, adjacency_constraint, stop, eps)
 
 
 def _cluster(
@@ -107,6 +135,7 @@ def _cluster(
     h: int,
     w: int,
     n_max: int,
+    released: bool,
     delta_constraint: bool,
     adjacency_constraint: bool,
     stop: StopRule,
@@ -126,6 +155,7 @@ def _cluster(
     del hierarchy
     pre_labels = pre.labels.cpu()  # (h·w,)
     num_pre = pre.num_clusters
+    delta = _delta(pre, pre_index, released, delta_constraint, messages)
 
     # (2) Filter (Eq. 5) on the min-max normalized [EOT] map: keep a cluster whose mean strictly exceeds the
     # image mean (a constant map normalizes to zeros, so nothing passes).
@@ -137,8 +167,9 @@ def _cluster(
     threshold = float(e.mean())
     kept = scores > threshold  # (N',)
 
-    # (3) Post-clustering: FINCH on the kept clusters' centroids, weighted by their sizes so that merged means are
-    # means over all their pixels (Eq. 6), with the δ and adjacency constraints.
+    # (3) Post-clustering: FINCH on the kept clusters' mean rows with the δ and adjacency constraints. "paper"
+    # weights them by their sizes, so that merged means are means over all their pixels (Eq. 6); "released"
+    # averages them unweighted, as the released code's cool_mean over the kept clusters' rows.
     kept_ids = torch.nonzero(kept).reshape(-1)  # (K,) pre-cluster index of each kept cluster
     sample_of_pre = torch.full((num_pre,), -1, dtype=torch.long)
     sample_of_pre[kept_ids] = torch.arange(len(kept_ids))
@@ -146,15 +177,15 @@ def _cluster(
     if len(kept_ids):
         post = _post_cluster(
             pre.means[kept_ids.to(pre.means.device)],
-            sizes[kept_ids],
+            None if released else sizes[kept_ids],
             pixel_sample,
-            pre.max_link_distance if delta_constraint else None,
+            delta,
             adjacency_constraint,
             stop,
             kl,
         )
         post_labels, order = _concept_labels(pixel_sample, post)
-        centroids = post.means[order.to(post.means.device)].float().cpu()  # (N, h·w), Eq. 6
+        centroids = post.means[order.to(post.means.device)].float().cpu()  # (N, h·w), Eq. 6 for "paper"
     else:
         messages.append(
             f"no concept found: none of the {num_pre} pre-clusters has a mean [EOT] value above the image "
@@ -174,23 +205,49 @@ def _cluster(
         scores=scores.float(),
         threshold=threshold,
         eot=e.float(),
-        delta=pre.max_link_distance,
+        delta=delta,
         pre_level=pre_index,
         levels=counts,
         messages=tuple(messages),
+        clustering="released" if released else "paper",
     )
+
+
+def _delta(
+    pre: FinchLevel, pre_index: int, released: bool, delta_constraint: bool, messages: list[str]
+) -> float | None:
+    """δ of the post-clustering constraint (paper §3.2), None when no δ applies.
+
+    "released": max d_ij · adj_ij over the round that produced the pre-level (adj = (A + I)(A + I)ᵀ counts a
+    mutual first-neighbour pair twice), and no δ at the first partition, whose δ the released code leaves None.
+    "paper": the largest distance over that round's pairs, the first partition included.
+    """
+    if not delta_constraint:
+        return None
+    if not released:
+        return pre.max_link_distance
+    if pre_index == 0:
+        messages.append(
+            "pre-clustering: the selected level is the first partition, for which the released code defines no δ; "
+            "post-clustering runs without the δ constraint (clustering='paper' computes one)"
+        )
+        return None
+    return pre.max_adjacency_distance
 
 
 def _post_cluster(
     centroids: Tensor,
-    sizes: Tensor,
+    sizes: Tensor | None,
     pixel_sample: Tensor,
     delta: float | None,
     adjacency: bool,
     stop: StopRule,
     distance: Callable[[Tensor], Tensor],
 ) -> FinchLevel:
-    """Constrained FINCH over the kept pre-clusters; the last level wins (the first round is always a level)."""
+    """Constrained FINCH over the kept pre-clusters; the last level wins (the first round is always a level).
+
+    ``sizes`` (K,) weight the merged means by pixel count (Eq. 6); None averages the pre-cluster rows unweighted.
+    """
     levels = finch(
         centroids,
         distance,

@@ -44,15 +44,21 @@ class FinchLevel:
         labels: (n,) int64 cluster index in ``0..num_clusters-1`` of every original sample. Clusters are numbered
             by their smallest member index, so equal inputs give equal labels.
         num_clusters: number of clusters k.
-        max_link_distance: largest distance among the links kept in the round that produced this level (δ of the
-            paper's pre-clustering); 0.0 when that round kept no link.
+        max_link_distance: largest distance among the pairs kept in the round that produced this level (the
+            package's δ of the paper's pre-clustering, ``clustering="paper"``); 0.0 when that round kept no pair.
         means: (k, d) weighted mean of the original samples of each cluster (float32 or float64, like the input).
+        max_adjacency_distance: largest d_ij · adj_ij over the pairs kept in that round, where adj = (A + I)(A + I)ᵀ
+            with a zero diagonal and A the first-neighbour matrix of Eq. 2 (A_ij = 1 iff j = κ_i): adj_ij =
+            [κ_i = j] + [κ_j = i] + [κ_i = κ_j], so a mutual first-neighbour pair counts twice and this is
+            max(largest non-mutual distance, 2 × largest mutual distance). It is δ as the released code computes
+            it (``np.max(orig_dist * adj)``, ``clustering="released"``); 0.0 when the round kept no pair.
     """
 
     labels: Tensor
     num_clusters: int
     max_link_distance: float
     means: Tensor
+    max_adjacency_distance: float = 0.0
 
 
 def finch(
@@ -93,7 +99,8 @@ def finch(
             - ``"eq2"`` (default): the graph of paper Eq. 2, G(i, j) = 1 if κ_i = j, κ_j = i or κ_i = κ_j — the
               first-neighbour links *and* the pairs that share a first neighbour, as the released code builds it
               (``(A + I)(A + I)ᵀ``). The constraints (δ, the link predicate) are checked on every such pair with
-              that pair's own distance, and δ of a level is the largest distance over the kept pairs.
+              that pair's own distance. A level reports both δs over the kept pairs: the largest distance
+              (``max_link_distance``) and the released code's largest d_ij · adj_ij (``max_adjacency_distance``).
             - ``"links"``: only the links i—κ_i (``finch-clust``). Without constraints both give the same
               partitions (shared-neighbour pairs are already joined through the neighbour); they differ in the
               constrained post-clustering and in δ.
@@ -135,7 +142,9 @@ def finch(
         dist = distance(points) if k > 1 else None  # (k, k), with the caller's thread settings
         # Bookkeeping below is many small ops: one torch thread (see single_torch_thread).
         with single_torch_thread(x.device):
-            comp, num, delta = _merge_first_neighbours(dist, k, labels, threshold, link_filter, graph)
+            comp, num, delta, adj_delta = _merge_first_neighbours(
+                dist, k, labels, threshold, link_filter, graph
+            )
             if levels:  # the first round is always kept
                 reduction = k - num
                 if num == 1 or reduction < 1 or (stop == "finch-clust" and reduction == 1):
@@ -144,7 +153,15 @@ def finch(
             sums = _sum_by(comp, sums, num)  # (num, d) weighted sums of the original rows
             mass = _sum_by(comp, mass, num)  # (num,)
             points = sums / mass[:, None]  # (num, d) weighted means of the original rows
-        levels.append(FinchLevel(labels=labels, num_clusters=num, max_link_distance=delta, means=points))
+        levels.append(
+            FinchLevel(
+                labels=labels,
+                num_clusters=num,
+                max_link_distance=delta,
+                means=points,
+                max_adjacency_distance=adj_delta,
+            )
+        )
         if num == 1 or (stop == "original" and len(levels) > 1 and k - num == 1):
             break
     return levels
@@ -157,16 +174,16 @@ def _merge_first_neighbours(
     threshold: float | None,
     link_filter: LinkFilter | None,
     graph: GraphRule = "eq2",
-) -> tuple[Tensor, int, float]:
+) -> tuple[Tensor, int, float, float]:
     """One FINCH round on the (k, k) distances between current clusters (None when k = 1): build the graph
     (first-neighbour links, plus shared-neighbour pairs for ``graph="eq2"``), drop the pairs the constraints
     reject, merge the connected components.
 
     Returns (comp (k,) int64 new cluster of each current cluster, numbered by smallest member; the number of
-    clusters; the largest distance over the kept pairs).
+    clusters; the largest distance over the kept pairs; the largest d_ij · adj_ij over them, see ``FinchLevel``).
     """
     if dist is None:
-        return torch.zeros(1, dtype=torch.long, device=labels.device), 1, 0.0
+        return torch.zeros(1, dtype=torch.long, device=labels.device), 1, 0.0, 0.0
     if tuple(dist.shape) != (k, k):
         raise ValueError(
             f"`distance` must return a ({k}, {k}) matrix for {k} rows, got shape {tuple(dist.shape)}"
@@ -174,23 +191,28 @@ def _merge_first_neighbours(
     dist.fill_diagonal_(float("inf"))  # a point is not its own first neighbour
     src = torch.arange(k, device=dist.device)  # (k,)
     dst = _row_argmin(dist)  # (k,) κ_i, first index on ties
+    # adj_ij of (A + I)(A + I)ᵀ: 2 for both entries i—κ_i, κ_i—i of a mutual pair, 1 for every other pair of G.
+    multiplicity = 1 + (dst[dst] == src).to(dist.dtype)  # (k,) of the links; shared-neighbour pairs: 1
     if graph == "eq2":
         sib_src, sib_dst = _shared_neighbour_pairs(dst.cpu().numpy())
         src = torch.cat([src, torch.from_numpy(sib_src).to(dist.device)])  # (e,)
         dst = torch.cat([dst, torch.from_numpy(sib_dst).to(dist.device)])
+        multiplicity = torch.cat([multiplicity, multiplicity.new_ones(len(sib_src))])  # (e,)
     link = dist[src, dst]  # (e,) each pair's own distance
     keep = torch.ones(link.shape[0], dtype=torch.bool, device=dist.device)
     if threshold is not None:
         keep &= link <= threshold
     if link_filter is not None:
         keep &= link_filter(src, dst, labels).to(device=dist.device, dtype=torch.bool).reshape(-1)
-    delta = float(link[keep].max()) if bool(keep.any()) else 0.0
+    any_kept = bool(keep.any())
+    delta = float(link[keep].max()) if any_kept else 0.0
+    adj_delta = float((link * multiplicity)[keep].max()) if any_kept else 0.0
 
     s, t = src[keep].cpu().numpy(), dst[keep].cpu().numpy()
     graph_matrix = sp.coo_matrix((np.ones(len(s), dtype=np.int8), (s, t)), shape=(k, k)).tocsr()
     num, comp = connected_components(graph_matrix, directed=True, connection="weak")
     comp = _number_by_first_member(comp)
-    return torch.from_numpy(comp).to(labels.device), int(num), delta
+    return torch.from_numpy(comp).to(labels.device), int(num), delta, adj_delta
 
 
 def _shared_neighbour_pairs(kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
