@@ -1,7 +1,8 @@
 """Concept-localization benchmark (paper §4.5, Table 3 and Fig. 7): datasets, matching, baselines, runner.
 
 Imported lazily: ``conceptexpress.locbench.matching`` and ``.baselines`` are pure (numpy/scipy/torch), and
-nothing here loads diffusers until :func:`bench_localize` runs.
+nothing here loads diffusers until :func:`bench_localize` runs. ``.maskcut`` (the reference column "MC")
+imports transformers only when its ViT loads.
 
     >>> from conceptexpress.locbench import BenchConfig, bench_localize, write_synthetic_dataset
     >>> write_synthetic_dataset("/tmp/scenes", 8)
@@ -24,6 +25,11 @@ _EXPORTS = {
     "kmeans_concepts": "conceptexpress.locbench.baselines",
     "finch_fixed_concepts": "conceptexpress.locbench.baselines",
     "finch_levels": "conceptexpress.locbench.baselines",
+    "MaskCut": "conceptexpress.locbench.maskcut",
+    "MaskCutResult": "conceptexpress.locbench.maskcut",
+    "NormalizedCut": "conceptexpress.locbench.maskcut",
+    "normalized_cut": "conceptexpress.locbench.maskcut",
+    "maskcut_masks": "conceptexpress.locbench.maskcut",
     "BenchSample": "conceptexpress.locbench.dataset",
     "load_dataset": "conceptexpress.locbench.dataset",
     "read_instance_masks": "conceptexpress.locbench.dataset",

@@ -17,23 +17,33 @@ _TITLE_HEIGHT = 22
 _GAP = 4
 
 
-def method_names(ks: tuple[int, ...]) -> list[str]:
-    """Column order of Table 3: ``kmeans@k`` for every k, ``finch@k`` for every k, then ``ours``."""
-    return [f"kmeans@{k}" for k in ks] + [f"finch@{k}" for k in ks] + ["ours"]
+def method_names(ks: tuple[int, ...], maskcut: bool = False) -> list[str]:
+    """Column order of Table 3: ``kmeans@k`` for every k, ``finch@k`` for every k, ``ours``, then ``maskcut``
+    (the reference column "MC") when asked for."""
+    return [f"kmeans@{k}" for k in ks] + [f"finch@{k}" for k in ks] + ["ours"] + (["maskcut"] if maskcut else [])
 
 
-def format_table(summary: dict[str, dict[str, Any]], ks: tuple[int, ...], iou_threshold: float = 0.5) -> str:
+def format_table(
+    summary: dict[str, dict[str, Any]],
+    ks: tuple[int, ...],
+    iou_threshold: float = 0.5,
+    maskcut_clust: str | None = None,
+) -> str:
     """Markdown table shaped like paper Table 3: IoU, Recall, Precision (micro, %) per method column.
 
     In every row the best value (after rounding to one decimal) is **bold** and the second best <u>underlined</u>;
-    ties share the mark.
+    ties share the mark. With ``maskcut_clust`` (its "#clust" cell, e.g. "≤3" or "given") the MaskCut column
+    "MC" is appended after Ours; like the paper's, it is a reference column and takes no mark.
     """
-    methods = method_names(ks)
+    maskcut = maskcut_clust is not None
+    methods = method_names(ks)  # the ranked columns
     pad = [""] * (len(ks) - 1)
     lines = [
-        "| Method | " + " | ".join(["k-means", *pad, "FINCH", *pad, "Ours"]) + " |",
-        "|---|" + "---:|" * len(methods),
-        "| #clust | " + " | ".join([*(str(k) for k in ks), *(str(k) for k in ks), "auto"]) + " |",
+        "| Method | " + " | ".join(["k-means", *pad, "FINCH", *pad, "Ours"] + (["MC"] if maskcut else [])) + " |",
+        "|---|" + "---:|" * (len(methods) + maskcut),
+        "| #clust | "
+        + " | ".join([*(str(k) for k in ks), *(str(k) for k in ks), "auto"] + ([maskcut_clust] if maskcut else []))
+        + " |",
     ]
     for label, key in (("IoU", "iou"), ("Recall", "recall"), ("Precision", "precision")):
         values = [round(100.0 * summary[m][key], 1) for m in methods]
@@ -42,6 +52,8 @@ def format_table(summary: dict[str, dict[str, Any]], ks: tuple[int, ...], iou_th
         cells = [
             f"**{v:.1f}**" if v == best else f"<u>{v:.1f}</u>" if v == second else f"{v:.1f}" for v in values
         ]
+        if maskcut:
+            cells.append(f"{100.0 * summary['maskcut'][key]:.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ours = summary["ours"]
     lines += [
@@ -50,7 +62,13 @@ def format_table(summary: dict[str, dict[str, Any]], ks: tuple[int, ...], iou_th
         f"the Hungarian-matched mask (missed objects count 0). Recall / Precision: matched pairs with IoU >= "
         f"{iou_threshold:g} over objects / over predicted masks. Micro averages over the dataset, in %. "
         f"Ours found {ours['mean_num_pred']:.2f} concepts per image on average. "
-        "Best **bold**, second <u>underlined</u>.",
+        + (
+            f"MC: MaskCut (CutLER) on DINO features, {summary['maskcut']['mean_num_pred']:.2f} masks per image on "
+            "average, a reference column without marks. "
+            if maskcut
+            else ""
+        )
+        + "Best **bold**, second <u>underlined</u>.",
         "",
     ]
     return "\n".join(lines)

@@ -1,5 +1,8 @@
 """The localization benchmark of paper §4.5: ours vs k-means@k vs FINCH@k on one shared attention per image.
 
+With ``BenchConfig.maskcut`` the training-free reference column "MC" of Table 3 is added: MaskCut (CutLER) on
+DINO features of the image itself (:mod:`.maskcut`), which does not use the attention.
+
 For every image: one localization pass (``ConceptLocalizer.attention``, cached in ``OUT/attention/``), then
 three clusterings of that same attention — ours (``cluster_concepts``, automatic N), k-means with k clusters
 and plain FINCH reduced to k clusters, both followed by our [EOT] filter (Eq. 5) — masks upsampled to the
@@ -86,6 +89,29 @@ class BenchConfig:
         default="float32",
         metadata=_help("precision of the cached attention", choices=("float32", "float16")),
     )
+    # Off by default: it needs a second model (a DINO download) and is a reference column, not a clustering of
+    # the shared attention.
+    maskcut: bool = field(
+        default=False, metadata=_help("also score MaskCut (CutLER), the reference column 'MC' of paper Table 3")
+    )
+    # CutLER's MaskCut runs DINO ViT-S/8.
+    maskcut_model: str = field(
+        default="facebook/dino-vits8",
+        metadata=_help("DINO ViT of MaskCut: hub id or local folder (transformers ViTModel)"),
+    )
+    # CutLER resizes every image to 480 x 480 (60 x 60 patches at patch size 8).
+    maskcut_resolution: int = field(
+        default=480, metadata=_help("side of the square image fed to MaskCut's ViT (a multiple of its patch size)")
+    )
+    # CutLER's MaskCut demo and paper use 0.15.
+    maskcut_tau: float = field(
+        default=0.15, metadata=_help("cosine threshold of MaskCut's patch graph (edges above it weigh 1, else 1e-5)")
+    )
+    # CutLER: 3 masks per image. 0 follows paper Table 3's "#clust: given": as many as the image's objects.
+    maskcut_masks: int = field(
+        default=3,
+        metadata=_help("most masks MaskCut returns per image; 0 = the image's number of ground-truth objects"),
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ks", _parse_ks(self.ks))
@@ -103,10 +129,23 @@ class BenchConfig:
             raise ConfigError(f"`figure_k` must be one of ks {list(self.ks)}, got {self.figure_k!r}")
         if self.cache_dtype not in ("float32", "float16"):
             raise ConfigError(f"`cache_dtype` must be 'float32' or 'float16', got {self.cache_dtype!r}")
+        for name, lo in (("maskcut_resolution", 1), ("maskcut_masks", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
+        if not -1.0 <= self.maskcut_tau < 1.0:
+            raise ConfigError(f"`maskcut_tau` must be a cosine in [-1, 1), got {self.maskcut_tau!r}")
 
     @property
     def fig_k(self) -> int:
         return self.figure_k if self.figure_k is not None else max(self.ks)
+
+    @property
+    def maskcut_clust(self) -> str | None:
+        """The "#clust" cell of the MC column ("≤3", or "given" for ``maskcut_masks=0``); None without MaskCut."""
+        if not self.maskcut:
+            return None
+        return "given" if self.maskcut_masks == 0 else f"≤{self.maskcut_masks}"
 
 
 def _parse_ks(ks: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -137,7 +176,7 @@ def bench_localize(
 
     Args:
         dataset_dir: the dataset folder.
-        config: benchmark options (cluster counts, IoU threshold, k-means seed, cache, figure).
+        config: benchmark options (cluster counts, IoU threshold, k-means seed, cache, figure, MaskCut column).
         pipe: a loaded Stable Diffusion pipeline (the one localization uses).
         localize_config: localization options; ``n_max`` drives ours, the rest shape the shared attention.
         out_dir: output folder; ``OUT/attention/<name>.safetensors`` caches each image's attention.
@@ -149,6 +188,7 @@ def bench_localize(
 
     Raises:
         InputError: the dataset is missing, empty or inconsistent (checked before any UNet pass).
+        ModelLoadError: ``config.maskcut`` is on and its ViT cannot be loaded (checked before any UNet pass).
         OutputError: ``out_dir`` cannot be written.
     """
     from conceptexpress.localizer import ConceptLocalizer
@@ -162,7 +202,8 @@ def bench_localize(
         ensure_output_dir(out / CACHE_DIR)
     localizer = ConceptLocalizer(pipe, localize_config)
     model_key = _model_fingerprint(pipe)
-    methods = method_names(config.ks)
+    maskcut = _maskcut(config, pipe)  # loaded now: a bad --maskcut-model fails before any UNet pass
+    methods = method_names(config.ks, maskcut=config.maskcut)
     matches: dict[str, list[ImageMatch]] = {m: [] for m in methods}
     seconds: dict[str, float] = {"attention": 0.0, **{m: 0.0 for m in methods}}
     images: list[dict[str, Any]] = []
@@ -177,6 +218,11 @@ def bench_localize(
         )
         seconds["attention"] += time.perf_counter() - t0
         predicted = _cluster_all(attn, eot, config, localize_config.n_max, seconds)
+        if maskcut is not None:
+            t0 = time.perf_counter()
+            mc = maskcut(image, config.maskcut_masks or int(gt.shape[0]))  # 0 = "given": one per object
+            seconds["maskcut"] += time.perf_counter() - t0
+            predicted["maskcut"] = (mc.masks, mc.messages)  # (M, h, w) on the ViT's patch grid
         record: dict[str, Any] = {
             "name": sample.name,
             "image": str(sample.image_path),
@@ -189,7 +235,7 @@ def bench_localize(
         upsampled: dict[str, np.ndarray] = {}
         for method in methods:
             latent_masks, messages = predicted[method]
-            masks = upsample_masks(latent_masks, image.size)  # (P, H, W) bool at the source size
+            masks = upsample_masks(latent_masks, image.size)  # (P, H, W) bool at the source size (MC: from patches)
             match = match_masks(masks, gt, config.iou_threshold)
             matches[method].append(match)
             record["methods"][method] = {**match.to_dict(), "messages": list(messages)}
@@ -202,7 +248,7 @@ def bench_localize(
     summary = {m: aggregate(matches[m]).to_dict() for m in methods}
     if figure_rows:
         atomic_save_image(bench_figure(figure_rows, config.fig_k), out / FIGURE)
-    atomic_write_text(out / TABLE, format_table(summary, config.ks, config.iou_threshold))
+    atomic_write_text(out / TABLE, format_table(summary, config.ks, config.iou_threshold, config.maskcut_clust))
     results = {
         "benchmark": "concept localization (ConceptExpress paper §4.5, Table 3)",
         "dataset": str(Path(dataset_dir).resolve()),
@@ -212,7 +258,7 @@ def bench_localize(
             **config_dict(config, localize_config),
             "model": str(getattr(pipe, "name_or_path", "") or ""),
         },
-        "definitions": DEFINITIONS,
+        "definitions": {**DEFINITIONS, **({"maskcut": MASKCUT_DEFINITION} if maskcut is not None else {})},
         "summary": summary,
         "images": images,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -230,6 +276,30 @@ DEFINITIONS = {
     "precision": "matched pairs with IoU >= iou_threshold / predicted masks (0 when there is none)",
     "summary": "micro averages over all objects and masks of the dataset; macro_* = mean of per-image values",
 }
+
+
+MASKCUT_DEFINITION = (
+    "MaskCut (CutLER) without CRF: keys of the last layer of the DINO ViT on the image resized to "
+    "maskcut_resolution^2; cosine graph (1 above maskcut_tau, else 1e-5); second generalized eigenvector of "
+    "(D - W) y = lambda D y split at its mean; foreground = side of the largest |y|, flipped when it holds 3 or 4 "
+    "grid corners, cut to its 4-connected component; repeated on the untaken patches up to maskcut_masks times "
+    "(0 = number of ground-truth objects); patch masks brought to the image size by upsample_masks"
+)
+
+
+def _maskcut(config: BenchConfig, pipe):
+    """The loaded :class:`~.maskcut.MaskCut` of ``config``, on the pipeline's device; None when not asked for."""
+    if not config.maskcut:
+        return None
+    from .maskcut import MaskCut
+
+    return MaskCut(
+        config.maskcut_model,
+        device=getattr(pipe, "device", "cpu"),
+        resolution=config.maskcut_resolution,
+        tau=config.maskcut_tau,
+        num_masks=config.maskcut_masks or 1,
+    ).load()
 
 
 def _cluster_all(
