@@ -1,0 +1,216 @@
+"""Quality of the method on the toy world (issue 7): prints JSON and writes a markdown table.
+
+    python benchmarks/toy_quality.py --out outputs/toy-quality            # shipped toy model
+    python benchmarks/toy_quality.py --model /tmp/toy/run1/step-1600 --sections caption,localize
+
+Sections (held-out scenes: seeds < 1e6, never seen in training):
+- caption: "a photo of a {colour} {shape}" for the 12 pairs × n seeds, DDIM 50 / 7.5; an image is correct when
+  `read_objects` sees exactly that one object (and "contains" when the object is among those seen).
+- localize: Hungarian IoU / Recall / Precision (locbench definitions) of ours (released and diffseg weighting),
+  k-means@k and FINCH@k (k = number of objects), split by object count, and a random-weight UNet control.
+- extract: `extract` on held-out scenes per row (full, no-split-merge, no-attn-reg, batched update rule,
+  BaS†); each concept sampled 4 times ("a photo of <ck>", DDIM 50 / 7.5); a concept is recovered when >= 3 of 4
+  images show the colour and shape of the ground-truth object its mask matches (Hungarian, IoU >= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conceptexpress import LocalizeConfig, TrainConfig, load_pipeline
+from conceptexpress.io.images import upsample_masks
+from conceptexpress.localize import cluster_concepts
+from conceptexpress.localizer import ConceptLocalizer
+from conceptexpress.locbench.baselines import finch_fixed_concepts, kmeans_concepts
+from conceptexpress.locbench.matching import aggregate, match_masks
+from conceptexpress.toy import COLORS, SHAPES, render_scene, toy_pipeline_path
+from conceptexpress.toy.reader import read_objects
+
+ROWS = {
+    "full": ({}, "conceptexpress"),
+    "no-split-merge": ({"split_merge": False}, "conceptexpress"),
+    "no-attn-reg": ({"attn_reg": False}, "conceptexpress"),
+    "batched-rule": ({"update_rule": "batched"}, "conceptexpress"),
+    "bas-dagger": ({}, "bas-dagger"),
+}
+
+
+def caption_accuracy(pipe, per_pair: int) -> dict:
+    from conceptexpress.generate import GenerateConfig, generate
+
+    prompts = [f"a photo of a {c} {s}" for c in COLORS for s in SHAPES]
+    images = generate(pipe, prompts, GenerateConfig(n=per_pair, seed=1000))
+    exact = contains = colour_ok = shape_ok = 0
+    per_prompt = {}
+    for (c, s), prompt, imgs in zip([(c, s) for c in COLORS for s in SHAPES], prompts, images):
+        hits = 0
+        for img in imgs:
+            seen = read_objects(img)
+            exact += seen == [(c, s)]
+            hits += seen == [(c, s)]
+            contains += (c, s) in seen
+            colour_ok += any(o[0] == c for o in seen)
+            shape_ok += any(o[1] == s for o in seen)
+        per_prompt[prompt] = hits / len(imgs)
+    n = len(prompts) * per_pair
+    return {"images": n, "accuracy": exact / n, "contains": contains / n, "colour": colour_ok / n,
+            "shape": shape_ok / n, "per_prompt": per_prompt}
+
+
+def _random_unet_pipe(pipe):
+    from copy import copy
+
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    control = copy(pipe)
+    control.unet = UNet2DConditionModel.from_config(pipe.unet.config).to(pipe.unet.dtype).eval()
+    return control
+
+
+def localization(pipe, scenes: int, n_max: int) -> dict:
+    pipes = {"trained": pipe, "random-unet": _random_unet_pipe(pipe)}
+    matches: dict[str, dict[int, list]] = {}
+    for model_name, p in pipes.items():
+        locs = {w: ConceptLocalizer(p, LocalizeConfig(n_max=n_max, weighting=w)) for w in ("released", "diffseg")}
+        for i in range(scenes):
+            scene = render_scene(i, num_objects=1 + i % 4)
+            gt = scene.masks
+            k = len(scene.objects)
+            preds = {}
+            for w, loc in locs.items():
+                maps = loc.attention(scene.image)
+                clusters = cluster_concepts(maps.attn, maps.eot, n_max=n_max)
+                preds[f"ours-{w}"] = clusters.masks.numpy()
+                if w == "released":
+                    preds[f"kmeans@k-{w}"] = kmeans_concepts(maps.attn, maps.eot, k).masks
+                    preds[f"finch@k-{w}"] = finch_fixed_concepts(maps.attn, maps.eot, k).masks
+            for name, m in preds.items():
+                up = upsample_masks(m, scene.image.size) if len(m) else np.zeros((0, *gt.shape[1:]), bool)
+                key = f"{model_name}/{name}"
+                matches.setdefault(key, {}).setdefault(k, []).append(match_masks(up, gt))
+    out = {}
+    for key, by_k in matches.items():
+        row = {f"{k}-object": aggregate(v).to_dict() for k, v in sorted(by_k.items())}
+        row["2-4-object"] = aggregate([m for k, v in by_k.items() if k > 1 for m in v]).to_dict()
+        row["all"] = aggregate([m for v in by_k.values() for m in v]).to_dict()
+        out[key] = row
+    return out
+
+
+def extraction(pipe, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path) -> dict:
+    from conceptexpress.extract import SampleConfig, extract
+
+    results = {}
+    for row in rows:
+        overrides, method = ROWS[row]
+        per_concept = []
+        t0 = time.time()
+        for i in scenes:
+            scene = render_scene(i, num_objects=2 + i % 3)
+            src = work / f"scene_{i}.png"
+            scene.image.save(src)
+            out = work / row / f"scene_{i}"
+            cfg = TrainConfig(steps=steps, merge_step=merge_step, micro_batch=0, checkpoint_every=0, **overrides)
+            manifest = extract(src, out, train=cfg, sample=SampleConfig(sample_count=4), pipe=pipe,
+                               progress=False, method=method)
+            masks = np.stack([np.asarray(Image.open(out / m["mask"])) > 127 for m in manifest["concepts"]])
+            match = match_masks(masks, scene.masks)
+            gt_of = {int(p): int(g) for (p, g), iou in zip(match.pairs, match.pair_ious) if iou >= 0.5}
+            for j, concept in enumerate(manifest["concepts"]):
+                stem = concept["token"].strip("<>")
+                imgs = sorted((out / "samples").glob(f"{stem}_*.png"))
+                target = scene.objects[gt_of[j]] if j in gt_of else None
+                shown = [target in read_objects(Image.open(f)) for f in imgs] if target else [False] * len(imgs)
+                per_concept.append({"scene": i, "concept": concept["token"], "object": target,
+                                    "shown": int(sum(shown)), "images": len(imgs),
+                                    "recovered": bool(target) and sum(shown) >= 3})
+        n = len(per_concept)
+        results[row] = {
+            "scenes": len(scenes), "concepts": n,
+            "matched_to_object": sum(c["object"] is not None for c in per_concept) / max(n, 1),
+            "recovered": sum(c["recovered"] for c in per_concept) / max(n, 1),
+            "seconds": round(time.time() - t0, 1), "per_concept": per_concept,
+        }
+    return results
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Toy-world quality", ""]
+    if "caption" in report:
+        c = report["caption"]
+        lines += ["## Caption → image (single object)", "",
+                  f"{c['images']} images: accuracy {c['accuracy']:.3f} (exactly the named object), contains "
+                  f"{c['contains']:.3f}, colour {c['colour']:.3f}, shape {c['shape']:.3f}", ""]
+    if "localize" in report:
+        lines += ["## Localization (micro averages; IoU / Recall / Precision)", "",
+                  "| model / method | 1 object | 2 objects | 3 objects | 4 objects | 2–4 objects |", "|---|---|---|---|---|---|"]
+        for key, row in report["localize"].items():
+            cells = [f"{row[s]['iou']:.3f} / {row[s]['recall']:.3f} / {row[s]['precision']:.3f}" if s in row else "–"
+                     for s in ("1-object", "2-object", "3-object", "4-object", "2-4-object")]
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "extract" in report:
+        lines += ["## Extraction (concepts recovered: >= 3 of 4 samples show the object)", "",
+                  "| row | scenes | concepts | matched to an object | recovered | seconds |", "|---|---|---|---|---|---|"]
+        for row, r in report["extract"].items():
+            lines.append(f"| {row} | {r['scenes']} | {r['concepts']} | {r['matched_to_object']:.3f} | "
+                         f"{r['recovered']:.3f} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped one)")
+    ap.add_argument("--sections", default="caption,localize,extract")
+    ap.add_argument("--caption-per-pair", type=int, default=5, help="images per (colour, shape) caption")
+    ap.add_argument("--scenes", type=int, default=60, help="held-out scenes for localization (1-4 objects, balanced)")
+    ap.add_argument("--n-max", type=int, default=10)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--extract-scenes", type=int, default=12)
+    ap.add_argument("--extract-first", type=int, default=500, help="seed of the first extraction scene")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--merge-step", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None, help="folder for toy_quality.json / .md (and extraction runs)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or str(toy_pipeline_path())
+    pipe = load_pipeline(model, device="cpu", dtype="fp32")
+    pipe.set_progress_bar_config(disable=True)
+    sections = set(args.sections.split(","))
+    report: dict = {"model": model, "threads": torch.get_num_threads()}
+    t0 = time.time()
+    if "caption" in sections:
+        report["caption"] = caption_accuracy(pipe, args.caption_per_pair)
+    if "localize" in sections:
+        report["localize"] = localization(pipe, args.scenes, args.n_max)
+    if "extract" in sections:
+        work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-extract-"))
+        work.mkdir(parents=True, exist_ok=True)
+        scenes = list(range(args.extract_first, args.extract_first + args.extract_scenes))
+        report["extract"] = extraction(pipe, args.rows.split(","), scenes, args.steps, args.merge_step, work)
+        report["extract_schedule"] = {"steps": args.steps, "merge_step": args.merge_step, "samples": 4}
+    report["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(report, indent=1, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "toy_quality.json").write_text(text, encoding="utf-8")
+        Path(args.out, "toy_quality.md").write_text(markdown(report), encoding="utf-8")
+    print(markdown(report), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

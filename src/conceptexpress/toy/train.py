@@ -1,0 +1,312 @@
+"""Train the toy Stable Diffusion from scratch on the toy world (``python -m conceptexpress.toy train OUT``).
+
+Two stages, each saved before the next starts (a rerun skips a finished stage):
+
+1. **VAE** (AutoencoderKL, factor 2: 64 px ↔ 4×32×32): reconstruction MSE + a small KL; the latent scaling
+   factor is set to 1 / std of the latents, as SD's 0.18215 was.
+2. **Text encoder + UNet** jointly (CLIPTextModel from scratch, UNet2DConditionModel with attention at latent/2
+   and latent/4 and the mid block): ε-prediction MSE on DDPM timesteps (SD's scaled-linear schedule), caption
+   dropout to ``""`` for classifier-free guidance, an EMA of the UNet and text encoder, and an *attention
+   supervision* term: at the cross-attention layers, each object's colour and shape tokens and the [EOT] token
+   (of the caption and of ``""``) are pushed to spend their spatial attention inside their object (the [EOT]:
+   inside the union of objects) — the properties that SD shows at scale and that the method relies on
+   (paper §3.2 Eq. 5 and §3.4). See docs/toy-world.md for why.
+
+Deterministic on CPU for a given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .tokenizer import write_toy_tokenizer
+from .world import IMAGE_SIZE, render_scene
+
+TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scenes (benchmarks, tests) are < 1e6
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    seed: int = 0
+    vae_steps: int = 500  # AutoencoderKL steps
+    vae_batch: int = 16
+    vae_lr: float = 2e-3
+    steps: int = 1600  # UNet + text-encoder steps
+    batch: int = 32
+    lr: float = 1e-3  # AdamW, constant after warm-up (so a checkpoint at step k equals a run of k steps)
+    warmup: int = 100
+    ema: float = 0.995
+    caption_dropout: float = 0.15  # "" for classifier-free guidance (and the localization prompt)
+    attn_weight: float = 0.02  # attention supervision λ
+    attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
+    save_every: int = 400
+    threads: int = 2
+
+
+def unet_config() -> dict:
+    """Latent 32×32 (64 px); self- and cross-attention at 16×16 (latent/2) and 8×8 (latent/4), mid block 4×4."""
+    return dict(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96, 96),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(1, 2, 2, 2),
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        norm_num_groups=8,
+        norm_eps=1e-5,
+        act_fn="silu",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def _text_encoder(vocab_size: int, bos: int, eos: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=64,
+            hidden_act="gelu",
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+    )
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _images(seeds: list[int]) -> tuple[torch.Tensor, list]:
+    scenes = [render_scene(s) for s in seeds]
+    x = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes])  # (B, H, W, 3)
+    return torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0, scenes
+
+
+def train_vae(out: Path, cfg: ToyTrainConfig, log) -> None:
+    torch.manual_seed(cfg.seed)
+    vae = _vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        x, _ = _images([TRAIN_SEED_OFFSET + 10_000_000 + step * cfg.vae_batch + i for i in range(cfg.vae_batch)])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / z[0].numel()
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            log(f"vae step {step} loss {loss.item():.5f} ({time.time() - t0:.0f} s)")
+    vae.eval()
+    with torch.no_grad():
+        x, _ = _images([TRAIN_SEED_OFFSET + 20_000_000 + i for i in range(64)])
+        mean = vae.encode(x).latent_dist.mean
+        rec = vae.decode(mean).sample
+    vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
+    vae.save_pretrained(out / "vae")
+    log(f"vae done: rec mse {F.mse_loss(rec, x).item():.5f}, scaling_factor {1.0 / mean.std().item():.4f}")
+
+
+class _CrossAttnProbe:
+    """Cross-attention processor that also keeps the head-averaged probabilities (B, N, L) for supervision."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·h, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B·h, L, d)
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (B·h, N, L)
+        self.store.append(probs.view(b, -1, n, probs.shape[-1]).mean(1))  # (B, N, L)
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _token_targets(scenes, captions: list[str], tokenizer) -> list[list[tuple[int, int | None]]]:
+    """Per sample: (token position, object index or None = union of objects) pairs to supervise."""
+    out = []
+    for scene, caption in zip(scenes, captions):
+        words = caption.split()
+        pairs: list[tuple[int, int | None]] = [(1 + len(words), None)]  # [EOT]
+        for k, (colour, _shape) in enumerate(scene.objects):
+            if colour in words:
+                i = words.index(colour)
+                pairs += [(1 + i, k), (2 + i, k)]  # colour word, shape word
+        out.append(pairs)
+    return out
+
+
+def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tensor) -> torch.Tensor:
+    losses = []
+    for probs in store:  # (B, N, L)
+        side = int(math.isqrt(probs.shape[1]))
+        for b, (scene, pairs) in enumerate(zip(scenes, targets)):
+            if not keep[b]:
+                continue
+            m = torch.from_numpy(scene.masks.astype(np.float32))[:, None]  # (K, 1, H, W)
+            m = F.adaptive_avg_pool2d(m, side).flatten(1)  # (K, N) area fractions
+            for pos, k in pairs:
+                target = m.sum(0).clamp(max=1) if k is None else m[k]
+                a = probs[b, :, pos]
+                losses.append(-torch.log((a * target).sum() / a.sum() + 1e-4))
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
+
+
+def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    torch.manual_seed(cfg.seed + 1)
+    tok_dir = write_toy_tokenizer(out / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
+    sf = vae.config.scaling_factor
+    text_encoder = _text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = UNet2DConditionModel(**unet_config())
+    sched = _scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema = [p.detach().clone() for p in params]
+    store: list[torch.Tensor] = []
+    probe = _CrossAttnProbe(store)
+    unet.set_attn_processor(
+        {k: (probe if ".attn2." in k else v) for k, v in unet.attn_processors.items()}
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rng = np.random.default_rng(cfg.seed + 3)
+    alphas = sched.alphas_cumprod
+    history = []
+    t0 = time.time()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        seeds = [TRAIN_SEED_OFFSET + step * cfg.batch + i for i in range(cfg.batch)]
+        x, scenes = _images(seeds)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * sf
+        drop = rng.random(cfg.batch) < cfg.caption_dropout
+        captions = ["" if d else s.caption for d, s in zip(drop, scenes)]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        store.clear()
+        cond = text_encoder(ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        mse = F.mse_loss(pred, noise)
+        keep = t < cfg.attn_max_t
+        attn = _attention_loss(store, scenes, _token_targets(scenes, captions, tokenizer), keep)
+        loss = mse + cfg.attn_weight * attn
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = cfg.ema if step >= cfg.warmup else 0.0
+            for e, p in zip(ema, params):
+                e.mul_(d).add_(p.detach(), alpha=1 - d)
+        history.append((mse.item(), attn.item()))
+        if step % 25 == 0 or step == cfg.steps - 1:
+            recent = np.mean(history[-100:], axis=0)
+            log(f"step {step} mse {recent[0]:.4f} attn {recent[1]:.3f} ({time.time() - t0:.0f} s)")
+        if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
+            _save_pipeline(out / f"step-{step + 1}", unet, text_encoder, vae, tokenizer, params, ema)
+    unet.set_attn_processor({k: v for k, v in unet.attn_processors.items()})
+    recent = np.mean(history[-100:], axis=0)
+    return {"unet_seconds": round(time.time() - t0, 1), "final_mse": float(recent[0]), "final_attn": float(recent[1])}
+
+
+def _save_pipeline(path: Path, unet, text_encoder, vae, tokenizer, params, ema) -> None:
+    """Save a StableDiffusionPipeline with the EMA weights (training weights are restored afterwards)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    backup = [p.detach().clone() for p in params]
+    procs = unet.attn_processors
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    unet.set_attn_processor(AttnProcessor2_0())
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    unet.set_attn_processor(procs)
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+
+
+def train(out: str | Path, cfg: ToyTrainConfig | None = None, log=print) -> Path:
+    """Run both stages into ``out``; the final pipeline is ``out/step-<steps>``. Returns its path."""
+    cfg = cfg or ToyTrainConfig()
+    torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if not (out / "vae" / "config.json").exists():
+        train_vae(out, cfg, log)
+    stats = train_unet(out, cfg, log)
+    stats.update(total_seconds=round(time.time() - t0, 1), config=asdict(cfg))
+    (out / "train_log.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    log(json.dumps(stats))
+    return out / f"step-{cfg.steps}"

@@ -1,0 +1,100 @@
+"""The toy world (issue 7): scenes with known answers, the measuring instrument, the tokenizer, training smoke."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conceptexpress.toy import COLORS, IMAGE_SIZE, SHAPES, caption_for, read_objects, render_scene
+from conceptexpress.toy.world import shape_mask
+
+
+def test_scene_is_deterministic_and_consistent():
+    a, b = render_scene(7), render_scene(7)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.caption == b.caption and a.objects == b.objects
+    assert not np.array_equal(np.asarray(render_scene(8).image), np.asarray(a.image))
+    assert a.image.mode == "RGB" and a.image.size == (IMAGE_SIZE, IMAGE_SIZE)
+    assert a.masks.dtype == bool and a.masks.shape == (len(a.objects), IMAGE_SIZE, IMAGE_SIZE)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_objects_disjoint_distinct_colours_and_captioned(k):
+    for seed in range(20):
+        s = render_scene(seed, num_objects=k)
+        assert len(s.objects) == k
+        assert s.masks.sum(0).max() == 1  # non-overlapping
+        assert (s.masks.sum((1, 2)) > 40).all()  # every object is visible
+        assert len({c for c, _ in s.objects}) == k  # one colour per object
+        assert all(c in COLORS and sh in SHAPES for c, sh in s.objects)
+        assert s.caption.startswith("a photo of ")
+        assert Counter(s.caption[len("a photo of "):].split(" and ")) == Counter(f"a {c} {sh}" for c, sh in s.objects)
+
+
+def test_object_counts_cover_one_to_four_and_background_is_not_an_object():
+    counts = Counter(len(render_scene(i).objects) for i in range(400))
+    assert set(counts) == {1, 2, 3, 4} and counts[1] > 60
+    s = render_scene(3)
+    bg = np.asarray(s.image)[~s.masks.any(0)].astype(float)
+    assert bg.std(0).max() < 12 and (bg.max(1) - bg.min(1)).mean() < 10  # grey, lightly textured
+
+
+def test_caption_for_and_errors():
+    assert caption_for([("red", "circle"), ("blue", "square")]) == "a photo of a red circle and a blue square"
+    with pytest.raises(ValueError):
+        caption_for([])
+    with pytest.raises(ValueError, match="num_objects"):
+        render_scene(0, num_objects=5)
+    with pytest.raises(ValueError, match="shape"):
+        shape_mask("star", 10, 10, 5, 0.0)
+
+
+def test_read_objects_reads_rendered_scenes():
+    errors = sum(Counter(read_objects(render_scene(i).image)) != Counter(render_scene(i).objects) for i in range(300))
+    assert errors / 300 <= 0.02  # issue 7: >= 98 % (measured: 0 errors in 1,000 scenes)
+
+
+def test_read_objects_geometry_and_colour_known_answers():
+    canvas = np.full((64, 64, 3), 200, np.uint8)
+    for shape, colour, (cx, cy) in (("circle", "red", (14, 14)), ("square", "blue", (48, 16)),
+                                    ("triangle", "yellow", (32, 46))):
+        canvas[shape_mask(shape, cx, cy, 11, 0.3)] = COLORS[colour]
+    assert sorted(read_objects(Image.fromarray(canvas))) == [("blue", "square"), ("red", "circle"),
+                                                           ("yellow", "triangle")]
+    assert read_objects(Image.fromarray(np.full((64, 64, 3), 128, np.uint8))) == []  # grey: nothing
+    # Any mode and size works (the instrument also reads upscaled or palette pictures).
+    big = render_scene(2).image.resize((256, 256), Image.NEAREST).convert("P")
+    assert Counter(read_objects(big)) == Counter(render_scene(2).objects)
+
+
+def test_toy_tokenizer_spells_every_word_as_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from conceptexpress.toy.tokenizer import WORDS, write_toy_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(write_toy_tokenizer(tmp_path / "tok"))
+    for w in WORDS:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1
+    ids = tok("a photo of a red circle", padding="max_length", max_length=77).input_ids
+    assert ids[:8] == [tok.bos_token_id, *tok("a photo of a red circle", add_special_tokens=False).input_ids,
+                       tok.eos_token_id]
+    assert ids[8] == tok.convert_tokens_to_ids("!")  # SD 2.x padding
+    assert len(tok("xyz", add_special_tokens=False).input_ids) == 3  # byte fallback
+
+
+def test_toy_train_smoke(tmp_path, one_torch_thread):
+    from conceptexpress.models import load_pipeline
+    from conceptexpress.toy.__main__ import main
+
+    out = tmp_path / "toy"
+    assert main(["train", str(out), "--vae-steps", "2", "--vae-batch", "2", "--steps", "3", "--batch", "2",
+                 "--save-every", "3", "--threads", "1"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["config"]["steps"] == 3 and np.isfinite(log["final_mse"])
+    pipe = load_pipeline(str(out / "step-3"), device="cpu")
+    assert pipe.unet.config.sample_size * 2 == IMAGE_SIZE
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
