@@ -1,8 +1,9 @@
 """The measuring instrument of the toy world: read the coloured shapes in a picture.
 
-Colour by hue (saturated pixels only: the background is grey), shape by geometry: the fill ratio
-``area / (π · r_max²)`` of a connected component, with ``r_max`` the largest distance of its pixels from its
-centroid, is ~1 for a circle, 2/π ≈ 0.64 for a square and 3√3/(4π) ≈ 0.41 for a triangle, whatever the rotation.
+Colour by hue (saturated pixels only: the background is grey), shape by geometry: each connected component is
+compared with an ideal circle, square and triangle of the same area and centroid (squares and triangles at every
+rotation in 3° steps); the shape whose best template overlaps it most (IoU) wins. Template matching tolerates
+the soft, rounded corners of generated pictures, where simple fill ratios mistake triangles for squares.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+from .world import shape_mask
 
 __all__ = ["read_objects", "read_components"]
 
@@ -30,14 +33,28 @@ def _hue_saturation_value(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return hue, sat, mx
 
 
+# Circumradius of a shape of unit area, and the rotations that matter (symmetry period).
+_UNIT_RADIUS = {"circle": 1 / np.sqrt(np.pi), "square": 1 / np.sqrt(2.0), "triangle": np.sqrt(4 / (3 * np.sqrt(3)))}
+_PERIOD = {"circle": 0.0, "square": np.pi / 2, "triangle": 2 * np.pi / 3}
+
+
 def _shape(component: np.ndarray) -> str:
     ys, xs = np.nonzero(component)
-    cy, cx = ys.mean(), xs.mean()
-    r_max = np.sqrt((ys - cy) ** 2 + (xs - cx) ** 2).max() + 0.5
-    fill = len(ys) / (np.pi * r_max**2)
-    if fill > 0.8:
-        return "circle"
-    return "square" if fill > 0.52 else "triangle"
+    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
+    # A window around the component keeps the template comparison cheap on large pictures.
+    pad = int(np.sqrt(len(ys))) + 2
+    y0, x0 = max(0, int(cy) - 2 * pad), max(0, int(cx) - 2 * pad)
+    crop = component[y0 : int(cy) + 2 * pad, x0 : int(cx) + 2 * pad]
+    best, best_iou = "circle", -1.0
+    for shape, unit_r in _UNIT_RADIUS.items():
+        r = unit_r * np.sqrt(len(ys))
+        steps = max(1, int(round(np.degrees(_PERIOD[shape]) / 3)))
+        for angle in np.linspace(0.0, _PERIOD[shape], steps, endpoint=False):
+            t = shape_mask(shape, cx - x0, cy - y0, r, float(angle), crop.shape)
+            iou = (t & crop).sum() / max(1, (t | crop).sum())
+            if iou > best_iou:
+                best, best_iou = shape, iou
+    return best
 
 
 def read_components(image: Image.Image) -> list[tuple[str, str, np.ndarray]]:

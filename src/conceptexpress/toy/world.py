@@ -96,9 +96,15 @@ def scene_layout(seed: int, num_objects: int | None = None) -> list[tuple[str, s
     return [(c, s, x, y, r, float(a)) for c, s, (x, y, r), a in zip(colours, shapes, placed, angles)]
 
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, angle: float, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(size, size) bool: pixel centres inside ``shape`` of circumradius ``r`` centred at (cx, cy), rotated."""
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+def shape_mask(
+    shape: str, cx: float, cy: float, r: float, angle: float, size: int | tuple[int, int] = IMAGE_SIZE
+) -> np.ndarray:
+    """(H, W) bool: pixel centres inside ``shape`` of circumradius ``r`` centred at (cx, cy), rotated.
+
+    ``size``: an int for a square picture or ``(H, W)``.
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
         return dx**2 + dy**2 <= r**2
