@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conceptexpress import LocalizeConfig, TrainConfig, load_pipeline
+from conceptexpress import LocalizeConfig, ModelConfig, TrainConfig, load_pipeline
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localizer import ConceptLocalizer
@@ -107,7 +107,7 @@ def localization(pipe, scenes: int, n_max: int) -> dict:
     return out
 
 
-def extraction(pipe, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path) -> dict:
+def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path) -> dict:
     from conceptexpress.extract import SampleConfig, extract
 
     results = {}
@@ -121,12 +121,12 @@ def extraction(pipe, rows: list[str], scenes: list[int], steps: int, merge_step:
             scene.image.save(src)
             out = work / row / f"scene_{i}"
             cfg = TrainConfig(steps=steps, merge_step=merge_step, micro_batch=0, checkpoint_every=0, **overrides)
-            manifest = extract(src, out, train=cfg, sample=SampleConfig(sample_count=4), pipe=pipe,
+            manifest = extract(src, out, model=ModelConfig(model=model), train=cfg, sample=SampleConfig(sample_count=4), pipe=pipe,
                                progress=False, method=method)
-            masks = np.stack([np.asarray(Image.open(out / m["mask"])) > 127 for m in manifest["concepts"]])
+            masks = np.stack([np.asarray(Image.open(out / m["mask"])) > 127 for m in manifest["tokens"]])
             match = match_masks(masks, scene.masks)
             gt_of = {int(p): int(g) for (p, g), iou in zip(match.pairs, match.pair_ious) if iou >= 0.5}
-            for j, concept in enumerate(manifest["concepts"]):
+            for j, concept in enumerate(manifest["tokens"]):
                 stem = concept["token"].strip("<>")
                 imgs = sorted((out / "samples").glob(f"{stem}_*.png"))
                 target = scene.objects[gt_of[j]] if j in gt_of else None
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-extract-"))
         work.mkdir(parents=True, exist_ok=True)
         scenes = list(range(args.extract_first, args.extract_first + args.extract_scenes))
-        report["extract"] = extraction(pipe, args.rows.split(","), scenes, args.steps, args.merge_step, work)
+        report["extract"] = extraction(pipe, model, args.rows.split(","), scenes, args.steps, args.merge_step, work)
         report["extract_schedule"] = {"steps": args.steps, "merge_step": args.merge_step, "samples": 4}
     report["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=1, default=str)

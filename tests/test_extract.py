@@ -87,5 +87,7 @@ def test_samples_leave_the_shared_pipeline_as_it_was(tiny_sd2_dir, tmp_path):
         assert m["config"]["SampleConfig"]["sample_scheduler"] == "ddim"
         assert type(pipe.scheduler).__name__ == "PNDMScheduler"
         assert m["skipped_steps"] == 0  # fp32 on CPU: no loss scaling
+        # A caller's pipeline without a ModelConfig: the manifest names the model it came from, not the default.
+        assert m["base_model"] == str(Path(tiny_sd2_dir).resolve())
         assert len(pipe.tokenizer) == vocab and "<c1>" not in pipe.tokenizer.get_vocab()
         assert pipe.text_encoder.get_input_embeddings().weight.shape[0] == rows

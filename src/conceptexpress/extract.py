@@ -118,7 +118,10 @@ def extract(
     from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
     from .models import load_pipeline
 
-    model = model or ModelConfig()
+    if model is None:
+        # A caller's pipeline without a ModelConfig: record the model it was loaded from, not the default id.
+        origin = getattr(pipe, "name_or_path", None) if pipe is not None else None
+        model = ModelConfig(model=origin) if isinstance(origin, str) and origin.strip() else ModelConfig()
     localize = localize or LocalizeConfig()
     train = train or TrainConfig()
     sample = sample or SampleConfig()
