@@ -33,12 +33,15 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def write_clip_tokenizer(path: str | Path, *, pad_style: str = "sd2", model_max_length: int = 77) -> Path:
+def write_clip_tokenizer(
+    path: str | Path, *, pad_style: str = "sd2", model_max_length: int = 77, words: tuple[str, ...] = ()
+) -> Path:
     """Write a working CLIP BPE tokenizer (vocab.json, merges.txt, configs) to ``path``.
 
     The vocabulary holds every byte symbol, its end-of-word form ``x</w>``, and the two special tokens
     (512 + 2 ids), so any text tokenizes, one id per character. ``pad_style="sd2"`` pads with ``!``,
-    ``"sd1"`` pads with ``<|endoftext|>`` like SD 1.x.
+    ``"sd1"`` pads with ``<|endoftext|>`` like SD 1.x. ``words`` get left-to-right merge chains (and their
+    intermediate symbols, before the special tokens) so that each is one token; longer words' merges rank first.
     """
     from transformers import CLIPTokenizer
 
@@ -49,10 +52,22 @@ def write_clip_tokenizer(path: str | Path, *, pad_style: str = "sd2", model_max_
     symbols = list(_bytes_to_unicode().values())
     vocab = {s: i for i, s in enumerate(symbols)}
     vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
+    merges: list[tuple[str, str]] = []
+    for word in sorted(words, key=len, reverse=True):
+        if len(word) < 2:
+            continue
+        left = word[0]
+        for right in [*word[1:-1], word[-1] + "</w>"]:
+            if (left, right) not in merges:
+                merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+            left += right
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (path / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
     pad = "!" if pad_style == "sd2" else "<|endoftext|>"
     (path / "tokenizer_config.json").write_text(
         json.dumps(

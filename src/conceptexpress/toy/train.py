@@ -175,7 +175,7 @@ class _CrossAttnProbe:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def _token_targets(scenes, captions: list[str], tokenizer) -> list[list[tuple[int, int | None]]]:
+def _token_targets(scenes, captions: list[str]) -> list[list[tuple[int, int | None]]]:
     """Per sample: (token position, object index or None = union of objects) pairs to supervise."""
     out = []
     for scene, caption in zip(scenes, captions):
@@ -253,7 +253,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
         mse = F.mse_loss(pred, noise)
         keep = t < cfg.attn_max_t
-        attn = _attention_loss(store, scenes, _token_targets(scenes, captions, tokenizer), keep)
+        attn = _attention_loss(store, scenes, _token_targets(scenes, captions), keep)
         loss = mse + cfg.attn_weight * attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -269,7 +269,6 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             log(f"step {step} mse {recent[0]:.4f} attn {recent[1]:.3f} ({time.time() - t0:.0f} s)")
         if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
             _save_pipeline(out / f"step-{step + 1}", unet, text_encoder, vae, tokenizer, params, ema)
-    unet.set_attn_processor({k: v for k, v in unet.attn_processors.items()})
     recent = np.mean(history[-100:], axis=0)
     return {"unet_seconds": round(time.time() - t0, 1), "final_mse": float(recent[0]), "final_attn": float(recent[1])}
 
