@@ -10,7 +10,13 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
    supervision* term: at the cross-attention layers, each object's colour and shape tokens and the [EOT] token
    (of the caption and of ``""``) are pushed to spend their spatial attention inside their object (the [EOT]:
    inside the union of objects) — the properties that SD shows at scale and that the method relies on
-   (paper §3.2 Eq. 5 and §3.4). See docs/toy-world.md for why.
+   (paper §3.2 Eq. 5 and §3.4); and at the self-attention layers each pixel is pushed to spend its attention
+   inside its own region (its object, or the background) — the property the clustering relies on (§3.2).
+   See docs/toy-world.md for why.
+
+The scenes of stage 2 come from a pool of ``data_pool`` scenes encoded once by the VAE (encoding every batch
+afresh cost half of each step on a CPU); each step draws its batch from the pool by a seeded permutation.
+The ε loss is weighted by min-SNR-γ (Hang et al. 2023), which converges faster on a small budget.
 
 Deterministic on CPU for a given seed and thread count.
 """
@@ -46,7 +52,10 @@ class ToyTrainConfig:
     ema: float = 0.995
     caption_dropout: float = 0.15  # "" for classifier-free guidance (and the localization prompt)
     attn_weight: float = 0.02  # attention supervision λ
+    self_attn_weight: float = 0.05  # self-attention supervision λ_self (0 = off)
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
+    min_snr: float = 5.0  # min-SNR-γ loss weighting (0 = plain ε-MSE)
+    data_pool: int = 16384  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
     save_every: int = 400
     threads: int = 2
 
@@ -159,13 +168,16 @@ def train_vae(out: Path, cfg: ToyTrainConfig, log) -> None:
 
 
 class _CrossAttnProbe:
-    """Cross-attention processor that also keeps the head-averaged probabilities (B, N, L) for supervision."""
+    """Attention processor that also keeps the head-averaged probabilities (B, N, L) for supervision
+    (self-attention when ``encoder_hidden_states`` is None: L = N)."""
 
     def __init__(self, store: list):
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         b, n, _ = hidden_states.shape
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B·h, N, d)
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B·h, L, d)
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
@@ -207,6 +219,59 @@ def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tens
     return torch.stack(losses).mean()
 
 
+def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor) -> torch.Tensor:
+    """−log(attention mass of a pixel inside its own region) over the pixels that lie ≥ 90 % in one region (an
+    object or the background), averaged per region (so a small object weighs as much as the background), at
+    every self-attention layer: the layout SD's self-attention has."""
+    losses = []
+    idx = [b for b in range(len(scenes)) if keep[b]]
+    if not idx:
+        return torch.zeros(())
+    for probs in store:  # (B, N, N)
+        side = int(math.isqrt(probs.shape[1]))
+        fr = []
+        for b in idx:
+            m = torch.from_numpy(scenes[b].masks.astype(np.float32))[:, None]  # (K, 1, H, W)
+            m = F.adaptive_avg_pool2d(m, side).flatten(1)  # (K, N) area fractions
+            f = torch.cat([(1 - m.sum(0, keepdim=True)).clamp(min=0), m])  # (1 + K, N): background first
+            fr.append(F.pad(f, (0, 0, 0, 5 - f.shape[0])))  # (5, N)
+        fr = torch.stack(fr).transpose(1, 2)  # (b, N, 5) region fractions per pixel
+        mass = probs[idx] @ fr  # (b, N, 5) attention mass of each query in each region
+        own, label = fr.max(-1)  # (b, N)
+        pure = own >= 0.9
+        m_own = mass.gather(-1, label[..., None])[..., 0]  # (b, N)
+        onehot = F.one_hot(label, 5).float() * pure[..., None]  # (b, N, 5)
+        count = onehot.sum(1, keepdim=True)  # (b, 1, 5) pure pixels per region
+        w = (onehot / count.clamp(min=1)).sum(-1)  # (b, N): 1 / size of the pixel's region, 0 if not pure
+        losses.append((w * -torch.log(m_own + 1e-4)).sum() / (count > 0).sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+def _encode_pool(vae, cfg: ToyTrainConfig, log) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) latents of the pool scenes TRAIN_SEED_OFFSET + i, i < data_pool."""
+    means, stds = [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for start in range(0, cfg.data_pool, 64):
+            x, _ = _images([TRAIN_SEED_OFFSET + i for i in range(start, min(start + 64, cfg.data_pool))])
+            post = vae.encode(x).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+            if start % 4096 == 0:
+                log(f"encoding pool {start}/{cfg.data_pool} ({time.time() - t0:.0f} s)")
+    return torch.cat(means), torch.cat(stds)
+
+
+def _batch_seeds(cfg: ToyTrainConfig, step: int) -> list[int]:
+    """Scene indices of a step: fresh seeds, or a slice of a per-epoch seeded permutation of the pool."""
+    if not cfg.data_pool:
+        return [step * cfg.batch + i for i in range(cfg.batch)]
+    per_epoch = cfg.data_pool // cfg.batch
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(cfg.data_pool)
+    return [int(i) for i in perm[k * cfg.batch:(k + 1) * cfg.batch]]
+
+
 def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
@@ -224,9 +289,14 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     ema = [p.detach().clone() for p in params]
     store: list[torch.Tensor] = []
     probe = _CrossAttnProbe(store)
+    self_store: list[torch.Tensor] = []
+    self_probe = _CrossAttnProbe(self_store)
+    supervise_self = cfg.self_attn_weight > 0
     unet.set_attn_processor(
-        {k: (probe if ".attn2." in k else v) for k, v in unet.attn_processors.items()}
+        {k: (probe if ".attn2." in k else self_probe if supervise_self and ".attn1." in k else v)
+         for k, v in unet.attn_processors.items()}
     )
+    pool = _encode_pool(vae, cfg, log) if cfg.data_pool else None
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 3)
     alphas = sched.alphas_cumprod
@@ -235,11 +305,16 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        seeds = [TRAIN_SEED_OFFSET + step * cfg.batch + i for i in range(cfg.batch)]
-        x, scenes = _images(seeds)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen)) * sf
+        idx = _batch_seeds(cfg, step)
+        if pool is None:
+            x, scenes = _images([TRAIN_SEED_OFFSET + i for i in idx])
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+                mean, std = post.mean, post.std
+        else:
+            scenes = [render_scene(TRAIN_SEED_OFFSET + i) for i in idx]
+            mean, std = pool[0][idx], pool[1][idx]
+        z = (mean + std * torch.randn(mean.shape, generator=gen)) * sf
         drop = rng.random(cfg.batch) < cfg.caption_dropout
         captions = ["" if d else s.caption for d, s in zip(drop, scenes)]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
@@ -249,12 +324,20 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         store.clear()
+        self_store.clear()
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        mse = F.mse_loss(pred, noise)
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        mse = per.mean()
+        if cfg.min_snr:
+            snr = alphas[t] / (1 - alphas[t])
+            eps_loss = (per * snr.clamp(max=cfg.min_snr) / snr).mean()
+        else:
+            eps_loss = mse
         keep = t < cfg.attn_max_t
         attn = _attention_loss(store, scenes, _token_targets(scenes, captions), keep)
-        loss = mse + cfg.attn_weight * attn
+        self_attn = _self_attention_loss(self_store, scenes, keep) if supervise_self else torch.zeros(())
+        loss = eps_loss + cfg.attn_weight * attn + cfg.self_attn_weight * self_attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -263,14 +346,16 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             d = cfg.ema if step >= cfg.warmup else 0.0
             for e, p in zip(ema, params):
                 e.mul_(d).add_(p.detach(), alpha=1 - d)
-        history.append((mse.item(), attn.item()))
+        history.append((mse.item(), attn.item(), self_attn.item()))
         if step % 25 == 0 or step == cfg.steps - 1:
             recent = np.mean(history[-100:], axis=0)
-            log(f"step {step} mse {recent[0]:.4f} attn {recent[1]:.3f} ({time.time() - t0:.0f} s)")
+            log(f"step {step} mse {recent[0]:.4f} attn {recent[1]:.3f} self {recent[2]:.3f} "
+                f"({time.time() - t0:.0f} s)")
         if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
             _save_pipeline(out / f"step-{step + 1}", unet, text_encoder, vae, tokenizer, params, ema)
     recent = np.mean(history[-100:], axis=0)
-    return {"unet_seconds": round(time.time() - t0, 1), "final_mse": float(recent[0]), "final_attn": float(recent[1])}
+    return {"unet_seconds": round(time.time() - t0, 1), "final_mse": float(recent[0]), "final_attn": float(recent[1]),
+            "final_self_attn": float(recent[2])}
 
 
 def _save_pipeline(path: Path, unet, text_encoder, vae, tokenizer, params, ema) -> None:
