@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .locbench.cli import add_bench_localize_parser
 
     add_bench_localize_parser(sub)
+
+    from . import edit_cli
+    from .ui import cli as ui_cli
+
+    edit_cli.add_parser(sub)
+    ui_cli.add_parser(sub)
     return parser
 
 

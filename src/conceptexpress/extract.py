@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,11 @@ def extract(
     pipe=None,
     progress: bool = True,
     method: str = "conceptexpress",
+    callbacks: Sequence[Callable[[Any, dict[str, Any]], None]] = (),
 ) -> dict[str, Any]:
-    """Run the whole method on one photo and return the written run manifest (see module docstring)."""
+    """Run the whole method on one photo and return the written run manifest (see module docstring).
+
+    ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel)."""
     from .export import write_token_files
     from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
     from .models import load_pipeline
@@ -156,12 +160,13 @@ def extract(
     else:
         trainer_cls = TokenTrainer
     trainer = trainer_cls(pipe, image, work_size, tensors["masks"].bool(), tensors["centroids"], train)
-    callbacks = [_ProgressBar(train.steps, trainer.step)] if progress else []
+    bars = [_ProgressBar(train.steps, trainer.step)] if progress else []
+    callbacks = [*bars, *callbacks]
     try:
         result = trainer.train(checkpoint_dir=out / "checkpoints", resume=resume, callbacks=callbacks)
     finally:
-        for cb in callbacks:
-            cb.close()
+        for bar in bars:
+            bar.close()
 
     # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, samples, manifest.
     tokens = token_names(n)

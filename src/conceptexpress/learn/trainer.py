@@ -487,7 +487,7 @@ class TokenTrainer:
             return
         if state.fingerprint != self._fingerprint:
             raise ConfigError(
-                f"checkpoint in {str(folder)!r} belongs to another image, localization or config; "
+                f"checkpoint in {str(folder)!r} belongs to another image, localization (edited since?) or config; "
                 "run without --resume (or with a new --out) to start over"
             )
         with torch.no_grad():

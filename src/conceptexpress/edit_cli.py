@@ -1,0 +1,155 @@
+"""``conceptexpress edit RUN --merge 1,2 --drop 4 --split 3 --add-mask m.png``: fix a run's concepts before training.
+
+Concept numbers are the ones on the run's overlay (1-based) *before* this edit, whatever the order of the flags;
+the edits apply as drop → merge → split → add. Merge and drop need no model; split and add recompute the image's
+self-attention with the run's recorded model and localization options (``--model``/``--device``/``--dtype``
+override them). The run's localization is rewritten atomically, the old one kept under ``RUN/backups/``
+(:mod:`conceptexpress.io.run_edit`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, InputError
+from .localize.edit import EditError
+
+HELP = "merge, drop, split or add concepts of a localized run before training (numbers as on its overlay)"
+
+
+def _numbers(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected concept numbers like 1,2, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"concept numbers start at 1, got {text!r}")
+    return values
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("edit", help=HELP, description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a run folder written by `localize` or `extract`")
+    p.add_argument("--merge", type=_numbers, action="append", default=[], metavar="I,J[,…]",
+                   help="merge these concepts into one (repeatable)")
+    p.add_argument("--drop", type=_numbers, action="append", default=[], metavar="I[,…]", help="drop these concepts")
+    p.add_argument("--split", type=_numbers, action="append", default=[], metavar="I[,…]",
+                   help="re-cluster each of these concepts one level finer (loads the model)")
+    p.add_argument("--add-mask", type=Path, action="append", default=[], metavar="MASK.png",
+                   help="add a concept from a mask image at the photo's size, non-zero = inside (loads the model)")
+    p.add_argument("--image", type=Path, default=None,
+                   help="the run's photo, if it moved since localization (checked by SHA-256)")
+    p.add_argument("--model", default=None, help="base model for split/add (default: the one the run recorded)")
+    p.add_argument("--device", default=None, help="device for split/add (default: the run's, else auto)")
+    p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"), help="weights dtype for split/add")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A user's mask file as (H, W) bool: non-zero luminance inside, and where it has alpha, opaque pixels only."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            alpha = np.asarray(im.getchannel("A")) > 0 if "A" in im.getbands() else None
+            inside = np.asarray(im.convert("L")) > 0
+    except FileNotFoundError:
+        raise InputError(f"mask '{path}': no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise InputError(f"mask '{path}': not a readable image ({' '.join(str(e).split())})") from None
+    return inside & alpha if alpha is not None else inside
+
+
+def apply_edits(loc, *, merge=(), drop=(), split=(), masks=(), attn: torch.Tensor | None = None):
+    """Apply 1-based edits, all numbered as on ``loc``'s overlay, in the order drop → merge → split → add.
+
+    A concept is followed through the edits by its first pixel (raster order), which stays inside it until it is
+    dropped or split. Returns (new Localization, list of edit descriptions).
+    """
+    from .localize import edit
+
+    n = loc.num_concepts
+    groups = [list(g) for g in merge]
+    drop = [i for g in drop for i in g]
+    split = [i for g in split for i in g]
+    named = [*drop, *[i for g in groups for i in g], *split]
+    bad = sorted({i for i in named if not 1 <= i <= n})
+    if bad:
+        raise EditError(f"concept {bad[0]} does not exist: the run has {n} concepts (1…{n} on its overlay)")
+    if len(named) != len(set(named)):
+        twice = sorted({i for i in named if named.count(i) > 1})
+        raise EditError(f"concept {twice[0]} is named by more than one edit; give each concept one edit")
+    if any(len(g) < 2 for g in groups):
+        raise EditError(f"--merge needs at least two concepts, got {','.join(map(str, min(groups, key=len)))}")
+    anchors = {i + 1: int(torch.nonzero(loc.clusters.masks[i].reshape(-1))[0]) for i in range(n)}
+
+    def current(cur, number: int) -> int:
+        return int(cur.clusters.post_labels.reshape(-1)[anchors[number]])
+
+    done = []
+    if drop:
+        loc = edit.drop_concepts(loc, [i - 1 for i in drop])
+        done.append(f"drop {','.join(map(str, drop))}")
+    for g in groups:
+        loc = edit.merge_concepts(loc, [current(loc, i) for i in g], attn=attn)
+        done.append(f"merge {','.join(map(str, g))}")
+    for i in split:
+        loc = edit.split_concept(loc, current(loc, i), attn)
+        done.append(f"split {i}")
+    for k, m in enumerate(masks):
+        loc = edit.add_concept(loc, m, attn)
+        done.append(f"add mask {k + 1}")
+    return loc, done
+
+
+def run(args: argparse.Namespace) -> int:
+    from .config import LocalizeConfig, ModelConfig
+    from .extract import file_sha256
+    from .io.images import load_image
+    from .io.lock import run_lock
+    from .io.run_edit import load_localization, rewrite_localization
+
+    if not (args.merge or args.drop or args.split or args.add_mask):
+        raise ConfigError("nothing to edit: give --merge, --drop, --split or --add-mask")
+    masks = [read_mask(p) for p in args.add_mask]  # cheap checks before the lock and the model
+    with run_lock(args.run, wait=False):
+        loc, manifest = load_localization(args.run)
+        image_path = args.image or Path(manifest["image"])
+        image = load_image(image_path)
+        if manifest.get("image_sha256") and file_sha256(image_path) != manifest["image_sha256"]:
+            raise InputError(f"image '{image_path}' is not the photo this run was localized on (SHA-256 differs)")
+        attn = None
+        if args.split or masks:
+            config = manifest.get("config", {})
+            model_cfg = ModelConfig(**{
+                **config.get("ModelConfig", {}),
+                **{k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype)) if v},
+            })
+            attn = _attention(image, model_cfg, LocalizeConfig(**config.get("LocalizeConfig", {})), loc)
+        before = loc.num_concepts
+        edited, done = apply_edits(loc, merge=args.merge, drop=args.drop, split=args.split, masks=masks, attn=attn)
+        backup = rewrite_localization(args.run, edited, image, manifest, done)
+    print(f"edited {args.run}: {before} -> {edited.num_concepts} concepts ({'; '.join(done)}); "
+          f"previous localization kept in {backup}; train with: conceptexpress extract {image_path} --out {args.run}")
+    return 0
+
+
+def _attention(image, model_cfg, loc_cfg, loc) -> torch.Tensor:
+    """The image's aggregated self-attention (h·w, h·w), recomputed as localization computed it (deterministic)."""
+    from .localizer import ConceptLocalizer
+    from .models import load_pipeline
+
+    maps = ConceptLocalizer(load_pipeline(model_cfg), loc_cfg).attention(image)
+    if tuple(maps.latent_hw) != tuple(loc.latent_hw):
+        raise ConfigError(
+            f"model {model_cfg.model!r} gives a {maps.latent_hw} latent but the run was localized at {loc.latent_hw}; "
+            "use the run's model"
+        )
+    return maps.attn
