@@ -1,0 +1,59 @@
+"""``conceptexpress ui``: serve the browser app on 127.0.0.1 (optional extra ``[ui]``: ``pip install 'conceptexpress[ui]'``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "browser app: upload a photo, see and edit its concepts, train, generate, download (needs the [ui] extra)"
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from .session import DEFAULT_MAX_UPLOAD_MB, StudioConfig
+
+    p = subparsers.add_parser("ui", help=HELP, description=HELP)
+    p.add_argument("--model", default=None,
+                   help="hub id, local diffusers folder or .safetensors checkpoint (default: ModelConfig's default)")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu or auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="weights dtype")
+    p.add_argument("--single-file-config", default=None, help="for a single-file checkpoint: its configs' folder or hub id")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this computer only; 0.0.0.0 exposes the app to your network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--workdir", type=Path, default=Path("outputs") / "ui",
+                   help="where the app keeps one run folder per browser session (default outputs/ui)")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest accepted upload in MB")
+    p.add_argument("--example", type=Path, default=StudioConfig.example,
+                   help="the example photo offered in the page (default: the repository's examples/coffee.jpg)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import ModelConfig
+    from ..errors import ConfigError
+    from .session import Studio, StudioConfig
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise ConfigError("`conceptexpress ui` needs gradio: pip install 'conceptexpress[ui]'") from None
+    from .app import build_app
+
+    model = ModelConfig(**{k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype),
+                                              ("single_file_config", args.single_file_config)) if v is not None})
+    studio = Studio(StudioConfig(model=model, workdir=args.workdir, max_upload_mb=args.max_upload_mb,
+                                 example=args.example))
+    studio.load()
+    app = build_app(studio)
+    print(f"conceptexpress ui: model {model.model} loaded; serving on http://{args.host}:{args.port}"
+          f"{' (and a public share link)' if args.share else ''}; Ctrl-C stops")
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
+               max_file_size=f"{args.max_upload_mb}mb", show_error=True, **launch_paths(studio))
+    return 0
+
+
+def launch_paths(studio) -> dict:
+    """Files gradio may serve: the app's own work folder only (no other path of this computer)."""
+    return {"allowed_paths": [str(studio.config.workdir.resolve())], "blocked_paths": []}
