@@ -1,0 +1,144 @@
+"""The browser app's logic without a browser (conceptexpress.ui.session) and the `ui` subcommand's wiring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conceptexpress.config import ModelConfig, TrainConfig
+from conceptexpress.errors import ConfigError, InputError
+from conceptexpress.ui.session import Studio, StudioConfig
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+FAST = TrainConfig(steps=4, merge_step=2, split_tokens=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def studio(pipe, tiny_sd2_dir, tmp_path_factory, one_torch_thread):
+    config = StudioConfig(model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"),
+                          workdir=tmp_path_factory.mktemp("ui"), example=EXAMPLE)
+    return Studio(config, pipe=pipe)
+
+
+def _wait(job, timeout=300):
+    assert job.done.wait(timeout), job.status
+    return job
+
+
+def test_the_whole_flow(studio, pipe):
+    s = studio.new_session()
+    s.set_image(EXAMPLE)
+    loc = s.localize()
+    n = loc.num_concepts
+    assert n >= 3 and (s.run / "localization.json").is_file()
+    assert s.edit(merge=[1, 2]) == ["merge 1,2"] and s.loc.num_concepts == n - 1
+    w, h = s.loc.source_size
+    mask = np.zeros((h, w), dtype=bool)
+    mask[: h // 3, : w // 3] = True
+    s.edit(mask=mask)
+    assert json.loads((s.run / "localization.json").read_text())["edits"] == ["merge 1,2", "add mask 1"]
+    job = _wait(s.start_training(FAST, samples=1, sample_steps=2))
+    assert job.error is None and job.manifest["num_concepts"] == s.loc.num_concepts
+    assert [r["step"] for r in job.records] == [1, 2, 3, 4] and job.status.startswith("done")
+    assert len(s.samples()) == s.loc.num_concepts + 1  # each alone, then all together
+    paths = s.generate("a photo of <c1> on a table", n=1, steps=2)
+    assert len(paths) == 1 and Path(paths[0]).is_file()
+    assert "<c1>" not in pipe.tokenizer.get_vocab()  # the shared model goes back as it was
+    with zipfile.ZipFile(s.zip()) as z:
+        names = set(z.namelist())
+    k = s.loc.num_concepts
+    assert {"manifest.json", "localization.json", "overlay.png", "concepts/c1.safetensors", "a1111/c1.safetensors",
+            "masks/concept_01.png", f"masks/concept_{k:02d}.png"} <= names
+    assert not any(n.startswith(("checkpoints/", "backups/")) for n in names)
+
+
+def test_cancel_leaves_a_resumable_run(studio):
+    s = studio.new_session()
+    s.set_image(EXAMPLE)
+    s.localize()
+    config = TrainConfig(steps=40, merge_step=2, split_tokens=2, checkpoint_every=0)
+    job = s.start_training(config, samples=0)
+    while len(job.records) < 2 and not job.done.is_set():
+        job.done.wait(0.05)
+    job.cancel()
+    _wait(job)
+    assert job.cancelled and job.manifest is None and "cancelled at step" in job.status
+    stopped = job.records[-1]["step"]
+    latest = json.loads((s.run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == stopped  # saved at the very step it stopped, though checkpoint_every=0
+    job2 = s.start_training(config, samples=0)
+    while not job2.records and not job2.done.is_set():
+        job2.done.wait(0.05)
+    job2.cancel()
+    _wait(job2)
+    assert job2.records[0]["step"] == stopped + 1  # resumed, not restarted
+
+
+def test_tabs_have_their_own_runs_and_wait_for_the_model(studio):
+    a, b = studio.new_session(), studio.new_session()
+    assert a.run != b.run and a.run.parent == b.run.parent
+    a.set_image(EXAMPLE)
+    messages: list[str] = []
+    with studio.using_model("training"):
+        t = threading.Thread(target=lambda: a.localize(on_wait=messages.append))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and messages and "busy (training)" in messages[0]
+    t.join(60)
+    assert a.loc is not None and not (b.run / "localization.json").exists()
+    with pytest.raises(InputError, match="no photo yet"):
+        studio.session("not-a-session")
+
+
+def test_uploads_get_the_cli_checks(studio, tmp_path):
+    s = studio.new_session()
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(InputError, match="not an image file"):
+        s.set_image(text)
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"not a png")
+    with pytest.raises(InputError, match="fake.png"):
+        s.set_image(fake)
+    small = Studio(StudioConfig(model=studio.config.model, workdir=tmp_path, max_upload_mb=0.001), pipe=studio.pipe)
+    with pytest.raises(InputError, match="over the 0.001 MB limit"):
+        small.new_session().set_image(EXAMPLE)
+    with pytest.raises(InputError, match="find the concepts first"):
+        s.image_path = EXAMPLE
+        s.edit(drop=[1])
+    s.set_image(EXAMPLE)
+    s.localize()
+    with pytest.raises(ConfigError, match="select concepts first"):
+        s.edit()
+    with pytest.raises(InputError, match="train first"):
+        s.generate("<c1>")
+
+
+def test_import_does_not_pull_gradio():
+    code = ("import sys, conceptexpress, conceptexpress.ui, conceptexpress.ui.session, conceptexpress.cli; "
+            "conceptexpress.cli.build_parser(); assert 'gradio' not in sys.modules, 'gradio imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ui_flags_default_to_localhost_without_sharing():
+    from conceptexpress.cli import build_parser
+
+    args = build_parser().parse_args(["ui", "--model", "m"])
+    assert args.host == "127.0.0.1" and args.share is False and args.port == 7860
+
+
+def test_the_page_builds(studio):
+    pytest.importorskip("gradio", reason="the [ui] extra is not installed")
+    from conceptexpress.ui.app import build_app
+
+    app = build_app(studio)
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    assert {"upload", "localize", "concepts", "merge", "drop", "split", "add", "train", "cancel", "loss", "samples",
+            "prompt", "generate", "zip", "zip-file"} <= ids
