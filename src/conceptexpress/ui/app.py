@@ -221,7 +221,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             try:
                 session = _session(current)
                 total = int(n_steps)
-                config = TrainConfig(steps=total, merge_step=min(TrainConfig.merge_step, total // 5),
+                config = TrainConfig(steps=total, merge_step=min(TrainConfig.merge_step, max(1, total // 5)),
                                      split_tokens=int(g), checkpoint_every=max(1, min(50, total // 4)))
                 job = session.start_training(config, samples=int(n_samples), sample_steps=int(s_steps))
             except Exception as exc:  # noqa: BLE001

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"conceptexpress ui: model {model.model} loaded; serving on http://{args.host}:{args.port}"
           f"{' (and a public share link)' if args.share else ''}; Ctrl-C stops")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
-               max_file_size=f"{args.max_upload_mb}mb", show_error=True, **launch_paths(studio))
+               max_file_size=int(args.max_upload_mb * 1e6), show_error=True, **launch_paths(studio))
     return 0
 
 
