@@ -119,9 +119,12 @@ def test_upload_merge_train_generate_download(server, tmp_path):
     timings: dict[str, float] = {"server_startup": round(server["startup_s"], 1)}
     clock = [time.monotonic()]
 
-    def lap(name: str, page) -> None:
+    def lap(name: str, page, section: str) -> None:
+        """Time the stage; screenshot the page and the stage's section (docs/ui/ is made from the sections)."""
         timings[name] = round(time.monotonic() - clock[0], 1)
-        page.screenshot(path=str(artifacts / f"{len(timings) - 1:02d}-{name}.png"), full_page=True)
+        stem = f"{len(timings) - 1:02d}-{name}"
+        page.screenshot(path=str(artifacts / f"{stem}.png"), full_page=True)
+        page.locator(section).screenshot(path=str(artifacts / f"{stem}-section.png"))
         clock[0] = time.monotonic()
 
     def number(elem_id: str, value: int) -> None:
@@ -141,7 +144,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             # 1. Upload.
             page.locator("#upload input[type=file]").set_input_files(str(EXAMPLE))
             expect(status).to_contain_text("photo ready")
-            lap("upload", page)
+            lap("upload", page, "#photo-row")
 
             # 2. Localize: N numbered concepts.
             page.locator("#localize").click()
@@ -149,7 +152,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             n = int(re.search(r"(\d+) concepts? found", page.locator("#count").inner_text()).group(1))
             assert n >= 2
             expect(page.locator("#select input[type=checkbox]")).to_have_count(n)
-            lap("concepts", page)
+            lap("concepts", page, "#concepts-row")
 
             # 3. Merge concepts 1 and 2.
             boxes = page.locator("#select input[type=checkbox]")
@@ -158,7 +161,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             page.locator("#merge").click()
             expect(page.locator("#count")).to_contain_text(f"{n - 1} concept")
             expect(page.locator("#count")).to_contain_text("merge 1,2")
-            lap("merged", page)
+            lap("merged", page, "#concepts-row")
 
             # 4. Train a few steps, with samples.
             number("steps", 4)
@@ -168,7 +171,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             page.locator("#train").click()
             expect(page.locator("#train-status")).to_contain_text("done")
             expect(page.locator("#samples img")).not_to_have_count(0)
-            lap("trained", page)
+            lap("trained", page, "#train-section")
 
             # 5. Generate one image.
             page.locator("#prompt textarea").fill("a photo of <c1> on the beach")
@@ -177,7 +180,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             page.locator("#generate").click()
             expect(status).to_contain_text("generated 1 image")
             expect(page.locator("#generated img")).not_to_have_count(0)
-            lap("generated", page)
+            lap("generated", page, "#results-section")
 
             # 6. Download the zip and check its files.
             page.locator("#zip").click()
@@ -187,7 +190,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
                 link.click()
             path = tmp_path / "run.zip"
             info.value.save_as(path)
-            lap("download", page)
+            lap("download", page, "#download-row")
         except Exception:
             page.screenshot(path=str(artifacts / "failure.png"), full_page=True)
             raise

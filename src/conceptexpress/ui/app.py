@@ -93,7 +93,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         status = gr.Markdown("", elem_id="status")
 
         # 1. Photo.
-        with gr.Row():
+        with gr.Row(elem_id="photo-row"):
             with gr.Column(scale=1):
                 upload = gr.File(label="Photo (PNG, JPEG, WebP, …)", file_types=["image"], type="filepath",
                                  elem_id="upload")
@@ -102,7 +102,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             photo = gr.Image(label="Photo", interactive=False, elem_id="photo", scale=1, height=320)
 
         # 2. Concepts.
-        with gr.Row():
+        with gr.Row(elem_id="concepts-row"):
             with gr.Column(scale=2):
                 concepts = gr.AnnotatedImage(label="Concepts", elem_id="concepts", height=360)
                 count = gr.Markdown("", elem_id="count")
@@ -123,32 +123,34 @@ def build_app(studio: Studio) -> gr.Blocks:
                               elem_id="stages")
 
         # 3. Training.
-        gr.Markdown("### Train one token per concept")
-        with gr.Row():
-            steps = gr.Number(value=TrainConfig.steps, precision=0, minimum=1, label="steps (paper: 500)",
-                              elem_id="steps")
-            split_tokens = gr.Number(value=TrainConfig.split_tokens, precision=0, minimum=1,
-                                     label="split tokens per concept (paper: 5)", elem_id="split-tokens")
-            samples_n = gr.Number(value=2, precision=0, minimum=0, label="samples per concept", elem_id="samples-n")
-            sample_steps = gr.Number(value=50, precision=0, minimum=1, label="sampling steps", elem_id="sample-steps")
-        with gr.Row():
-            train_btn = gr.Button("Train", variant="primary", elem_id="train")
-            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-        train_status = gr.Markdown("", elem_id="train-status")
-        loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss", height=240)
+        with gr.Column(elem_id="train-section"):
+            gr.Markdown("### Train one token per concept")
+            with gr.Row():
+                steps = gr.Number(value=TrainConfig.steps, precision=0, minimum=1, label="steps (paper: 500)",
+                                  elem_id="steps")
+                split_tokens = gr.Number(value=TrainConfig.split_tokens, precision=0, minimum=1,
+                                         label="split tokens per concept (paper: 5)", elem_id="split-tokens")
+                samples_n = gr.Number(value=2, precision=0, minimum=0, label="samples per concept", elem_id="samples-n")
+                sample_steps = gr.Number(value=50, precision=0, minimum=1, label="sampling steps", elem_id="sample-steps")
+            with gr.Row():
+                train_btn = gr.Button("Train", variant="primary", elem_id="train")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            train_status = gr.Markdown("", elem_id="train-status")
+            loss_plot = gr.LinePlot(x="step", y="loss", title="loss", elem_id="loss", height=240)
 
         # 4. Results.
-        samples = gr.Gallery(label="Samples: each concept alone, then all together", columns=6, elem_id="samples",
-                             height=260)
-        with gr.Row():
-            prompt = gr.Textbox(value="a photo of <c1>", label="Prompt (use <c1>, <c2>, …, or 'all')",
-                                elem_id="prompt", scale=3)
-            gen_n = gr.Number(value=1, precision=0, minimum=1, maximum=16, label="images", elem_id="gen-n", scale=1)
-            gen_steps = gr.Number(value=50, precision=0, minimum=1, maximum=200, label="steps", elem_id="gen-steps",
-                                  scale=1)
-            gen_btn = gr.Button("Generate", elem_id="generate", scale=1)
-        generated = gr.Gallery(label="Generated", columns=4, elem_id="generated", height=260)
-        with gr.Row():
+        with gr.Column(elem_id="results-section"):
+            samples = gr.Gallery(label="Samples: each concept alone, then all together", columns=6, elem_id="samples",
+                                 height=260)
+            with gr.Row():
+                prompt = gr.Textbox(value="a photo of <c1>", label="Prompt (use <c1>, <c2>, …, or 'all')",
+                                    elem_id="prompt", scale=3)
+                gen_n = gr.Number(value=1, precision=0, minimum=1, maximum=16, label="images", elem_id="gen-n", scale=1)
+                gen_steps = gr.Number(value=50, precision=0, minimum=1, maximum=200, label="steps", elem_id="gen-steps",
+                                      scale=1)
+                gen_btn = gr.Button("Generate", elem_id="generate", scale=1)
+            generated = gr.Gallery(label="Generated", columns=4, elem_id="generated", height=260)
+        with gr.Row(elem_id="download-row"):
             zip_btn = gr.Button("Prepare the download (zip)", elem_id="zip")
             zip_file = gr.File(label="Run (tokens, manifest, masks)", interactive=False, elem_id="zip-file")
 
