@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -33,14 +34,15 @@ CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 240_000  # one stage on a busy 2-core CI runner
 
 
-def _requirements() -> str | None:
-    if not CHROMIUM.is_file():
+def _missing(*modules: str, chromium: bool = False) -> str | None:
+    """Why the test cannot run here (None: it can)."""
+    if chromium and not CHROMIUM.is_file():
         return f"{CHROMIUM} is missing (Debian/Ubuntu: apt-get install chromium)"
-    for module, extra in (("playwright", "test"), ("gradio", "ui")):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
-            return f"the {module} package is missing (pip install -e '.[{extra}]')"
+            return f"the {module} package is missing (pip install -e '.[test,ui]')"
     return None
 
 
@@ -68,7 +70,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_sd2_dir, tmp_path_factory):
-    reason = _requirements()
+    reason = _missing("gradio")
     if reason:
         pytest.skip(reason)
     model = os.environ.get("CONCEPTEXPRESS_UI_TEST_MODEL") or str(tiny_sd2_dir)
@@ -110,7 +112,31 @@ def test_serves_on_localhost_only(server):
     assert _listening_addresses(server["port"]) == {"0100007F"}  # 127.0.0.1, nothing else
 
 
+def test_serves_no_other_files(server):
+    """Only gradio's cache and WORKDIR/downloads are served: not the runs of other tabs, not the file system."""
+    run_file = server["workdir"] / "runs" / "someone" / "photo.png"
+    run_file.parent.mkdir(parents=True)
+    run_file.write_bytes(b"x")
+    zip_file = server["workdir"] / "downloads" / "someone" / "conceptexpress-run.zip"
+    zip_file.parent.mkdir(parents=True)
+    zip_file.write_bytes(b"z")
+
+    def status(path: Path) -> int:
+        try:
+            return urllib.request.urlopen(f"{server['url']}gradio_api/file={path}", timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status(Path("/etc/passwd")) == 403
+    assert status(ROOT / "README.md") == 403
+    assert status(run_file) == 403
+    assert status(zip_file) == 200
+
+
 def test_upload_merge_train_generate_download(server, tmp_path):
+    reason = _missing("playwright", chromium=True)
+    if reason:
+        pytest.skip(reason)
     from playwright.sync_api import expect, sync_playwright
 
     artifacts = Path(os.environ.get("UI_ARTIFACTS", ROOT / "test-artifacts" / "ui"))

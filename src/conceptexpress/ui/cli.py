@@ -55,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def launch_paths(studio) -> dict:
-    """Files gradio may serve: the app's own work folder only (no other path of this computer)."""
-    return {"allowed_paths": [str(studio.config.workdir.resolve())], "blocked_paths": []}
+    """Files gradio may serve besides its own cache: the download zips only (not the runs, no other path)."""
+    downloads = (studio.config.workdir / "downloads").resolve()
+    downloads.mkdir(parents=True, exist_ok=True)
+    return {"allowed_paths": [str(downloads)], "blocked_paths": [str((studio.config.workdir / "runs").resolve())]}
