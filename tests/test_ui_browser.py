@@ -1,6 +1,6 @@
 """End to end in a real browser: `conceptexpress ui` served by the command line, driven in headless Chromium.
 
-Upload the photo → see N concepts → merge two → train a few steps → generate one image → download the zip and
+Upload the photo → see N concepts → merge two → paint a region and add it → train a few steps → generate one image → download the zip and
 check its files. Screenshots of every stage go to ``$UI_ARTIFACTS`` (default ``test-artifacts/ui/``), with
 ``timings.json``. Chromium is Debian's ``chromium`` package (``apt-get install chromium``), driven by the
 ``playwright`` Python package through that executable: nothing downloads a browser. The model is the tiny random
@@ -189,7 +189,23 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             expect(page.locator("#count")).to_contain_text("merge 1,2")
             lap("merged", page, "#concepts-row")
 
-            # 4. Train a few steps, with samples.
+            # 4. Paint a region on the photo and add it as a concept.
+            page.get_by_text("Draw a concept to add").click()
+            page.locator("#draw button[aria-label=Brush]").click()
+            box = page.locator("#draw canvas").first.bounding_box()
+            x, y = box["x"] + box["width"] / 2 - 100, box["y"] + box["height"] / 2 + 40
+            page.mouse.move(x, y)
+            page.mouse.down()
+            for k in range(1, 21):
+                page.mouse.move(x + 8 * k, y + (k % 2) * 30, steps=2)
+            page.mouse.up()
+            page.locator("#draw-section").screenshot(path=str(artifacts / "04a-painted-section.png"))
+            page.locator("#add").click()
+            expect(page.locator("#count")).to_contain_text("add mask 1")
+            n_now = int(re.search(r"(\d+) concepts? found", page.locator("#count").inner_text()).group(1))
+            lap("added", page, "#concepts-row")
+
+            # 5. Train a few steps, with samples.
             number("steps", 4)
             number("split-tokens", 2)
             number("samples-n", 1)
@@ -199,7 +215,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             expect(page.locator("#samples img")).not_to_have_count(0)
             lap("trained", page, "#train-section")
 
-            # 5. Generate one image.
+            # 6. Generate one image.
             page.locator("#prompt textarea").fill("a photo of <c1> on the beach")
             number("gen-n", 1)
             number("gen-steps", 2)
@@ -208,7 +224,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             expect(page.locator("#generated img")).not_to_have_count(0)
             lap("generated", page, "#results-section")
 
-            # 6. Download the zip and check its files.
+            # 7. Download the zip and check its files.
             page.locator("#zip").click()
             link = page.locator("#zip-file a").first
             expect(link).to_be_visible()
@@ -227,7 +243,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
         names = set(z.namelist())
         manifest = json.loads(z.read("manifest.json"))
     k = manifest["num_concepts"]
-    assert k == n - 1
+    assert k == n_now
     expected = {"manifest.json", "localization.json", "overlay.png", "loss.png"}
     for i in range(1, k + 1):
         expected |= {f"concepts/c{i}.safetensors", f"a1111/c{i}.safetensors", f"masks/concept_{i:02d}.png"}

@@ -114,7 +114,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     merge_btn = gr.Button("Merge", elem_id="merge")
                     drop_btn = gr.Button("Drop", elem_id="drop")
                     split_btn = gr.Button("Split", elem_id="split")
-        with gr.Accordion("Draw a concept to add", open=False):
+        with gr.Accordion("Draw a concept to add", open=False, elem_id="draw-section"):
             editor = gr.ImageEditor(label="Paint the region", type="numpy", elem_id="draw",
                                     brush=gr.Brush(colors=["#ff0000"], color_mode="fixed"), height=360)
             add_btn = gr.Button("Add the painted region as a concept", elem_id="add")
@@ -169,7 +169,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             img = Image.open(session.image_path)
             return {sid: session.id, photo: img, status: "photo ready: press **Find the concepts**",
                     concepts: None, count: "", select: gr.CheckboxGroup(choices=[], value=[]),
-                    editor: {"background": np.asarray(img.convert("RGB")), "layers": [], "composite": None},
+                    editor: _blank_canvas(session),
                     samples: [], generated: [], zip_file: None, train_status: "", loss_plot: None}
 
         def take_example(current):
@@ -216,7 +216,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 except Exception as exc:  # noqa: BLE001
                     yield {status: _error(exc)}
                     return
-                yield show_concepts(session, f"edited ({'; '.join(done)}): {session.loc.num_concepts} concepts")
+                update = show_concepts(session, f"edited ({'; '.join(done)}): {session.loc.num_concepts} concepts")
+                if kind == "add":  # a clean canvas for the next region
+                    update[editor] = _blank_canvas(session)
+                yield update
             return handler
 
         def train(current, n_steps, g, n_samples, s_steps, progress=gr.Progress()):  # noqa: B008 - gradio injects it
@@ -278,7 +281,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         use_example.click(take_example, [sid], photo_outputs)
         localize_btn.click(localize, [sid], concept_outputs)
         for kind, btn in (("merge", merge_btn), ("drop", drop_btn), ("split", split_btn), ("add", add_btn)):
-            btn.click(editing(kind), [sid, select, editor], concept_outputs)
+            btn.click(editing(kind), [sid, select, editor], [*concept_outputs, editor])
         train_btn.click(train, [sid, steps, split_tokens, samples_n, sample_steps], [train_status, loss_plot, samples])
         cancel_btn.click(cancel, [sid], [train_status])
         gen_btn.click(generate, [sid, prompt, gen_n, gen_steps], [generated, status])
@@ -287,6 +290,12 @@ def build_app(studio: Studio) -> gr.Blocks:
     # would only say "queued".
     app.queue(default_concurrency_limit=None, max_size=64)
     return app
+
+
+def _blank_canvas(session: Session) -> dict:
+    """ImageEditor value: the photo as background, nothing painted."""
+    photo = np.asarray(Image.open(session.image_path).convert("RGB"))
+    return {"background": photo, "layers": [], "composite": None}
 
 
 def _loss_frame(records):
