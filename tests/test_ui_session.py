@@ -142,3 +142,43 @@ def test_the_page_builds(studio):
     ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
     assert {"upload", "localize", "concepts", "merge", "drop", "split", "add", "train", "cancel", "loss", "samples",
             "prompt", "generate", "zip", "zip-file"} <= ids
+
+
+def test_two_tabs_train_one_at_a_time(studio):
+    a, b = studio.new_session(), studio.new_session()
+    for s in (a, b):
+        s.set_image(EXAMPLE)
+        s.localize()
+    b.edit(drop=[1])  # different concepts in the two runs
+    slow = TrainConfig(steps=6, merge_step=2, split_tokens=2, checkpoint_every=0)
+    job_a = a.start_training(slow, samples=0)
+    while not job_a.records and not job_a.done.is_set():
+        job_a.done.wait(0.02)
+    job_b = b.start_training(FAST, samples=0)
+    seen = set()
+    while not job_b.done.is_set():
+        seen.add(job_b.status)
+        job_b.done.wait(0.02)
+    _wait(job_a)
+    assert any(s.startswith("waiting: the model is busy (training)") for s in seen), seen
+    assert job_a.error is None and job_b.error is None
+    ma = json.loads((a.run / "manifest.json").read_text())
+    mb = json.loads((b.run / "manifest.json").read_text())
+    assert (ma["num_concepts"], mb["num_concepts"]) == (a.loc.num_concepts, b.loc.num_concepts)
+    assert ma["num_concepts"] == mb["num_concepts"] + 1 and ma["steps"] == 6 and mb["steps"] == 4
+
+
+def test_painted_layers_become_a_mask_at_the_photo_size(studio):
+    pytest.importorskip("gradio", reason="the [ui] extra is not installed")
+    from conceptexpress.ui.app import _drawn_mask
+
+    s = studio.new_session()
+    s.set_image(EXAMPLE)
+    s.localize()
+    w, h = s.loc.source_size
+    layer = np.zeros((h // 2, w // 2, 4), dtype=np.uint8)  # the editor may hand back a scaled canvas
+    layer[: h // 4, : w // 4, 3] = 255
+    mask = _drawn_mask({"background": None, "layers": [layer], "composite": None}, s)
+    assert mask.shape == (h, w) and mask[: h // 2 - 2, : w // 2 - 2].all() and not mask[h // 2 + 2:, :].any()
+    with pytest.raises(InputError, match="paint a region"):
+        _drawn_mask({"background": None, "layers": [], "composite": None}, s)
