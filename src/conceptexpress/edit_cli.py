@@ -43,11 +43,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="add a concept from a mask image at the photo's size, non-zero = inside (loads the model)")
     p.add_argument("--image", type=Path, default=None,
                    help="the run's photo, if it moved since localization (checked by SHA-256)")
-    p.add_argument("--model", default=None, help="base model for split/add (default: the one the run recorded)")
-    p.add_argument("--device", default=None, help="device for split/add (default: the run's, else auto)")
-    p.add_argument("--dtype", default=None, choices=("auto", "fp32", "fp16", "bf16"), help="weights dtype for split/add")
+    add_model_flags(p, "for split/add; default: what the run recorded")
     p.set_defaults(func=run)
     return p
+
+
+def add_model_flags(parser: argparse.ArgumentParser, default_text: str) -> None:
+    """One ``--flag`` per ModelConfig field (help and choices from its metadata), unset = None."""
+    from dataclasses import fields
+
+    from .config import ModelConfig
+
+    group = parser.add_argument_group(f"ModelConfig ({default_text})")
+    for f in fields(ModelConfig):
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f"model_{f.name}", default=None,
+                           metavar=f.name.upper(), choices=f.metadata.get("choices"),
+                           help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def model_config(args: argparse.Namespace, base: dict | None = None):
+    """ModelConfig from ``base`` (e.g. a run's recorded one) overridden by the flags the user gave."""
+    from dataclasses import fields
+
+    from .config import ModelConfig
+
+    given = {f.name: getattr(args, f"model_{f.name}") for f in fields(ModelConfig)}
+    return ModelConfig(**{**(base or {}), **{k: v for k, v in given.items() if v is not None}})
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -110,7 +131,7 @@ def apply_edits(loc, *, merge=(), drop=(), split=(), masks=(), attn: torch.Tenso
 
 
 def run(args: argparse.Namespace) -> int:
-    from .config import LocalizeConfig, ModelConfig
+    from .config import LocalizeConfig
     from .extract import file_sha256
     from .io.images import load_image
     from .io.lock import run_lock
@@ -128,10 +149,7 @@ def run(args: argparse.Namespace) -> int:
         attn = None
         if args.split or masks:
             config = manifest.get("config", {})
-            model_cfg = ModelConfig(**{
-                **config.get("ModelConfig", {}),
-                **{k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype)) if v},
-            })
+            model_cfg = model_config(args, config.get("ModelConfig", {}))
             attn = _attention(image, model_cfg, LocalizeConfig(**config.get("LocalizeConfig", {})), loc)
         before = loc.num_concepts
         edited, done = apply_edits(loc, merge=args.merge, drop=args.drop, split=args.split, masks=masks, attn=attn)

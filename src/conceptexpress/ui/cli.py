@@ -12,11 +12,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from .session import DEFAULT_MAX_UPLOAD_MB, StudioConfig
 
     p = subparsers.add_parser("ui", help=HELP, description=HELP)
-    p.add_argument("--model", default=None,
-                   help="hub id, local diffusers folder or .safetensors checkpoint (default: ModelConfig's default)")
-    p.add_argument("--device", default="auto", help="cuda, cuda:N, mps, cpu or auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="weights dtype")
-    p.add_argument("--single-file-config", default=None, help="for a single-file checkpoint: its configs' folder or hub id")
+    from ..edit_cli import add_model_flags
+
+    add_model_flags(p, "the model the page uses, loaded once")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this computer only; 0.0.0.0 exposes the app to your network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -31,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import ModelConfig
+    from ..edit_cli import model_config
     from ..errors import ConfigError
     from .session import Studio, StudioConfig
 
@@ -41,8 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("`conceptexpress ui` needs gradio: pip install 'conceptexpress[ui]'") from None
     from .app import build_app
 
-    model = ModelConfig(**{k: v for k, v in (("model", args.model), ("device", args.device), ("dtype", args.dtype),
-                                              ("single_file_config", args.single_file_config)) if v is not None})
+    model = model_config(args)
     studio = Studio(StudioConfig(model=model, workdir=args.workdir, max_upload_mb=args.max_upload_mb,
                                  example=args.example))
     studio.load()

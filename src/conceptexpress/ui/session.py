@@ -135,6 +135,8 @@ class Session:
         from ..io.atomic import ensure_output_dir
         from ..io.images import load_image
 
+        if self.job is not None and not self.job.done.is_set():
+            raise ConfigError("this tab is training: wait for it, or cancel it, before a new photo")
         src = Path(path)
         limit = self.studio.config.max_upload_mb
         if src.suffix.lower() not in IMAGE_SUFFIXES:
@@ -164,6 +166,8 @@ class Session:
                 p.unlink()
 
     def _require(self, what: str) -> None:
+        if self.job is not None and not self.job.done.is_set():
+            raise ConfigError("this tab is training: wait for it, or cancel it, first")
         if self.image_path is None:
             raise InputError("no photo yet: upload one or use the example first")
         if what in ("edit", "train") and self.loc is None:
@@ -223,8 +227,6 @@ class Session:
     def start_training(self, config: TrainConfig, samples: int = 1, sample_steps: int = 20) -> TrainingJob:
         """Train in a background thread (resuming this run's checkpoint when the config is the same)."""
         self._require("train")
-        if self.job is not None and not self.job.done.is_set():
-            raise ConfigError("this tab is already training; wait for it or cancel it")
         if self.train_config != config:
             shutil.rmtree(self.run / "checkpoints", ignore_errors=True)  # other options: start over
         self.train_config = config
@@ -250,6 +252,8 @@ class Session:
 
         try:
             with self.studio.using_model("training", on_wait) as pipe, run_lock(self.run):
+                if job.cancel_requested.is_set():  # cancelled while waiting for the model
+                    raise TrainingCancelled
                 job.status = "training"
                 job.manifest = extract(
                     self.image_path, self.run, model=self.studio.config.model, localize=self.studio.config.localize,
@@ -293,6 +297,7 @@ class Session:
         from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_folders
         from ..io.lock import run_lock
 
+        self._require("generate")
         tokens = self.tokens()
         expanded = expand_prompt(prompt, tokens)
         config = GenerateConfig(n=int(n), steps=int(steps), seed=int(seed))
