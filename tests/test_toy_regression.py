@@ -71,3 +71,46 @@ def test_caption_names_the_object(toy_pipe):
         named = prompt.split()[-2]
         right += seen[named] > max((n for c, n in seen.items() if c != named), default=0)
     assert right >= 3
+
+
+def _latent_targets(scene):
+    """Ground-truth latent masks m_i (N, 32, 32) and centroids f_i = the mask as a distribution (N, 32·32)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    frac = F.adaptive_avg_pool2d(torch.from_numpy(scene.masks.astype(np.float32))[:, None], 32)[:, 0]
+    return frac > 0.5, (frac / frac.sum((1, 2), keepdim=True)).flatten(1)
+
+
+# Eq. 11 on learned attention: a token whose embedding is the object's colour word attends to that object, so the
+# EMD between its cross-attention and the concept's centroid is small for the right concept and large for the other.
+# Measured on the shipped weights (mean over 3 scenes × 2 steps): right / swapped = 0.375 unflipped, 0.430 flipped.
+# Deliberate breaks: EMD target transposed in the trainer → 0.893 / 1.186; target not flipped with the image → 1.036
+# (flipped case).
+EMD_SCENES = (910, 911, 913)
+MAX_EMD_RATIO = 0.6
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 1.0], ids=["unflipped", "flipped"])
+def test_emd_regularizer_is_aligned_with_learned_attention(toy_pipe, flip_p):
+    import numpy as np
+
+    from conceptexpress.config import TrainConfig
+    from conceptexpress.learn.trainer import TokenTrainer
+
+    words = toy_pipe.text_encoder.get_input_embeddings().weight.detach()
+    reg = {"right": [], "swapped": []}
+    for seed in EMD_SCENES:
+        scene = render_scene(seed, num_objects=2)
+        masks, centroids = _latent_targets(scene)
+        for mode in reg:
+            cfg = TrainConfig(steps=2, merge_step=100, lr=1e-12, split_merge=False, flip_p=flip_p, seed=0)
+            trainer = TokenTrainer(toy_pipe, scene.image, scene.image.size, masks, centroids, cfg)
+            for i in range(2):  # token i = the colour word of object i (right) or of the other object (swapped)
+                colour = scene.objects[i if mode == "right" else 1 - i][0]
+                trainer.vectors.data[i] = words[toy_pipe.tokenizer(colour, add_special_tokens=False).input_ids[0]]
+            reg[mode] += [h["reg"] for h in trainer.train().history]
+    right, swapped = float(np.mean(reg["right"])), float(np.mean(reg["swapped"]))
+    print(f"EMD right {right:.3f} swapped {swapped:.3f} ratio {right / swapped:.3f}")
+    assert right < MAX_EMD_RATIO * swapped, (right, swapped)
