@@ -12,23 +12,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conceptexpress.cli.generate import add_parser as add_generate_parser
 from conceptexpress.errors import ConfigError, InputError
-from conceptexpress.export import (
-    load_tokens_into,
-    read_manifest,
-    read_token_embeddings,
-    token_stem,
-    write_token_files,
-)
+from conceptexpress.export import token_stem, write_token_files
 from conceptexpress.generate import (
     GenerateConfig,
-    add_generate_parser,
     expand_prompt,
     generate_from_run,
     image_grid,
     prompt_folders,
     prompt_slug,
 )
+from conceptexpress.io.run_folder import load_tokens_into, read_manifest, read_token_embeddings
 
 TOKENS = ["<c1>", "<c2>"]
 

@@ -18,9 +18,12 @@ import torch
 from PIL import Image
 
 from .attention.aggregate import CrossAttentionAccumulator, SelfAttentionAccumulator
+from .attention.capture import capture_attention
 from .config import LocalizeConfig
 from .io.images import image_to_tensor, load_image, model_input_size, upsample_masks
 from .localize import ConceptClusters, cluster_concepts
+from .models import load_pipeline
+from .models.text import encode_prompt, eot_index
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -86,9 +89,6 @@ class ConceptLocalizer:
         float32 on CPU. Clustering methods (ours, and the k-means / FINCH baselines of the localization
         benchmark) all start from these same tensors.
         """
-        from .attention.capture import capture_attention
-        from .models.text import encode_prompt, eot_index
-
         pipe, cfg = self.pipe, self.config
         image = image.convert("RGB")
         work_size = model_input_size(image.size, self.resolution, self.vae_factor)
@@ -178,7 +178,5 @@ def localize_concepts(
 ) -> Localization:
     """One-call localization; loads the default (or ``model_options``) pipeline when none is given."""
     if pipe is None:
-        from .models import load_pipeline
-
         pipe = load_pipeline(**model_options)
     return ConceptLocalizer(pipe, config)(image)

@@ -29,16 +29,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import huggingface_hub
 import torch
+from diffusers import StableDiffusionPipeline
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import safe_open
 
 from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError
 from .ldm_format import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +181,6 @@ def inspect_single_file(path: str | Path) -> CheckpointInfo:
     Reads the header only, plus at most one small tensor for the SD 2.x v-prediction heuristic. Raises
     ``ValueError`` for an unknown layout and safetensors' own errors for a file that is not safetensors.
     """
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
@@ -290,9 +288,7 @@ def _resolve_config_source(source: str) -> str:
     if not _looks_like_hub_id(source):
         raise _ConfigSourceError("is neither an existing folder nor a hub id (org/name)")
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    snapshot_download = huggingface_hub.snapshot_download  # looked up per call (tests replace it)
     missing: str | None
     try:  # cache first: works offline once the configs were fetched
         cached = snapshot_download(source, allow_patterns=_CONFIG_PATTERNS, local_files_only=True)
@@ -332,8 +328,6 @@ def _missing_configs(folder: Path) -> str:
 
 
 def _from_single_file(path: Path, config_dir: str, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
     return StableDiffusionPipeline.from_single_file(
         str(path),
         config=config_dir,
