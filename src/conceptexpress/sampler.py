@@ -1,4 +1,4 @@
-"""The sampler of ``generate``, ``extract``'s samples and ``evaluate`` (DESIGN §4b).
+"""The sampler of ``generate``, ``extract``'s samples and ``evaluate`` (docs/fidelity.md, "Generation").
 
 Default: the released code's sampler (``infer.py``): DDIM with ``clip_sample=False`` and ``set_alpha_to_one=False``,
 50 steps, guidance 7.5, at the model's native size. It is built from the pipeline's own scheduler config, so the

@@ -1,6 +1,6 @@
 """Write and read the files of a localization run (one folder per image).
 
-Layout (DESIGN §5)::
+Layout (README, "What `extract` writes")::
 
     OUT/masks/concept_01.png …   one mask per concept at the source image's size (L, 0/255)
     OUT/overlay.png              every concept a coloured, numbered region (paper Fig. 3 left)

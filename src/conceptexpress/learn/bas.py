@@ -1,4 +1,4 @@
-"""BaS†: the Break-A-Scene baseline adapted to the unsupervised setting (paper §4.1, DESIGN §6).
+"""BaS†: the Break-A-Scene baseline adapted to the unsupervised setting (paper §4.1; docs/fidelity.md, "Baseline BaS†").
 
 Break-A-Scene (Avrahami et al., SIGGRAPH Asia 2023) learns one token per annotated object from one image, in two
 phases: tokens only ("textual inversion" phase), then tokens + UNet. The paper's BaS† keeps its first phase only

@@ -1,4 +1,4 @@
-"""Concept-wise masked denoising with split-and-merge (paper §3.3–3.4, Eq. 7–13; DESIGN §4).
+"""Concept-wise masked denoising with split-and-merge (paper §3.3–3.4, Eq. 7–13; docs/fidelity.md).
 
 One training step, in order:
 

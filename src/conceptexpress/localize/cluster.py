@@ -2,9 +2,9 @@
 
 Pure functions on tensors: the inputs are the aggregated self-attention A (row-stochastic, (h·w, h·w)) and the
 [EOT] cross-attention map e (h, w); the output is one binary latent mask and one centroid per concept. The
-decisions the paper leaves open follow DESIGN §3 and are recorded where they are made.
+decisions the paper leaves open follow docs/fidelity.md and are recorded where they are made.
 
-Two modes (DESIGN §3, docs/fidelity.md L11, L13, L15, L16):
+Two modes (docs/fidelity.md L11, L13, L15, L16):
 
 - ``clustering="released"`` (default) reproduces the partition of the authors' released code, which produced the
   published numbers: δ = max d_ij · adj_ij with adj = (A + I)(A + I)ᵀ over the round that produced the pre-level
@@ -99,7 +99,7 @@ def cluster_concepts(
     Args:
         attn: (h·w, h·w) aggregated self-attention A, rows in raster order, each row a distribution (non-negative,
             summing to 1). float64 is clustered in float64, anything else in float32. Any device.
-        eot: (h, w) raw [EOT] cross-attention map e at latent resolution; min-max normalized here (DESIGN §3).
+        eot: (h, w) raw [EOT] cross-attention map e at latent resolution; min-max normalized here (docs/fidelity.md, "Concept localization").
         n_max: N_max, the upper limit of the number of concepts; selects the pre-clustering level.
         clustering: ``"released"`` (default: the authors' code, which produced the published numbers) or
             ``"paper"`` (Eq. 6 centroids and the package's δ and stop rule); see the module docstring.

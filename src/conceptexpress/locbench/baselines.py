@@ -5,7 +5,7 @@ the *same* [EOT] filter (Eq. 5), "for fair comparison" (paper §4.5). Pure funct
 diffusers import; scikit-learn (the ``[eval]`` extra) is imported only inside :func:`kmeans_concepts`.
 
 The filter is re-implemented here (:func:`eot_filter`) because ``conceptexpress.localize`` does not export its
-own; it follows the same rule (DESIGN §3: min-max normalize the [EOT] map, keep a cluster whose mean inside it
+own; it follows the same rule (docs/fidelity.md: min-max normalize the [EOT] map, keep a cluster whose mean inside it
 is strictly above the image mean) and ``tests/test_locbench_baselines.py`` checks it against
 ``cluster_concepts(...).kept``.
 """

@@ -4,7 +4,7 @@ Such a file holds the UNet, VAE and text-encoder weights but no component config
 diffusers' ``StableDiffusionPipeline.from_single_file`` converts the weights and takes everything else from a
 diffusers "config source": a local diffusers folder or a hub id. Left alone, diffusers infers that hub id from
 the checkpoint and fetches it, and its SD 2.x choice (``stabilityai/stable-diffusion-2-1``) no longer exists.
-So this module picks the source itself (DESIGN §2):
+So this module picks the source itself (README, "Models"):
 
 * ``config`` argument (CLI ``--single-file-config DIR_OR_ID``), if given: always wins.
 * SD 2.x (OpenCLIP text encoder ``cond_stage_model.model.*``, cross-attention width 1024):
@@ -354,7 +354,7 @@ def _check_all_weights_loaded(pipe: StableDiffusionPipeline) -> None:
 def _apply_prediction_type(
     pipe: StableDiffusionPipeline, info: CheckpointInfo, *, config_given: bool
 ) -> None:
-    """Make the scheduler's ``prediction_type`` (the denoising target, DESIGN appendix) match the file."""
+    """Make the scheduler's ``prediction_type`` (the denoising target) match the file."""
     if info.prediction_type is None or (config_given and not info.prediction_is_explicit):
         return
     current = pipe.scheduler.config.get("prediction_type", "epsilon")
