@@ -1,10 +1,11 @@
 """Import graph of the ``conceptexpress`` package, read from the source (nothing is imported): JSON on stdout.
 
-    python benchmarks/import_graph.py [--src src/conceptexpress] [--edges]
+    python benchmarks/import_graph.py [--src src/conceptexpress] [--edges] [--skip conceptexpress.toy]
 
 Counts: modules, import cycles (strongly connected components of more than one module, over every import,
 top-level or inside a function), the largest cycle, imports inside functions (all, and those of the package
-itself), and library modules (outside ``conceptexpress.cli``) that import argparse or the shell.
+itself), and library modules (outside ``conceptexpress.cli`` and ``__main__`` entry points) that import argparse
+or the shell.
 ``tests/test_import_graph.py`` asserts on the same figures.
 """
 
@@ -123,8 +124,10 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def report(root: Path, *, with_edges: bool = False) -> dict:
+def report(root: Path, *, with_edges: bool = False, skip: tuple[str, ...] = ()) -> dict:
+    """The figures of the module docstring; modules starting with a prefix of ``skip`` are left out."""
     modules = scan(root)
+    modules = {m: i for m, i in modules.items() if not m.startswith(skip)} if skip else modules
     graph: dict[str, set[str]] = {m: set() for m in modules}
     in_function_all = in_function_pkg = 0
     shell_from_library: list[str] = []
@@ -138,7 +141,8 @@ def report(root: Path, *, with_edges: bool = False) -> dict:
             if internal and internal != mod and not mod.startswith(internal + "."):
                 graph[mod].add(internal)
             is_shell = target == "argparse" or target == SHELL or target.startswith(SHELL + ".")
-            if is_shell and not (mod == SHELL or mod.startswith(SHELL + ".")):
+            # `__main__` modules are entry points (`python -m …`), shells themselves
+            if is_shell and not (mod == SHELL or mod.startswith(SHELL + ".") or mod.endswith(".__main__")):
                 shell_from_library.append(f"{mod}:{line} imports {target}")
     # a package's parents are imported before it: edges to the parents are implicit, not listed
     cyc = cycles(graph)
@@ -161,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=here, help="the package folder")
     parser.add_argument("--edges", action="store_true", help="also list each module's imports of the package")
+    parser.add_argument("--skip", action="append", default=[], metavar="PREFIX",
+                        help="leave out modules whose name starts with PREFIX (e.g. conceptexpress.toy)")
     args = parser.parse_args(argv)
-    json.dump(report(args.src, with_edges=args.edges), sys.stdout, indent=1)
+    json.dump(report(args.src, with_edges=args.edges, skip=tuple(args.skip)), sys.stdout, indent=1)
     print()
     return 0
 

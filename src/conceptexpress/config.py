@@ -149,6 +149,15 @@ class TrainConfig:
     split_merge: bool = field(default=True, metadata=_help("split-and-merge (SnM); off = one token per concept"))
     attn_reg: bool = field(default=True, metadata=_help("EMD attention alignment (Reg), Eq. 11"))
     contrastive: bool = field(default=True, metadata=_help("contrastive loss between split tokens, Eq. 10"))
+    # The released code optimizes the SupCon form (one softmax over all positives); Eq. 10 as printed sums one
+    # term per positive. Independent of `update_rule` (docs/fidelity.md, "Token learning").
+    contrastive_form: str = field(
+        default="released",
+        metadata=_help(
+            "released: SupCon, as the authors' code optimizes it; paper: Eq. 10 as printed",
+            choices=("released", "paper"),
+        ),
+    )
     # Released code: AdamW defaults of its script (weight decay 1e-2, betas 0.9/0.999, eps 1e-8).
     weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay (released code: 1e-2)"))
     flip_p: float = field(default=0.5, metadata=_help("probability of flipping image and masks in a step"))
@@ -198,6 +207,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", ">= 0")
         need(0.0 <= self.flip_p <= 1.0, "flip_p", "in [0, 1]")
         need(self.update_rule in ("batched", "released"), "update_rule", "'batched' or 'released'")
+        need(self.contrastive_form in ("released", "paper"), "contrastive_form", "'released' or 'paper'")
         need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)")
         need(self.emd_method in ("auto", "exact", "sinkhorn"), "emd_method", "auto, exact or sinkhorn")
 

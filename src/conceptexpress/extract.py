@@ -117,7 +117,9 @@ def extract(
     sample = sample or SampleConfig()
     runtime = runtime or train.runtime
 
-    # 1. Cheap checks first (image, output folder), then the model.
+    # 1. Cheap checks first (method, image, output folder), then the model.
+    if method not in METHODS:
+        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
     image = load_image(image_path)
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)
@@ -128,28 +130,18 @@ def extract(
         pipe = load_pipeline(model)
 
     # 2. Localization, once per image (reused when image, model and config match).
-    if _localization_matches(out, image_sha, model.model, localize):
-        loc_manifest, tensors = read_localization(out)
-        logger.info("reusing the localization in %s", out)
-    else:
-        loc_manifest, _ = localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
-        _, tensors = read_localization(out)
+    loc_manifest, tensors = _localization(pipe, image, image_path, image_sha, out, model, localize)
     n = int(loc_manifest["num_concepts"])
     if n == 0:
         raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
-    work_size = tuple(loc_manifest["work_size"])
 
     # 3. Token learning (resumable). BaS† (paper §4.1) trains on the same masks with Break-A-Scene's token phase.
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
     trainer_cls = BaSTrainer if method == "bas-dagger" else TokenTrainer
-    trainer = trainer_cls(pipe, image, work_size, tensors["masks"].bool(), tensors["centroids"], train, runtime=runtime)
-    callbacks = [_ProgressBar(train.steps, trainer.step)] if progress else []
-    try:
-        result = trainer.train(checkpoint_dir=out / CHECKPOINTS_DIR, resume=resume, callbacks=callbacks)
-    finally:
-        for cb in callbacks:
-            cb.close()
+    trainer = trainer_cls(
+        pipe, image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"], train,
+        runtime=runtime,
+    )
+    result = _train(trainer, out / CHECKPOINTS_DIR, resume, progress)
 
     # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, samples, manifest.
     tokens = token_names(n)
@@ -194,6 +186,25 @@ def extract(
     run_manifest = RunManifest.from_dict(manifest, source=str(out / RUN_MANIFEST))
     run_manifest.write(out)
     return run_manifest
+
+
+def _localization(pipe, image, image_path, image_sha: str, out: Path, model: ModelConfig, localize: LocalizeConfig):
+    """(localization manifest, tensors) of ``out``: read back when image, model and config match, else computed."""
+    if _localization_matches(out, image_sha, model.model, localize):
+        logger.info("reusing the localization in %s", out)
+    else:
+        localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
+    return read_localization(out)
+
+
+def _train(trainer: TokenTrainer, checkpoint_dir: Path, resume: bool, progress: bool):
+    """Run ``trainer`` with a progress bar (when asked) and resumable checkpoints; returns its TrainResult."""
+    callbacks = [_ProgressBar(trainer.config.steps, trainer.step)] if progress else []
+    try:
+        return trainer.train(checkpoint_dir=checkpoint_dir, resume=resume, callbacks=callbacks)
+    finally:
+        for cb in callbacks:
+            cb.close()
 
 
 def _write_samples(

@@ -21,7 +21,15 @@ import transformers
 
 from .. import __version__
 from ..errors import ConceptExpressError
-from . import bench_localize, evaluate, extract, extract_dataset, generate, localize
+from . import (
+    _quiet,  # noqa: F401  (first: before the sub-commands import diffusers' pipelines)
+    bench_localize,
+    evaluate,
+    extract,
+    extract_dataset,
+    generate,
+    localize,
+)
 from .args import Parser, add_config_args, add_run_model_args, config_from_args
 
 __all__ = ["COMMANDS", "add_config_args", "add_run_model_args", "build_parser", "config_from_args", "main"]
@@ -72,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s: %(message)s" if args.debug else "%(message)s",
         stream=sys.stderr,
     )
-    if not args.debug:
+    if args.debug:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
         _quiet_libraries()
     try:
         return args.func(args)

@@ -278,11 +278,11 @@ class TokenTrainer:
         norms = []
         if skip:
             if use_con:
-                stats["con"] = self._contrastive_grad(paper=cfg.update_rule == "batched")[1]
+                stats["con"] = self._contrastive_grad(paper=cfg.contrastive_form == "paper")[1]
         elif cfg.update_rule == "batched":
             grad = per_prompt.sum(0)  # (K, D): ∇ of (1/B)Σ_b (L_b + β R_b)
             if use_con:
-                con_grad, con = self._contrastive_grad(paper=True)
+                con_grad, con = self._contrastive_grad(paper=cfg.contrastive_form == "paper")
                 grad += con_grad
                 stats["con"] = con
             norms.append(self._apply(grad))
@@ -292,7 +292,7 @@ class TokenTrainer:
             for b in range(b_total):
                 grad = per_prompt[b] * b_total
                 if use_con:
-                    con_grad, con = self._contrastive_grad(paper=False)
+                    con_grad, con = self._contrastive_grad(paper=cfg.contrastive_form == "paper")
                     grad = grad + con_grad
                     stats["con"] = con
                 norms.append(self._apply(grad))

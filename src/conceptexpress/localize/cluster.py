@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .eot_filter import eot_filter
 from .finch import FinchLevel, LinkFilter, StopRule, finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
 
@@ -159,13 +160,10 @@ def _cluster(
 
     # (2) Filter (Eq. 5) on the min-max normalized [EOT] map: keep a cluster whose mean strictly exceeds the
     # image mean (a constant map normalizes to zeros, so nothing passes).
-    e = _min_max(eot)  # (h, w) float64
+    filtered = eot_filter(pre_labels, eot, num_pre)
+    e, scores, threshold, kept = filtered.eot, filtered.scores, filtered.threshold, filtered.kept  # kept: (N',)
     if float(e.max()) == 0.0:
         messages.append("the [EOT] map is constant: no region is more salient than the rest")
-    sizes = torch.bincount(pre_labels, minlength=num_pre).to(torch.float64)  # (N',)
-    scores = e.reshape(-1).new_zeros(num_pre).index_add_(0, pre_labels, e.reshape(-1)) / sizes  # (N',)
-    threshold = float(e.mean())
-    kept = scores > threshold  # (N',)
 
     # (3) Post-clustering: FINCH on the kept clusters' mean rows with the δ and adjacency constraints. "paper"
     # weights them by their sizes, so that merged means are means over all their pixels (Eq. 6); "released"
@@ -306,15 +304,6 @@ def _select_level(counts: tuple[int, ...], n_max: int, messages: list[str]) -> i
         )
         return 0
     return candidates[-1]
-
-
-def _min_max(eot: Tensor) -> Tensor:
-    """(e - min) / (max - min) in float64; a constant map becomes all zeros."""
-    e = eot.detach().to(device="cpu", dtype=torch.float64)
-    lo, hi = e.min(), e.max()
-    if hi > lo:
-        return (e - lo) / (hi - lo)
-    return torch.zeros_like(e)
 
 
 def _first_appearance_order(labels: Tensor, k: int) -> Tensor:

@@ -21,7 +21,7 @@ _EXPORTS = {
     "ImageMatch": "conceptexpress.locbench.matching",
     "DatasetScores": "conceptexpress.locbench.matching",
     "BaselineClusters": "conceptexpress.locbench.baselines",
-    "eot_filter": "conceptexpress.locbench.baselines",
+    "eot_filter": "conceptexpress.localize",
     "kmeans_concepts": "conceptexpress.locbench.baselines",
     "finch_fixed_concepts": "conceptexpress.locbench.baselines",
     "finch_levels": "conceptexpress.locbench.baselines",

@@ -38,7 +38,6 @@ from safetensors import safe_open
 
 from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError
-from .ldm_format import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,12 @@ _LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 ALTERNATIVES = "pass a diffusers folder, a hub id, or --single-file-config DIR_OR_ID"
 
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-_VAE_PREFIXES = ("first_stage_model.", "vae.")
+# Key prefixes of an original (LDM / A1111) checkpoint; conceptexpress.testing.ldm_format writes files with them.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIPTextModel names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names
+_VAE_PREFIXES = (VAE_PREFIX, "vae.")
 # Only the pipeline's configs and tokenizer files, never weights (same patterns diffusers uses).
 _CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "*.model", "**/*.model"]
 # ComfyUI's heuristic for SD 2.x: v-prediction training leaves the LayerNorm biases of the last output

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .models.ldm_format import pipeline_to_ldm
+from .ldm_format import pipeline_to_ldm
 
 # SD 2.x tokenizers pad with "!"; SD 1.x tokenizers pad with the end-of-text token (README, "Models").
 PAD_STYLES = ("sd2", "sd1")
@@ -267,7 +267,7 @@ def save_tiny_single_file(
 
     UNet under ``model.diffusion_model.*``, VAE under ``first_stage_model.*``, text encoder under
     ``cond_stage_model.transformer.text_model.*`` (``text_encoder_layout="clip"``, SD 1.x style) or
-    ``cond_stage_model.model.*`` (``"open_clip"``, SD 2.x style); see :mod:`conceptexpress.models.ldm_format`.
+    ``cond_stage_model.model.*`` (``"open_clip"``, SD 2.x style); see :mod:`conceptexpress.testing.ldm_format`.
     Tokenizer and scheduler are not part of such files: load it back with ``config=pipeline_dir``.
     """
     pipeline_dir, out_file = Path(pipeline_dir), Path(out_file)
@@ -301,6 +301,3 @@ def _main(argv: list[str] | None = None) -> int:
     print(f"wrote a random {kind} pipeline to {out}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(_main())
