@@ -160,6 +160,7 @@ def _cluster(
 
     # (2) Filter (Eq. 5) on the min-max normalized [EOT] map: keep a cluster whose mean strictly exceeds the
     # image mean (a constant map normalizes to zeros, so nothing passes).
+    sizes = torch.bincount(pre_labels, minlength=num_pre).to(torch.float64)  # (N',) pixels per pre-cluster
     filtered = eot_filter(pre_labels, eot, num_pre)
     e, scores, threshold, kept = filtered.eot, filtered.scores, filtered.threshold, filtered.kept  # kept: (N',)
     if float(e.max()) == 0.0:
