@@ -408,9 +408,22 @@ def test_bad_run_folders(tiny_sd2_dir, tmp_path):
         read_manifest(tmp_path / "bad")
 
 
+def test_generate_from_run_hands_the_pipeline_back_as_it_found_it(run_sd2, tiny_sd2_dir, tmp_path):
+    from conceptexpress.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd2_dir), device="cpu")
+    vocab = dict(pipe.tokenizer.get_vocab())
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    generate_from_run(run_sd2[0], ["all"], GenerateConfig(n=1, steps=1, height=64, width=64), pipe=pipe,
+                      out_dir=tmp_path / "g")
+    assert pipe.tokenizer.get_vocab() == vocab  # the run's tokens were added for the call only
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, rows)
+
+
 def test_no_pickle_loading_in_sources():
     import conceptexpress.export as export
     import conceptexpress.generate as generate
+    import conceptexpress.io.run_folder as run_folder
 
-    for module in (export, generate):
+    for module in (export, generate, run_folder):
         assert "torch.load(" not in Path(module.__file__).read_text()
