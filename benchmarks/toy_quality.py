@@ -39,7 +39,7 @@ ROWS = {
     "full": ({}, "conceptexpress"),
     "no-split-merge": ({"split_merge": False}, "conceptexpress"),
     "no-attn-reg": ({"attn_reg": False}, "conceptexpress"),
-    "batched-rule": ({"update_rule": "batched"}, "conceptexpress"),
+    "batched-rule": ({"update_rule": "batched", "contrastive_form": "paper"}, "conceptexpress"),
     "bas-dagger": ({}, "bas-dagger"),
 }
 

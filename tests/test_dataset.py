@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-import conceptexpress.extract as extract_module
-import conceptexpress.models as models_module
+import conceptexpress.dataset.run as dataset_run  # the names extract_dataset calls: patched here
+from conceptexpress.cli.extract_dataset import add_parser as add_extract_dataset_parser
 from conceptexpress.config import ModelConfig, TrainConfig
 from conceptexpress.dataset import (
     DatasetSummary,
-    add_extract_dataset_parser,
     extract_dataset,
     list_images,
     local_rank_from_env,
@@ -31,6 +30,7 @@ from conceptexpress.dataset import (
 )
 from conceptexpress.errors import ConfigError, InputError, ModelLoadError
 from conceptexpress.extract import SampleConfig
+from conceptexpress.io.run_folder import file_sha256
 
 FAST_TRAIN = TrainConfig(steps=2, merge_step=1, split_tokens=2)
 NO_SAMPLES = SampleConfig(samples=False)
@@ -235,7 +235,7 @@ def test_cli_rank_without_world_size_is_an_error(tmp_path):
 # ----------------------------------------------------------------------------- fake extract (no model)
 def _fake_finished_run(image: Path, out: Path, sample_passes: int = 7) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"complete": True, "image_sha256": extract_module.file_sha256(image), "sample_passes": sample_passes,
+    manifest = {"complete": True, "image_sha256": file_sha256(image), "sample_passes": sample_passes,
                 "num_concepts": 1, "config": {}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -249,7 +249,7 @@ def test_unexpected_exception_is_recorded_and_the_next_photo_runs(tmp_path, monk
             raise RuntimeError("boom\nsecond line")
         return _fake_finished_run(Path(image), Path(out))
 
-    monkeypatch.setattr(extract_module, "extract", fake_extract)
+    monkeypatch.setattr(dataset_run, "extract", fake_extract)
     s = extract_dataset(folder, tmp_path / "runs", pipe=tiny_pipe, rank=0, world_size=1, progress=False)
     assert s.failed == ("apple.png",) and s.done == ("cone.png",) and s.sample_passes == 7
     failures = json.loads((tmp_path / "runs" / "failures-rank0.json").read_text())["failures"]
@@ -267,7 +267,7 @@ def test_ctrl_c_stops_the_dataset_and_keeps_finished_runs(tmp_path, monkeypatch,
             raise KeyboardInterrupt
         return _fake_finished_run(Path(image), Path(out))
 
-    monkeypatch.setattr(extract_module, "extract", fake_extract)
+    monkeypatch.setattr(dataset_run, "extract", fake_extract)
     runs = tmp_path / "runs"
     with pytest.raises(KeyboardInterrupt):
         extract_dataset(folder, runs, pipe=tiny_pipe, rank=0, world_size=1, progress=False)
@@ -328,7 +328,7 @@ def first_run(tiny_sd2_dir, tmp_path_factory):
 def _spy(monkeypatch):
     """Record every extract(...) call (image name, resume) and every load_pipeline call; run the real ones."""
     calls, loads = [], []
-    real_extract, real_load = extract_module.extract, models_module.load_pipeline
+    real_extract, real_load = dataset_run.extract, dataset_run.load_pipeline
 
     def spy_extract(image, out, **kw):
         calls.append((Path(image).name, kw["resume"]))
@@ -338,8 +338,8 @@ def _spy(monkeypatch):
         loads.append(a)
         return real_load(*a, **kw)
 
-    monkeypatch.setattr(extract_module, "extract", spy_extract)
-    monkeypatch.setattr(models_module, "load_pipeline", spy_load)
+    monkeypatch.setattr(dataset_run, "extract", spy_extract)
+    monkeypatch.setattr(dataset_run, "load_pipeline", spy_load)
     return calls, loads
 
 
@@ -424,13 +424,13 @@ def test_each_photo_starts_from_the_pristine_pipeline(tmp_path, monkeypatch, tin
     embeddings = tiny_pipe.text_encoder.get_input_embeddings()
     rows = embeddings.weight.detach().clone()
     seen = []
-    real_extract = extract_module.extract
+    real_extract = dataset_run.extract
 
     def spy_extract(image, out, **kw):
         seen.append(("<c1>" in kw["pipe"].tokenizer.get_vocab(), len(kw["pipe"].tokenizer)))
         return real_extract(image, out, **kw)
 
-    monkeypatch.setattr(extract_module, "extract", spy_extract)
+    monkeypatch.setattr(dataset_run, "extract", spy_extract)
     s = extract_dataset(folder, tmp_path / "runs", model=ModelConfig(model="unused", device="cpu"), pipe=tiny_pipe,
                         train=FAST_TRAIN, sample=SampleConfig(sample_count=1, sample_steps=2),
                         rank=0, world_size=1, progress=False)
@@ -457,7 +457,7 @@ _ENTRY = textwrap.dedent(
 
     if wired():
         sys.exit(cli.main())
-    from conceptexpress.dataset import add_extract_dataset_parser
+    from conceptexpress.cli.extract_dataset import add_parser as add_extract_dataset_parser
     parser = argparse.ArgumentParser(prog="conceptexpress")
     parser.add_argument("-q", "--quiet", action="store_true")
     add_extract_dataset_parser(parser.add_subparsers(dest="command", required=True))

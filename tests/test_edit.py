@@ -138,7 +138,7 @@ def _loc_manifest(out: Path) -> dict:
 
 
 def test_run_folder_round_trip(localized, tiny_sd2_dir, tmp_path):
-    from conceptexpress.io.run_edit import load_localization
+    from conceptexpress.run_edit import load_localization
 
     fresh, _ = localized
     mode = fresh.clusters.clustering

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conceptexpress.cli import main
+from conceptexpress.cli.evaluate import add_parser as add_evaluate_parser
 from conceptexpress.errors import ConfigError, InputError, ModelLoadError
 from conceptexpress.evaluate import EvalConfig, evaluate_runs
-from conceptexpress.evaluate.cli import add_evaluate_parser
 
 EXTRACT_FAST = ["--steps", "2", "--merge-step", "1", "--split-tokens", "2", "--no-samples", "--device", "cpu"]
 COLUMNS = "| Method | SIM^I | SIM^C | ACC^1 | ACC^3 |"

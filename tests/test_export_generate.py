@@ -12,23 +12,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conceptexpress.cli.generate import add_parser as add_generate_parser
 from conceptexpress.errors import ConfigError, InputError
-from conceptexpress.export import (
-    load_tokens_into,
-    read_manifest,
-    read_token_embeddings,
-    token_stem,
-    write_token_files,
-)
+from conceptexpress.export import token_stem, write_token_files
 from conceptexpress.generate import (
     GenerateConfig,
-    add_generate_parser,
     expand_prompt,
     generate_from_run,
     image_grid,
     prompt_folders,
     prompt_slug,
 )
+from conceptexpress.io.run_folder import load_tokens_into, read_manifest, read_token_embeddings
 
 TOKENS = ["<c1>", "<c2>"]
 
@@ -413,9 +408,22 @@ def test_bad_run_folders(tiny_sd2_dir, tmp_path):
         read_manifest(tmp_path / "bad")
 
 
+def test_generate_from_run_hands_the_pipeline_back_as_it_found_it(run_sd2, tiny_sd2_dir, tmp_path):
+    from conceptexpress.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd2_dir), device="cpu")
+    vocab = dict(pipe.tokenizer.get_vocab())
+    rows = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    generate_from_run(run_sd2[0], ["all"], GenerateConfig(n=1, steps=1, height=64, width=64), pipe=pipe,
+                      out_dir=tmp_path / "g")
+    assert pipe.tokenizer.get_vocab() == vocab  # the run's tokens were added for the call only
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, rows)
+
+
 def test_no_pickle_loading_in_sources():
     import conceptexpress.export as export
     import conceptexpress.generate as generate
+    import conceptexpress.io.run_folder as run_folder
 
-    for module in (export, generate):
+    for module in (export, generate, run_folder):
         assert "torch.load(" not in Path(module.__file__).read_text()

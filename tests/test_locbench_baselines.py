@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptexpress.localize import cluster_concepts, finch, pairwise_symmetric_kl
+from conceptexpress.localize import cluster_concepts, eot_filter, finch, pairwise_symmetric_kl
 from conceptexpress.locbench.baselines import (
-    eot_filter,
     finch_fixed_concepts,
     finch_fixed_labels,
     finch_levels,
@@ -137,9 +136,10 @@ def test_fewer_levels_than_k_uses_the_finest_level_with_a_message(scene):
 def test_eot_filter_is_the_cores_filter(scene):
     attn, eot, _ = scene
     ours = cluster_concepts(attn, eot, n_max=10)
-    kept, scores, threshold = eot_filter(ours.pre_labels.numpy(), eot)
-    assert (torch.from_numpy(kept) == ours.kept).all()
-    assert np.allclose(scores, ours.scores.numpy(), atol=1e-6) and threshold == pytest.approx(ours.threshold)
+    filtered = eot_filter(ours.pre_labels.numpy(), eot)  # the one public function both use
+    assert (filtered.kept == ours.kept).all()
+    assert np.allclose(filtered.scores.numpy(), ours.scores.numpy(), atol=1e-6)
+    assert filtered.threshold == pytest.approx(ours.threshold)
 
 
 def test_constant_eot_keeps_nothing(scene):

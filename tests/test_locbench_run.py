@@ -9,9 +9,9 @@ import shutil
 import pytest
 from PIL import Image
 
+from conceptexpress.cli.bench_localize import add_parser as add_bench_localize_parser
 from conceptexpress.config import LocalizeConfig
 from conceptexpress.errors import ConfigError, InputError
-from conceptexpress.locbench.cli import add_bench_localize_parser
 from conceptexpress.locbench.run import BenchConfig, bench_localize, format_table
 from conceptexpress.locbench.scenes import write_synthetic_dataset
 

@@ -71,9 +71,8 @@ def test_wait_timeout_raises(tmp_path):
 
 
 def test_released_after_exception_and_reentrant_sequentially(tmp_path):
-    with pytest.raises(KeyError):
-        with run_lock(tmp_path / "run"):
-            raise KeyError("x")
+    with pytest.raises(KeyError), run_lock(tmp_path / "run"):
+        raise KeyError("x")
     with run_lock(tmp_path / "run"):
         pass
 
@@ -81,6 +80,5 @@ def test_released_after_exception_and_reentrant_sequentially(tmp_path):
 def test_unwritable_folder_is_output_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    with pytest.raises(OutputError, match="cannot create the lock"):
-        with run_lock(f / "run"):
-            pass
+    with pytest.raises(OutputError, match="cannot create the lock"), run_lock(f / "run"):
+        pass

@@ -241,7 +241,7 @@ def test_table_mc_column_takes_no_mark():
 
 def test_cli_flags_reach_bench_config():
     from conceptexpress.cli import config_from_args
-    from conceptexpress.locbench.cli import add_bench_localize_parser
+    from conceptexpress.cli.bench_localize import add_parser as add_bench_localize_parser
 
     parser = argparse.ArgumentParser()
     add_bench_localize_parser(parser.add_subparsers(dest="command"))

@@ -66,7 +66,7 @@ def _run(pipe, image, **kw):
     """One step of the stub trainer; returns (trainer, vectors before the step, gradient of the step, record)."""
     masks, cents = _inputs()
     cfg = TrainConfig(
-        steps=1, split_tokens=2, alpha=ALPHA, beta=BETA, tau=TAU, flip_p=0.0, update_rule="batched",
+        steps=1, split_tokens=2, alpha=ALPHA, beta=BETA, tau=TAU, flip_p=0.0, update_rule="batched", contrastive_form="paper",
         max_grad_norm=0.0, emd_method="exact", checkpoint_every=0, **kw,
     )
     tr = StubTrainer(pipe, image, WORK, masks, cents, cfg)

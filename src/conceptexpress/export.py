@@ -1,6 +1,7 @@
-"""Learned tokens on disk: one diffusers file and one A1111 / ComfyUI file per token, and loading them back.
+"""Learned tokens on disk: one diffusers file and one A1111 / ComfyUI file per token.
 
-Layout inside a run folder (DESIGN §5)::
+Reading them back (manifest, embeddings, loading into a pipeline) is :mod:`conceptexpress.io.run_folder`.
+Layout inside a run folder (README, "Outputs")::
 
     RUN/concepts/<stem>.safetensors   {"<c1>": (V, D) float32}   diffusers textual-inversion format
     RUN/a1111/<stem>.safetensors      {"emb_params": (V, D) float32}   A1111 WebUI / ComfyUI embedding
@@ -24,21 +25,17 @@ atomic, so an interrupted export never leaves a half file.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as save_tensors
 
-from .errors import InputError
 from .io.atomic import atomic_write_bytes
+from .io.run_folder import A1111_DIR, A1111_KEY, CONCEPTS_DIR
 
-MANIFEST = "manifest.json"
-RUN_FORMAT = "conceptexpress-run-1"
-CONCEPTS_DIR = "concepts"
-A1111_DIR = "a1111"
-A1111_KEY = "emb_params"
+__all__ = ["token_stem", "write_token_files"]
 
 # Characters a file name may not contain on Windows (the strictest of the three systems), plus path separators.
 _UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f\s]')
@@ -103,8 +100,6 @@ def write_token_files(out_dir: str | Path, tokens: list[str], embeddings: torch.
             to the same file name, or an embedding is not finite.
         OutputError: a file cannot be written.
     """
-    from safetensors.torch import save as save_tensors
-
     stems = _check_tokens(list(tokens))
     if embeddings.ndim == 2:
         embeddings = embeddings[:, None, :]  # (N, 1, D)
@@ -130,149 +125,3 @@ def write_token_files(out_dir: str | Path, tokens: list[str], embeddings: torch.
         atomic_write_bytes(out / a1111_file, save_tensors({A1111_KEY: emb}, metadata={**meta, "name": stem}))
         entries.append({"token": token, "index": i, "file": file, "a1111_file": a1111_file})
     return entries
-
-
-# ----------------------------------------------------------------------------- reading
-def read_manifest(run_dir: str | Path, *, require_complete: bool = True) -> dict[str, Any]:
-    """Read ``RUN/manifest.json``.
-
-    Raises:
-        InputError: the folder or manifest is missing, is not valid JSON, is not a run manifest, lists no
-            tokens, or (with ``require_complete``) the run did not finish (``"complete"`` absent or false).
-    """
-    run = Path(run_dir)
-    path = run / MANIFEST
-    if not run.is_dir():
-        raise InputError(f"run folder {str(run)!r} does not exist or is not a folder")
-    if not path.is_file():
-        raise InputError(f"{str(run)!r} is not a finished run (no {MANIFEST}); train its tokens first")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("conceptexpress-run-"):
-        raise InputError(f"{str(path)!r} is not a conceptexpress run manifest (expected format {RUN_FORMAT!r})")
-    if require_complete and manifest.get("complete") is not True:
-        raise InputError(
-            f"run {str(run)!r} is incomplete (manifest has \"complete\": {manifest.get('complete', 'absent')}); "
-            "finish or rerun the training"
-        )
-    tokens = manifest.get("tokens")
-    if not isinstance(tokens, list) or not tokens:
-        raise InputError(f"{str(path)!r} lists no tokens")
-    for entry in tokens:
-        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str) or not isinstance(entry.get("file"), str):
-            raise InputError(f"{str(path)!r}: every token entry needs \"token\" and \"file\" strings, got {entry!r}")
-    return manifest
-
-
-def _token_file(run: Path, rel: str, token: str) -> Path:
-    path = (run / rel).resolve()
-    if not path.is_relative_to(run.resolve()):
-        raise InputError(f"token {token!r}: file {rel!r} lies outside the run folder {str(run)!r}")
-    if path.suffix.lower() != ".safetensors":
-        # Pickled embeddings (.bin/.pt) can run code on load; only safetensors files are read.
-        raise InputError(f"token {token!r}: file {rel!r} is not a .safetensors file; pickles are never loaded")
-    if not path.is_file():
-        raise InputError(f"token {token!r}: file {str(run / rel)!r} is missing; the run folder is damaged")
-    return path
-
-
-def read_token_embeddings(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The learned embeddings of a finished run, ``{token: (V, D) float32 tensor on CPU}``, in manifest order.
-
-    Reads the diffusers files listed in ``manifest.json`` with safetensors only. A file may hold ``(D,)`` or
-    ``(V, D)`` under the token's key (or under a single other key, as diffusers also accepts).
-
-    Raises:
-        InputError: manifest missing or incomplete, a listed file missing, not safetensors, unreadable, or
-            holding something other than one embedding of the manifest's width.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    run = Path(run_dir)
-    manifest = read_manifest(run)
-    dim = manifest.get("embedding_dim")
-    out: dict[str, torch.Tensor] = {}
-    for entry in manifest["tokens"]:
-        token = entry["token"]
-        path = _token_file(run, entry["file"], token)
-        try:
-            state = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"token {token!r}: cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
-        if token in state:
-            emb = state[token]
-        elif len(state) == 1:
-            emb = next(iter(state.values()))
-        else:
-            raise InputError(f"token {token!r}: {str(path)!r} holds keys {sorted(state)} and none is the token")
-        if emb.ndim == 1:
-            emb = emb[None]  # (1, D)
-        if emb.ndim != 2 or emb.shape[0] == 0 or (isinstance(dim, int) and emb.shape[1] != dim):
-            raise InputError(
-                f"token {token!r}: {str(path)!r} holds shape {tuple(emb.shape)}, expected (V, {dim or 'D'})"
-            )
-        out[token] = emb.float()
-    return out
-
-
-# ----------------------------------------------------------------------------- loading into a pipeline
-def _vector_names(token: str, num_vectors: int) -> list[str]:
-    # diffusers' multi-vector convention: "<c1>", "<c1>_1", "<c1>_2", … (maybe_convert_prompt expands them).
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
-def load_tokens_into(pipe, run_dir: str | Path) -> list[str]:
-    """Add the tokens of a finished run to a loaded pipeline with diffusers' own ``load_textual_inversion``.
-
-    The diffusers files are passed explicitly with their tokens and ``use_safetensors=True`` (so diffusers
-    never falls back to a pickle). A token the tokenizer already has with the same embedding (e.g. a second
-    call) is skipped; with a different embedding it is an error, because prompts would silently use the old one.
-
-    Returns:
-        All tokens of the run, in manifest order (newly added or already present).
-
-    Raises:
-        InputError: the run cannot be read, its embedding width differs from the pipeline's text encoder
-            (the run was trained on another base model), or a token exists with a different embedding.
-    """
-    run = Path(run_dir)
-    manifest = read_manifest(run)
-    embeddings = read_token_embeddings(run)
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    weight = text_encoder.get_input_embeddings().weight  # (vocab, D)
-    width = weight.shape[-1]
-    vocab = tokenizer.get_vocab()
-    to_load: list[tuple[str, str]] = []
-    for entry in manifest["tokens"]:
-        token = entry["token"]
-        emb = embeddings[token]  # (V, D)
-        if emb.shape[-1] != width:
-            raise InputError(
-                f"token {token!r} has width {emb.shape[-1]} but the pipeline's text encoder has width {width}; "
-                f"the run was trained on {manifest.get('base_model', 'another model')!r}"
-            )
-        names = _vector_names(token, emb.shape[0])
-        present = [n for n in names if n in vocab]
-        # diffusers refuses "<c1>" when "<c1>_1" exists, so a longer multi-vector token also counts as present.
-        longer = f"{token}_{emb.shape[0]}" in vocab
-        if not present and not longer:
-            to_load.append((token, str(run / entry["file"])))
-            continue
-        same = len(present) == len(names) and not longer
-        if same:
-            rows = weight[[vocab[n] for n in names]].detach()  # (V, D)
-            same = torch.equal(rows, emb.to(rows.device, rows.dtype))
-        if not same:
-            raise InputError(
-                f"token {token!r} is already in the pipeline's tokenizer with a different embedding; "
-                "load this run into a fresh pipeline"
-            )
-    if to_load:
-        pipe.load_textual_inversion(
-            [path for _, path in to_load], token=[token for token, _ in to_load], use_safetensors=True
-        )
-    return [entry["token"] for entry in manifest["tokens"]]
-

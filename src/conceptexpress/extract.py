@@ -1,4 +1,4 @@
-"""``conceptexpress extract``: localization + token learning + export for one photo (DESIGN §5).
+"""Localization + token learning + export for one photo (``conceptexpress extract``; layout in README "Outputs").
 
 The run folder grows in stages, each finished stage marked by a file written last:
 
@@ -11,57 +11,52 @@ so an interrupted run never leaves a folder that looks complete, and ``--resume`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from .config import LocalizeConfig, ModelConfig, TrainConfig, config_dict
+from .config import (
+    METHODS,
+    GenerateConfig,
+    LocalizeConfig,
+    ModelConfig,
+    RuntimeConfig,
+    SampleConfig,
+    TrainConfig,
+    config_dict,
+)
 from .errors import ConfigError, NoConceptError
+from .export import write_token_files
+from .generate import generate, sampler_record
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 from .io.images import load_image
-from .io.localization_files import MANIFEST as LOCALIZATION_MANIFEST
-from .io.localization_files import read_localization, save_localization, versions
-from .sampler import DEFAULT_SCHEDULER, SCHEDULERS
+from .io.localization_files import read_localization, save_localization
+from .io.run_folder import (
+    CHECKPOINTS_DIR,
+    LOCALIZATION_MANIFEST,
+    RUN_FORMAT,
+    RUN_MANIFEST,
+    SAMPLES_DIR,
+    RunManifest,
+    file_sha256,
+    run_tokens,
+    token_names,
+    versions,
+)
+from .learn.bas import BaSTrainer
+from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
+from .localizer import ConceptLocalizer
+from .models import load_pipeline
+
+__all__ = ["METHODS", "SampleConfig", "extract", "localize_to_folder"]
 
 logger = logging.getLogger(__name__)
-
-RUN_MANIFEST = "manifest.json"
-METHODS = ("conceptexpress", "bas-dagger")
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """Sample images written after training with the already loaded pipeline (seeds 0…n−1 from ``TrainConfig.seed``)."""
-
-    samples: bool = field(default=True, metadata={"help": "write sample images per concept after training"})
-    sample_count: int = field(default=2, metadata={"help": "images per prompt"})
-    # Released sampler (DESIGN §4b, conceptexpress.sampler): DDIM, 50 steps, guidance 7.5, native size.
-    sample_steps: int = field(default=50, metadata={"help": "denoising steps of the samples"})
-    sample_scheduler: str = field(
-        default=DEFAULT_SCHEDULER,
-        metadata={"help": "sampler of the samples (see `generate --help`)", "choices": SCHEDULERS},
-    )
-
-    def __post_init__(self) -> None:
-        if self.sample_scheduler not in SCHEDULERS:
-            raise ConfigError(
-                f"`sample_scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.sample_scheduler!r}"
-            )
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _localization_matches(out: Path, image_sha: str, model: str, loc_cfg: LocalizeConfig) -> bool:
@@ -85,8 +80,6 @@ def localize_to_folder(pipe, image, image_path, out: Path, model: ModelConfig, l
     Returns (manifest, Localization). The manifest records the image path and SHA-256, the model and the
     resolved configs, which is what lets `extract` reuse a localization instead of recomputing it.
     """
-    from .localizer import ConceptLocalizer
-
     loc = ConceptLocalizer(pipe, localize)(image)
     meta = {
         "image": str(Path(image_path).resolve()),
@@ -97,10 +90,6 @@ def localize_to_folder(pipe, image, image_path, out: Path, model: ModelConfig, l
     return save_localization(loc, image, out, meta=meta), loc
 
 
-def token_names(n: int) -> list[str]:
-    return [f"<c{i + 1}>" for i in range(n)]
-
-
 def extract(
     image_path: str | Path,
     out_dir: str | Path,
@@ -109,19 +98,20 @@ def extract(
     localize: LocalizeConfig | None = None,
     train: TrainConfig | None = None,
     sample: SampleConfig | None = None,
+    runtime: RuntimeConfig | None = None,
     resume: bool = False,
     pipe=None,
     progress: bool = True,
     method: str = "conceptexpress",
     callbacks: Sequence[Callable[[Any, dict[str, Any]], None]] = (),
-) -> dict[str, Any]:
+) -> RunManifest:
     """Run the whole method on one photo and return the written run manifest (see module docstring).
 
-    ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel)."""
-    from .export import write_token_files
-    from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
-    from .models import load_pipeline
+    ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel).
 
+    ``runtime`` (micro-batch, precision, checkpoints) defaults to ``train.runtime``; it is not part of the method,
+    so ``resume=True`` accepts a different one.
+    """
     if model is None:
         # A caller's pipeline without a ModelConfig: record the model it was loaded from, not the default id.
         origin = getattr(pipe, "name_or_path", None) if pipe is not None else None
@@ -129,44 +119,33 @@ def extract(
     localize = localize or LocalizeConfig()
     train = train or TrainConfig()
     sample = sample or SampleConfig()
+    runtime = runtime or train.runtime
 
-    # 1. Cheap checks first (image, output folder), then the model.
+    # 1. Cheap checks first (method, image, output folder), then the model.
+    if method not in METHODS:
+        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
     image = load_image(image_path)
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)
     (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
     if not resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
     if pipe is None:
         pipe = load_pipeline(model)
 
     # 2. Localization, once per image (reused when image, model and config match).
-    if _localization_matches(out, image_sha, model.model, localize):
-        loc_manifest, tensors = read_localization(out)
-        logger.info("reusing the localization in %s", out)
-    else:
-        loc_manifest, _ = localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
-        _, tensors = read_localization(out)
+    loc_manifest, tensors = _localization(pipe, image, image_path, image_sha, out, model, localize)
     n = int(loc_manifest["num_concepts"])
     if n == 0:
         raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
-    work_size = tuple(loc_manifest["work_size"])
 
     # 3. Token learning (resumable). BaS† (paper §4.1) trains on the same masks with Break-A-Scene's token phase.
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "bas-dagger":
-        from .learn.bas import BaSTrainer as trainer_cls
-    else:
-        trainer_cls = TokenTrainer
-    trainer = trainer_cls(pipe, image, work_size, tensors["masks"].bool(), tensors["centroids"], train)
-    bars = [_ProgressBar(train.steps, trainer.step)] if progress else []
-    callbacks = [*bars, *callbacks]
-    try:
-        result = trainer.train(checkpoint_dir=out / "checkpoints", resume=resume, callbacks=callbacks)
-    finally:
-        for bar in bars:
-            bar.close()
+    trainer_cls = BaSTrainer if method == "bas-dagger" else TokenTrainer
+    trainer = trainer_cls(
+        pipe, image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"], train,
+        runtime=runtime,
+    )
+    result = _train(trainer, out / CHECKPOINTS_DIR, resume, progress, callbacks)
 
     # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, samples, manifest.
     tokens = token_names(n)
@@ -180,7 +159,7 @@ def extract(
     )
 
     manifest = {
-        "format": "conceptexpress-run-1",
+        "format": RUN_FORMAT,
         "method": method,
         "image": str(Path(image_path).resolve()),
         "image_sha256": image_sha,
@@ -204,12 +183,33 @@ def extract(
         "history": "history.json",
         "samples": sample_files,
         "sampler": sampler,  # scheduler, its config, steps, guidance, size of the samples (None: no samples)
-        "config": config_dict(model, localize, trainer.config, sample),  # the config actually used
+        "config": config_dict(model, localize, trainer.config, runtime, sample),  # the config actually used
         "versions": versions(),
         "complete": True,
     }
-    atomic_write_json(out / RUN_MANIFEST, manifest)
-    return manifest
+    run_manifest = RunManifest.from_dict(manifest, source=str(out / RUN_MANIFEST))
+    run_manifest.write(out)
+    return run_manifest
+
+
+def _localization(pipe, image, image_path, image_sha: str, out: Path, model: ModelConfig, localize: LocalizeConfig):
+    """(localization manifest, tensors) of ``out``: read back when image, model and config match, else computed."""
+    if _localization_matches(out, image_sha, model.model, localize):
+        logger.info("reusing the localization in %s", out)
+    else:
+        localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
+    return read_localization(out)
+
+
+def _train(trainer: TokenTrainer, checkpoint_dir: Path, resume: bool, progress: bool, callbacks=()):
+    """Run ``trainer`` with a progress bar (when asked), the caller's ``callbacks`` and resumable checkpoints;
+    returns its TrainResult."""
+    bars = [_ProgressBar(trainer.config.steps, trainer.step)] if progress else []
+    try:
+        return trainer.train(checkpoint_dir=checkpoint_dir, resume=resume, callbacks=[*bars, *callbacks])
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def _write_samples(
@@ -219,29 +219,24 @@ def _write_samples(
 
     Returns ``({prompt: [files]}, sampler record)``; the pipeline's tokens and scheduler are left as they were.
     """
-    from .generate import GenerateConfig, generate, sampler_record
-
     existing = set(pipe.tokenizer.get_vocab())
     clash = [t for t in tokens if t in existing]
     if clash:
         # A token of that name is already in the pipeline (another run's): sampling would use its embedding.
         raise ConfigError(f"tokens {clash} already exist in the loaded pipeline; unload them before sampling")
-    pipe.load_textual_inversion(list(embeddings), token=list(tokens), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
-    try:
+    # Leave the pipeline as it was: the next image of a dataset learns tokens of the same names.
+    with run_tokens(pipe, dict(zip(tokens, embeddings))):
         prompts = [f"a photo of {t}" for t in tokens] + ["a photo of " + " and ".join(tokens)]
         gen_cfg = GenerateConfig(n=cfg.sample_count, seed=seed, steps=cfg.sample_steps, scheduler=cfg.sample_scheduler)
         images = generate(pipe, prompts, gen_cfg)
         sampler = sampler_record(pipe, gen_cfg)
-    finally:
-        # Leave the pipeline as it was: the next image of a dataset learns tokens of the same names.
-        pipe.unload_textual_inversion(list(tokens))
     files: dict[str, list[str]] = {}
-    (out / "samples").mkdir(exist_ok=True)
+    (out / SAMPLES_DIR).mkdir(exist_ok=True)
     for name, prompt, imgs in zip([*tokens, "all"], prompts, images):
         stem = name.strip("<>")
         files[prompt] = []
         for k, img in enumerate(imgs):
-            rel = f"samples/{stem}_{k:02d}.png"
+            rel = f"{SAMPLES_DIR}/{stem}_{k:02d}.png"
             atomic_save_image(img, out / rel)
             files[prompt].append(rel)
     return files, sampler
@@ -251,8 +246,6 @@ class _ProgressBar:
     """tqdm bar with the current loss (a training callback)."""
 
     def __init__(self, total: int, start: int):
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, initial=start, desc="learning tokens", unit="step", dynamic_ncols=True)
 
     def __call__(self, trainer, record: dict[str, Any]) -> None:

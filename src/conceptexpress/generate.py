@@ -12,80 +12,37 @@ prompts starts from the same noise, so prompts compare side by side. Outputs::
 
 from __future__ import annotations
 
-import argparse
+import json
 import math
 import re
 import unicodedata
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import ModelConfig
+import torch
+from PIL import Image
+
+from . import __version__
+from .config import GenerateConfig, ModelConfig
 from .errors import ConfigError
-from .sampler import DEFAULT_SCHEDULER, SCHEDULERS
+from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
+from .io.run_folder import RunManifest, read_manifest, run_tokens
+from .models import load_pipeline
+from .sampler import build_scheduler, describe, using_scheduler
 
-if TYPE_CHECKING:
-    from PIL import Image
+__all__ = [
+    "GenerateConfig", "expand_prompt", "generate", "generate_from_run", "image_grid", "prompt_folders",
+    "prompt_slug", "run_model_config", "sampler_record",
+]
 
 GENERATED_DIR = "generated"
 RECORD = "generation.json"
-_MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay in range
 # Angle-bracketed words are placeholders by convention (<c1>, <cat-toy>); one the run lacks is a typo.
 _TOKEN_LIKE = re.compile(r"<[A-Za-z0-9_.\-]+>")
 _SLUG_MAX = 60
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
-
-
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    """Sampling options of ``generate`` (diffusers ``StableDiffusionPipeline.__call__``)."""
-
-    # Four samples per prompt: enough to judge a concept, one 2 × 2 grid.
-    n: int = field(default=4, metadata=_help("images per prompt"))
-    # Image i uses seed + i, so a seed reproduces every picture whatever the batch size.
-    seed: int = field(default=0, metadata=_help("random seed; image i of every prompt uses seed + i"))
-    # Released code (infer.py): DDIM (clip_sample False, set_alpha_to_one False) from the model's own schedule.
-    scheduler: str = field(
-        default=DEFAULT_SCHEDULER,
-        metadata=_help("sampler: ddim (released code), pipeline (the model's own, PNDM for SD 2.1-base), pndm, "
-                       "dpmsolver, euler", choices=SCHEDULERS),
-    )
-    # Released code: 50 DDIM steps.
-    steps: int = field(default=50, metadata=_help("denoising steps"))
-    # Released code: 7.5, the SD default; 1 turns classifier-free guidance off.
-    guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
-    # None = the model's native size (UNet sample_size × VAE factor: 512 for SD 2.1-base).
-    height: int | None = field(default=None, metadata=_help("image height in pixels, a multiple of 8; None = the model's native size"))
-    width: int | None = field(default=None, metadata=_help("image width in pixels, a multiple of 8; None = the model's native size"))
-    negative_prompt: str = field(default="", metadata=_help("what to steer away from (empty: none)"))
-
-    def __post_init__(self) -> None:
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.n) or self.n < 1:
-            raise ConfigError(f"`n` must be an integer >= 1, got {self.n!r}")
-        if not is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED - self.n:
-            raise ConfigError(f"`seed` must be an integer in [0, 2**63 - 1 - n], got {self.seed!r}")
-        if not is_int(self.steps) or self.steps < 1:
-            raise ConfigError(f"`steps` must be an integer >= 1, got {self.steps!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ConfigError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool) or not (
-            math.isfinite(self.guidance) and self.guidance >= 0
-        ):
-            raise ConfigError(f"`guidance` must be a finite number >= 0, got {self.guidance!r}")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (not is_int(v) or v < 64 or v % 8):
-                raise ConfigError(f"`{name}` must be a multiple of 8 and >= 64 pixels, got {v!r}")
-        if not isinstance(self.negative_prompt, str):
-            raise ConfigError(f"`negative_prompt` must be a string, got {self.negative_prompt!r}")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -130,8 +87,6 @@ def prompt_slug(prompt: str, max_len: int = _SLUG_MAX) -> str:
 
 
 def _recorded_prompt(folder: Path) -> str | None:
-    import json
-
     try:
         return json.loads((folder / RECORD).read_text(encoding="utf-8")).get("prompt")
     except (OSError, ValueError, AttributeError):
@@ -174,10 +129,6 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
     Returns:
         One list of ``n`` RGB PIL images per prompt, in order, each ``width × height`` (model native by default).
     """
-    import torch
-
-    from .sampler import using_scheduler
-
     config = config or GenerateConfig()
     if isinstance(prompts, str) or not prompts:
         raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}")
@@ -203,8 +154,6 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
 
 def sampler_record(pipe, config: GenerateConfig) -> dict[str, Any]:
     """What a run records about how its pictures were sampled (:func:`conceptexpress.sampler.describe`)."""
-    from .sampler import build_scheduler, describe
-
     scheduler = build_scheduler(pipe.scheduler, config.scheduler)
     record = describe(scheduler, config.scheduler, config.steps, config.guidance)
     unet = pipe.unet.config
@@ -218,8 +167,6 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 
     Cells take the largest width and height; smaller images sit at their cell's top-left on black.
     """
-    from PIL import Image
-
     if not images:
         raise ValueError("`images` must hold at least one image, got an empty list")
     n = len(images)
@@ -238,8 +185,6 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
 
 # ----------------------------------------------------------------------------- a run folder end to end
 def _save_prompt(folder: Path, images: list[Image.Image], record: dict[str, Any]) -> None:
-    from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
-
     ensure_output_dir(folder)
     # Invalidate the previous result first: until the new record lands the folder must not look complete,
     # and a rerun with a smaller n must not leave old pictures behind.
@@ -270,8 +215,8 @@ def generate_from_run(
         prompts: prompts in which the run's tokens appear, or the shorthands ``"all"`` / ``"<c2>"``
             (see :func:`expand_prompt`).
         config: sampling options (default :class:`GenerateConfig`).
-        pipe: an already loaded pipeline of the run's base model; used as is (not reloaded), and the run's
-            tokens are added to it.
+        pipe: an already loaded pipeline of the run's base model; used as is (not reloaded). The run's tokens
+            are added for the call and removed again: the pipeline is handed back as it was found.
         out_dir: where the per-prompt folders go (default ``RUN/generated``).
         model_options: :class:`~conceptexpress.config.ModelConfig` fields (``device``, ``dtype``, ``model``,
             ``single_file_config``) overriding the manifest's base model; ignored when ``pipe`` is given.
@@ -283,31 +228,30 @@ def generate_from_run(
         InputError: the run is missing, incomplete or damaged. ConfigError: a bad option or a prompt naming
         a token the run lacks. ModelLoadError / OutputError: the model or the output folder.
     """
-    from . import __version__
-    from .export import load_tokens_into, read_manifest
-    from .io.atomic import ensure_output_dir
-
     config = config or GenerateConfig()
     if isinstance(prompts, str) or not prompts:
         raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}")
     # 1. Cheap checks first: a bad run, prompt or output folder fails before the model loads.
     run = Path(run_dir)
     manifest = read_manifest(run)
-    tokens = [entry["token"] for entry in manifest["tokens"]]
+    tokens = manifest.token_list
     expanded = list(dict.fromkeys(expand_prompt(p, tokens) for p in prompts))  # duplicates would redo work
     root = ensure_output_dir(out_dir if out_dir is not None else run / GENERATED_DIR)
-    model_cfg = _model_config(manifest, model_options)
+    model_cfg = run_model_config(manifest, model_options)
 
     # 2. Model and tokens.
-    model_name = manifest.get("base_model")  # what a passed pipeline is assumed to be
+    model_name = manifest.base_model  # what a passed pipeline is assumed to be
     if pipe is None:
-        from .models import load_pipeline
-
         pipe = load_pipeline(model_cfg)
         model_name = model_cfg.model
-    load_tokens_into(pipe, run)
 
     # 3. Sample and write, one prompt at a time so a long job keeps what it finished.
+    with run_tokens(pipe, run):
+        _sample_and_write(pipe, run, expanded, root, config, model_name)
+    return root
+
+
+def _sample_and_write(pipe, run: Path, expanded: list[str], root: Path, config: GenerateConfig, model_name) -> None:
     sampler = sampler_record(pipe, config)
     for prompt, folder in zip(expanded, prompt_folders(root, expanded)):
         images = generate(pipe, [prompt], config)[0]
@@ -324,65 +268,19 @@ def generate_from_run(
                 "conceptexpress": __version__,
             },
         )
-    return root
 
 
-def _manifest_model(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The ModelConfig fields a run's manifest records (its base model, and configs of a single file)."""
-    base = {"model": manifest.get("base_model"), "single_file_config": manifest.get("single_file_config")}
-    return {k: v for k, v in base.items() if v is not None}
+def run_model_config(manifest: RunManifest, options: Mapping[str, Any] | None = None) -> ModelConfig:
+    """The run's base model (``base_model`` / ``single_file_config`` of its manifest) with ``options``
+    (:class:`~conceptexpress.config.ModelConfig` fields, None = unset) overriding it.
 
-
-def _model_config(manifest: dict[str, Any], options: Mapping[str, Any] | None) -> ModelConfig:
+    Raises:
+        ConfigError: ``options`` has a key that is not a ModelConfig field, or a bad value.
+    """
     allowed = [f.name for f in fields(ModelConfig)]
     unknown = sorted(set(options or {}) - set(allowed))
     if unknown:
         raise ConfigError(f"`model_options` has unknown keys {unknown}; allowed: {allowed}")
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    return ModelConfig(**{**_manifest_model(manifest), **given})
-
-
-# ----------------------------------------------------------------------------- command line
-def add_generate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``generate RUN_DIR PROMPT [PROMPT ...]`` on ``subparsers`` (from ``add_subparsers``).
-
-    Sampling flags come from :class:`GenerateConfig` (``-n`` is short for ``--n``), model flags from
-    :class:`~conceptexpress.config.ModelConfig` with the run's base model as default. Sets ``func`` to a
-    handler that returns the exit code.
-    """
-    from .cli import add_config_args, add_run_model_args
-
-    p = subparsers.add_parser(
-        "generate",
-        help="generate images with a run's learned tokens",
-        description='Sample images of prompts that use a run\'s tokens, e.g. "a photo of <c1> on a beach". '
-        'Shorthands: "all" = every concept together, "<c2>" = "a photo of <c2>".',
-    )
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder (with manifest.json)")
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help='prompt, "all", or a bare token such as "<c2>"')
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/generated)")
-    n_field = next(f for f in fields(GenerateConfig) if f.name == "n")
-    p.add_argument(
-        "-n", "--n", dest="GenerateConfig.n", type=int, default=None, metavar="N",
-        help=f"{n_field.metadata['help']} (default: {n_field.default})",
-    )
-    add_config_args(p, GenerateConfig, skip=("n",))
-    add_run_model_args(p, "the run's, from manifest.json")
-    p.set_defaults(func=_cmd_generate)
-    return p
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .cli import config_from_args
-    from .export import read_manifest
-
-    # Flags first, then the run: both fail in a second, before the model loads.
-    gen_cfg = config_from_args(args, GenerateConfig)
-    manifest = read_manifest(args.run_dir)
-    model_cfg = config_from_args(args, ModelConfig, **_manifest_model(manifest))
-    root = generate_from_run(args.run_dir, args.prompts, gen_cfg, out_dir=args.out, model_options=asdict(model_cfg))
-    tokens = [e["token"] for e in manifest["tokens"]]
-    expanded = list(dict.fromkeys(expand_prompt(p, tokens) for p in args.prompts))
-    for prompt, folder in zip(expanded, prompt_folders(root, expanded)):
-        print(f"{prompt!r}: {gen_cfg.n} images + grid.png -> {folder}/")
-    return 0
+    recorded = {"model": manifest.base_model, "single_file_config": manifest.single_file_config}
+    return ModelConfig(**{**{k: v for k, v in recorded.items() if v is not None}, **given})

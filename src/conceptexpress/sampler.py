@@ -1,4 +1,4 @@
-"""The sampler of ``generate``, ``extract``'s samples and ``evaluate`` (DESIGN §4b).
+"""The sampler of ``generate``, ``extract``'s samples and ``evaluate`` (docs/fidelity.md, "Generation").
 
 Default: the released code's sampler (``infer.py``): DDIM with ``clip_sample=False`` and ``set_alpha_to_one=False``,
 50 steps, guidance 7.5, at the model's native size. It is built from the pipeline's own scheduler config, so the
@@ -15,6 +15,9 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import diffusers
+
+from .config import DEFAULT_SCHEDULER, SCHEDULERS
 from .errors import ConfigError
 
 __all__ = ["DEFAULT_SCHEDULER", "SCHEDULERS", "build_scheduler", "describe", "using_scheduler"]
@@ -28,9 +31,7 @@ _SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpmsolver": ("DPMSolverMultistepScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
 }
-# "pipeline": whatever scheduler the loaded pipeline carries, unchanged.
-SCHEDULERS = ("ddim", "pipeline", "pndm", "dpmsolver", "euler")
-DEFAULT_SCHEDULER = "ddim"
+# "pipeline": whatever scheduler the loaded pipeline carries, unchanged (SCHEDULERS lists the names).
 
 
 def _check(name: str) -> None:
@@ -47,8 +48,6 @@ def build_scheduler(pipeline_scheduler: Any, name: str = DEFAULT_SCHEDULER) -> A
     _check(name)
     if name == "pipeline":
         return pipeline_scheduler
-    import diffusers
-
     cls_name, overrides = _SPECS[name]
     return getattr(diffusers, cls_name).from_config(pipeline_scheduler.config, **overrides)
 

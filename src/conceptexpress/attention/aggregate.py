@@ -1,4 +1,4 @@
-"""Aggregation of UNet attention probabilities into latent-resolution maps (paper §3.2, DESIGN §3).
+"""Aggregation of UNet attention probabilities into latent-resolution maps (paper §3.2, docs/fidelity.md).
 
 Pure torch: nothing here imports diffusers, so the accumulators can be fed hand-built probabilities in tests
 and benchmarks. :mod:`conceptexpress.attention.capture` feeds them from a real UNet, one layer at a time.
@@ -62,7 +62,7 @@ def _nearest_index(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
 
 
 class SelfAttentionAccumulator:
-    """Running aggregate of self-attention maps at latent resolution (paper §3.2, DESIGN §3).
+    """Running aggregate of self-attention maps at latent resolution (paper §3.2, docs/fidelity.md).
 
     Every layer's head-averaged map ``A_l`` (``(h_l w_l) x (h_l w_l)``) is brought to ``(h w) x (h w)``:
     keys (last axis) are bilinearly resized to ``(h, w)`` (``align_corners=False``), queries (first axis) are
@@ -196,10 +196,6 @@ class CrossAttentionAccumulator:
         self.num_layers = 0
         self._sum: torch.Tensor | None = None  # (B, q, n) float32
         self._layer_hw: tuple[int, int] | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.token_indices.shape[-1])
 
     def add(self, probs: torch.Tensor, layer_hw: tuple[int, int]) -> None:
         """Fold one cross-attention layer into the running sum.

@@ -1,4 +1,4 @@
-"""Attention capture through diffusers attention processors (DESIGN §3, §4).
+"""Attention capture through diffusers attention processors (docs/fidelity.md, "Concept localization" and "Token learning").
 
 :func:`capture_attention` swaps a :class:`CapturingAttnProcessor` onto exactly the UNet layers that feed an
 accumulator (every self-attention layer for the localization map, the cross-attention layers at latent/4 for

@@ -17,12 +17,11 @@ shardable without any coordination between processes:
 ``docs/scaling.md`` shows the launcher commands.
 
 Layout: ``shards.py`` (listing, sharding, launcher environment), ``summary.py`` (:class:`DatasetSummary`, the
-per-rank files), ``run.py`` (:func:`extract_dataset`), ``cli.py`` (the ``extract-dataset`` sub-command).
+per-rank files), ``run.py`` (:func:`extract_dataset`); the sub-command is ``conceptexpress.cli.extract_dataset``.
 """
 
 from __future__ import annotations
 
-from .cli import _cmd_extract_dataset, add_extract_dataset_parser
 from .run import extract_dataset
 from .shards import (
     IMAGE_SUFFIXES,
@@ -39,8 +38,6 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SUMMARY_FORMAT",
     "DatasetSummary",
-    "_cmd_extract_dataset",
-    "add_extract_dataset_parser",
     "check_unique_stems",
     "extract_dataset",
     "failures_path",

@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..config import LocalizeConfig, ModelConfig, TrainConfig
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..config import (
+    METHODS,
+    LocalizeConfig,
+    ModelConfig,
+    RuntimeConfig,
+    SampleConfig,
+    TrainConfig,
+    config_dict,
+)
 from ..errors import ConfigError, OutputError
+from ..extract import extract
+from ..io.atomic import atomic_write_json, ensure_output_dir
+from ..io.images import load_image
+from ..io.run_folder import CHECKPOINTS_DIR, LOCALIZATION_MANIFEST, RUN_MANIFEST, file_sha256
+from ..models import load_pipeline
 from .shards import (
     _check_rank,
     _launcher_vars,
@@ -25,9 +43,6 @@ from .shards import (
     shard_from_env,
 )
 from .summary import DatasetSummary, failures_path, summary_path
-
-if TYPE_CHECKING:
-    from ..extract import SampleConfig
 
 logger = logging.getLogger(__package__)  # "conceptexpress.dataset": the command line filters its summary line
 
@@ -113,6 +128,7 @@ def extract_dataset(
     localize: LocalizeConfig | None = None,
     train: TrainConfig | None = None,
     sample: SampleConfig | None = None,
+    runtime: RuntimeConfig | None = None,
     method: str = "conceptexpress",
     rank: int | None = None,
     world_size: int | None = None,
@@ -137,11 +153,6 @@ def extract_dataset(
     Returns:
         The :class:`DatasetSummary`, also written atomically to ``runs_dir/summary-rank<r>.json``.
     """
-    from ..config import config_dict
-    from ..extract import METHODS, SampleConfig, extract, file_sha256
-    from ..io.atomic import atomic_write_json, ensure_output_dir
-    from ..io.images import load_image
-
     started_at = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     model = model or ModelConfig()
@@ -227,8 +238,6 @@ def extract_dataset(
                 # 3. The model, once per process and only when a photo needs it. A model that does not load
                 # concerns every photo: raised, not recorded.
                 if pipe is None:
-                    from ..models import load_pipeline
-
                     model = process_model_config(model, world_size, local_rank_from_env())
                     pipe = load_pipeline(model)
                 if text_side is None:
@@ -237,7 +246,7 @@ def extract_dataset(
                 # 4. The photo. Any failure is recorded and the next photo starts; Ctrl-C is no Exception.
                 try:
                     out = extract(
-                        image, run, model=model, localize=localize, train=train, sample=sample,
+                        image, run, model=model, localize=localize, train=train, sample=sample, runtime=runtime,
                         resume=status == "partial", pipe=pipe, method=method,
                         progress=progress and world_size == 1,  # one process: its training bar nests below
                     )
@@ -279,9 +288,6 @@ def _run_status(run: Path, image: Path, sha: str) -> tuple[str, dict[str, Any]]:
         OutputError: the folder holds a run (finished or not) of different image bytes, e.g. a photo of the
             same name from another folder written to the same ``--out``.
     """
-    from ..extract import RUN_MANIFEST
-    from ..io.localization_files import MANIFEST as LOCALIZATION_MANIFEST
-
     manifest = _read_json(run / RUN_MANIFEST)
     if manifest is not None and manifest.get("complete") is True:
         if manifest.get("image_sha256") != sha:
@@ -290,7 +296,7 @@ def _run_status(run: Path, image: Path, sha: str) -> tuple[str, dict[str, Any]]:
     loc = _read_json(run / LOCALIZATION_MANIFEST)
     if loc is not None and loc.get("image_sha256") not in (None, sha):
         raise _mismatch(run, image, str(loc["image_sha256"]), sha, "half-finished")
-    return ("partial" if loc is not None or (run / "checkpoints").is_dir() else "new"), {}
+    return ("partial" if loc is not None or (run / CHECKPOINTS_DIR).is_dir() else "new"), {}
 
 
 def _record(failures: list[dict[str, str]], failed: list[str], image: Path, run: Path, exc: BaseException) -> None:
@@ -302,10 +308,6 @@ def _record(failures: list[dict[str, str]], failed: list[str], image: Path, run:
 def _free_accelerator_memory() -> None:
     # A failure mid-training (CUDA out of memory, say) leaves its activations to the caching allocator; hand
     # them back so the next photo starts from the same free memory as the first.
-    import gc
-
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -314,8 +316,6 @@ def _free_accelerator_memory() -> None:
 def _bar(total: int, rank: int, world_size: int, progress: bool):
     if not progress:
         return None
-    from tqdm.auto import tqdm
-
     # One line per process: `position` keeps the bars of a multi-process launch on separate terminal rows.
     return tqdm(total=total, desc=f"rank {rank} images" if world_size > 1 else "images", unit="image",
                 position=rank if world_size > 1 else None, dynamic_ncols=True)
@@ -324,8 +324,6 @@ def _bar(total: int, rank: int, world_size: int, progress: bool):
 def _redirect_logs(bar) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if bar is not None:
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         stack.enter_context(logging_redirect_tqdm())
     return stack
 

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from ..config import ModelConfig
 from ..errors import ConfigError, InputError
 
@@ -150,8 +152,6 @@ def process_model_config(model: ModelConfig, world_size: int, local_rank: int) -
     than GPUs share them round-robin (with a warning). An explicit ``cuda:N``, ``cpu`` or ``mps`` is kept, and
     without CUDA (a CPU-only machine) there is nothing to place.
     """
-    import torch
-
     if world_size <= 1 or model.device not in ("auto", "cuda") or not torch.cuda.is_available():
         return model
     count = torch.cuda.device_count()

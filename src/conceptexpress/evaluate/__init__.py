@@ -9,8 +9,8 @@ transformers or diffusers::
 
 Layout: ``metrics.py`` (pure metrics), ``encoders.py`` (CLIP / DINO adapters), ``sam.py`` (points, SAM, masked
 images), ``runs.py`` (finding runs), ``cache.py`` (generated images and SAM masks in ``RUN/eval/``),
-``report.py`` (CSV / JSON / table), ``protocol.py`` (``EvalConfig``, ``evaluate_runs``), ``phases.py`` (generation, SAM), ``scoring.py`` (features, metrics, summary), ``cli.py``
-(``conceptexpress evaluate``), ``testing.py`` (tiny random models).
+``report.py`` (CSV / JSON / table), ``protocol.py`` (``EvalConfig``, ``evaluate_runs``), ``phases.py`` (generation, SAM), ``scoring.py`` (features, metrics, summary)
+(the command is ``conceptexpress.cli.evaluate``), ``testing.py`` (tiny random models).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "EvalConfig": "conceptexpress.evaluate.protocol",
+    "EvalConfig": "conceptexpress.config",
     "EvalResult": "conceptexpress.evaluate.protocol",
     "evaluate_runs": "conceptexpress.evaluate.protocol",
     "DEFINITIONS": "conceptexpress.evaluate.protocol",
@@ -34,7 +34,6 @@ _EXPORTS = {
     "SamMasker": "conceptexpress.evaluate.sam",
     "masked_concept_image": "conceptexpress.evaluate.sam",
     "sample_mask_points": "conceptexpress.evaluate.sam",
-    "add_evaluate_parser": "conceptexpress.evaluate.cli",
 }
 
 __all__ = list(_EXPORTS)

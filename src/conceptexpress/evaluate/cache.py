@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 
 __all__ = ["GeneratedCache", "cache_key", "read_sam_cache", "write_sam_cache"]
 
 EVAL_DIR = "eval"
+
 PROMPT_RECORD = "prompt.json"
 SAM_RECORD = "sam.json"
 
@@ -88,8 +90,6 @@ class GeneratedCache:
 
 def read_sam_cache(folder: Path, key: dict[str, Any], n: int) -> list[dict[str, Any]] | None:
     """The cached SAM result of ``n`` concepts (each with its ``mask`` array) if ``folder`` holds it for ``key``."""
-    from PIL import Image
-
     record = _read_json(folder / SAM_RECORD)
     if not record or record.get("key") != key or len(record.get("concepts", [])) != n:
         return None
@@ -105,8 +105,6 @@ def read_sam_cache(folder: Path, key: dict[str, Any], n: int) -> list[dict[str, 
 
 def write_sam_cache(folder: Path, key: dict[str, Any], concepts: list[dict[str, Any]]) -> None:
     """Write each concept's ``mask`` (bool array) as ``concept_NN.png``, then ``sam.json`` with the rest."""
-    from PIL import Image
-
     ensure_output_dir(folder)
     (folder / SAM_RECORD).unlink(missing_ok=True)
     entries = []

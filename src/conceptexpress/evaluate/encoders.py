@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..config import DEFAULT_CLIP, DEFAULT_DINO
 from ..errors import ConfigError
 from ._loading import check_source, load_or_fail, pil_image_processor
 
@@ -40,8 +41,6 @@ __all__ = [
     "build_encoder",
 ]
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-DEFAULT_DINO = "facebook/dino-vits16"
 
 
 @runtime_checkable

@@ -9,19 +9,31 @@ import gc
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..config import ModelConfig
+import torch
+
+from ..config import EvalConfig, ModelConfig
 from ..errors import ConfigError
+from ..generate import generate, run_model_config, sampler_record
+from ..io.run_folder import file_sha256, run_tokens
+from .cache import EVAL_DIR, GeneratedCache, cache_key, read_sam_cache, write_sam_cache
+from .progress import progress_bar
+from .runs import load_masks, load_source
+from .sam import SamMasker
 
-if TYPE_CHECKING:
-    from .protocol import EvalConfig
+__all__ = ["check_model_options", "generate_all", "sam_all"]
 
 logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- phase 1: generation
-def _model_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+def check_model_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The :class:`~conceptexpress.config.ModelConfig` fields a user set (None = unset), checked now.
+
+    Raises:
+        ConfigError: an unknown key, or a bad ``device`` / ``dtype`` / ``model``.
+    """
     allowed = [f.name for f in fields(ModelConfig)]
     unknown = sorted(set(options or {}) - set(allowed))
     if unknown:
@@ -29,12 +41,6 @@ def _model_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     given = {k: v for k, v in (options or {}).items() if v is not None}
     ModelConfig(**given)  # a bad --device / --dtype / --model fails here, before any work
     return given
-
-
-def _run_model(run, options: dict[str, Any]) -> ModelConfig:
-    """The run's base model (manifest), with the user's overrides (``--model``, ``--device``, ``--dtype`` …)."""
-    recorded = {"model": run.manifest.get("base_model"), "single_file_config": run.manifest.get("single_file_config")}
-    return ModelConfig(**{**{k: v for k, v in recorded.items() if v is not None}, **options})
 
 
 def _prompts(run, config: EvalConfig) -> list[tuple[str, str, int]]:
@@ -46,9 +52,6 @@ def _prompts(run, config: EvalConfig) -> list[tuple[str, str, int]]:
 
 
 def _generation_cache(run, model: ModelConfig, config: EvalConfig):
-    from ..extract import file_sha256
-    from .cache import GeneratedCache
-
     key = {
         "format": "conceptexpress-eval-generated-1",
         "model": model.model,
@@ -63,15 +66,14 @@ def _generation_cache(run, model: ModelConfig, config: EvalConfig):
     return GeneratedCache(run.path, key)
 
 
-def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader: Callable, progress: bool):
-    """Phase 1: make sure every run has its images; returns ``{label: {"concepts": [[Path]], "all": [Path]}}``."""
-    from ..export import load_tokens_into
-    from ..generate import generate, sampler_record
-    from .progress import progress_bar
+def generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader: Callable, progress: bool):
+    """Phase 1: make sure every run has its images; returns ``{label: {"concepts": [[Path]], "all": [Path]}}``.
 
+    ``options``: ModelConfig overrides (:func:`check_model_options`); ``pipe_loader``: ModelConfig → pipeline.
+    """
     plans = []
     for run in runs:
-        model = _run_model(run, options)
+        model = run_model_config(run.manifest, options)
         cache = _generation_cache(run, model, config)
         todo = [(name, prompt, n, cache.available(name, prompt)) for name, prompt, n in _prompts(run, config)]
         plans.append((run, model, cache, todo))
@@ -88,9 +90,8 @@ def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader
                     pipe = None
                     _free_memory()
                     pipe, pipe_model = pipe_loader(model), model
-                before = set(pipe.tokenizer.get_vocab())
-                load_tokens_into(pipe, run.path)
-                try:
+                # The next run's tokens have the same names (<c1>, …): this run's leave the pipeline at the end.
+                with run_tokens(pipe, run.path):
                     for name, prompt, n, have in todo:
                         if have >= n:
                             continue
@@ -105,11 +106,6 @@ def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader
                         }
                         cache.extend(name, prompt, have, images, extra)
                         bar.update(n - have)
-                finally:
-                    # The next run's tokens have the same names (<c1>, …): remove this run's before loading them.
-                    added = [t for t in pipe.tokenizer.get_vocab() if t not in before]
-                    if added:
-                        pipe.unload_textual_inversion(added)
             names = {name: n for name, _, n, _ in todo}
             out[run.label] = {
                 "root": cache.root,
@@ -122,22 +118,14 @@ def _generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader
 
 
 def _free_memory() -> None:
-    import torch
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- phase 2: SAM
-def _sam_all(runs, config: EvalConfig, device, progress: bool) -> dict[str, list[dict[str, Any]]]:
+def sam_all(runs, config: EvalConfig, device, progress: bool) -> dict[str, list[dict[str, Any]]]:
     """Phase 2: every concept's SAM mask; returns ``{label: [{"mask", "points", "score", "fallback", "area"}]}``."""
-    from ..extract import file_sha256
-    from .cache import EVAL_DIR, cache_key, read_sam_cache, write_sam_cache
-    from .progress import progress_bar
-    from .runs import load_masks, load_source
-    from .sam import SamMasker
-
     jobs = []
     for run in runs:
         key = {

@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from tqdm.auto import tqdm
+
 
 class _NoBar:
     def update(self, n: int = 1) -> None:
@@ -18,7 +20,6 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Iter
     if not enabled or total <= 0:
         yield _NoBar()
         return
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
     try:

@@ -12,17 +12,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..errors import InputError
+from ..io.images import load_image
+from ..io.run_folder import RUN_MANIFEST, RunManifest, file_sha256, read_manifest
 
 __all__ = ["DEFAULT_METHOD", "EvalRun", "discover_runs", "load_masks", "load_source"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+
 # Runs written before `extract --method` existed are ConceptExpress runs.
 DEFAULT_METHOD = "conceptexpress"
 
@@ -34,7 +36,7 @@ class EvalRun:
     path: Path  # the run folder
     label: str  # "<RUNS folder name>/<run folder name>", unique within one evaluation
     method: str  # manifest "method": "conceptexpress", "bas-dagger", …
-    manifest: dict[str, Any]
+    manifest: RunManifest
     image: Path  # the source photo
     image_sha256: str
     masks: tuple[Path, ...]  # one per token, manifest order
@@ -45,18 +47,11 @@ class EvalRun:
 
 
 def _sha256(path: Path) -> str:
-    from ..extract import file_sha256
-
     return file_sha256(path)
 
 
 def _check_run(run: Path, label: str) -> EvalRun:
     """The run at ``run`` if it can be evaluated; InputError (one line) saying why not otherwise."""
-    from PIL import Image
-
-    from ..export import read_manifest
-    from ..io.images import load_image
-
     manifest = read_manifest(run)
     image = Path(str(manifest.get("image", "")))
     if not manifest.get("image") or not image.is_file():
@@ -118,7 +113,7 @@ def discover_runs(
     for root in map(Path, runs_dirs):
         if not root.is_dir():
             raise InputError(f"RUNS folder {str(root)!r} does not exist or is not a folder")
-        if (root / MANIFEST).is_file():
+        if (root / RUN_MANIFEST).is_file():
             candidates = [(root, root.resolve().name)]
         else:
             candidates = [
@@ -130,7 +125,7 @@ def discover_runs(
             if run.resolve() in seen:
                 continue
             seen.add(run.resolve())
-            if not (run / MANIFEST).is_file():
+            if not (run / RUN_MANIFEST).is_file():
                 reason = "no manifest.json (not a run, or the run did not finish)"
                 logger.warning("skipping %s: %s", run, reason)
                 skipped.append({"path": str(run), "reason": reason})
@@ -152,15 +147,11 @@ def discover_runs(
 
 def load_source(run: EvalRun):
     """The run's source photo as RGB PIL (EXIF orientation applied, as ``extract`` saw it)."""
-    from ..io.images import load_image
-
     return load_image(run.image)
 
 
 def load_masks(run: EvalRun) -> list[np.ndarray]:
     """The run's concept masks, ``(H, W)`` bool each (PNG value > 127)."""
-    from PIL import Image
-
     out = []
     for path in run.masks:
         with Image.open(path) as im:

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
 
+from ..config import DEFAULT_SAM
 from ..errors import ConfigError
 from ._loading import check_source, load_or_fail, pil_image_processor
-
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
 
 __all__ = [
     "DEFAULT_SAM",
@@ -43,7 +42,6 @@ __all__ = [
     "sample_mask_points",
 ]
 
-DEFAULT_SAM = "facebook/sam-vit-huge"
 _ALTERNATIVES = (
     f"pass --sam a hub id (default {DEFAULT_SAM!r}, or the smaller 'facebook/sam-vit-base') or a local folder saved "
     "with save_pretrained (offline: download it once, or use conceptexpress.evaluate.testing.save_tiny_sam for a "
@@ -106,8 +104,6 @@ def masked_concept_image(image: Image.Image, mask: np.ndarray, crop: bool = Fals
     Returns:
         A new RGB PIL image. An empty mask gives an all-black ``W × H`` image (``crop`` is then ignored).
     """
-    from PIL import Image
-
     rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
     mask = _bool_mask(mask)
     if mask.shape != rgb.shape[:2]:
@@ -144,8 +140,6 @@ class SamMasker:
     """
 
     def __init__(self, model_id_or_path: str | None = None, *, device: str | torch.device = "cpu"):
-        import torch
-
         self.model_id = model_id_or_path or DEFAULT_SAM
         self.device = torch.device(device)
         self._model: Any = None
@@ -182,8 +176,6 @@ class SamMasker:
         The image is embedded once. For each prompt SAM returns 3 candidate masks; the one with the highest
         predicted IoU is upsampled to the image size and binarized at logit 0.
         """
-        import torch
-
         self.load()
         rgb = image.convert("RGB")
         if not points:

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .phases import _run_model
+import torch
+from PIL import Image
 
-if TYPE_CHECKING:
-    from .protocol import EvalConfig
+from ..config import EvalConfig
+from ..generate import run_model_config
+from ..io.run_folder import versions
+from .encoders import build_encoder
+from .metrics import compositional_similarity, identity_similarity, topk_correct
+from .progress import progress_bar
+from .runs import load_source
+from .sam import masked_concept_image
+
+__all__ = ["DEFINITIONS", "SUMMARY_FORMAT", "TOPK", "build_summary", "score_runs"]
 
 SUMMARY_FORMAT = "conceptexpress-eval-1"
 TOPK = (1, 3)  # paper Table 1 reports ACC^1 and ACC^3
@@ -40,8 +49,6 @@ DEFINITIONS = {
 
 # ----------------------------------------------------------------------------- phase 3: features and metrics
 def _open_rgb(path: Path):
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.convert("RGB")
 
@@ -49,9 +56,6 @@ def _open_rgb(path: Path):
 def _encode_run(encoder, run, generated: dict[str, Any], sam: list[dict[str, Any]], crop: bool):
     """Features of one run: source ``(D,)``, masked concepts ``(N, D)``, per-concept generations ``[(K, D)]``,
     compositional generations ``(K', D)``."""
-    from .runs import load_source
-    from .sam import masked_concept_image
-
     source = load_source(run)
     masked = [masked_concept_image(source, c["mask"], crop) for c in sam]
     per_concept = [[_open_rgb(p) for p in paths] for paths in generated["concepts"]]
@@ -65,13 +69,11 @@ def _encode_run(encoder, run, generated: dict[str, Any], sam: list[dict[str, Any
     return feats[0], feats[1 : 1 + n], gen, feats[start:]
 
 
-def _score(runs, generated, sam, config: EvalConfig, device, progress: bool):
-    import torch
+def score_runs(runs, generated, sam, config: EvalConfig, device, progress: bool):
+    """Phase 3: encode sources, SAM-masked concepts and generations with each encoder and score them.
 
-    from .encoders import build_encoder
-    from .metrics import compositional_similarity, identity_similarity, topk_correct
-    from .progress import progress_bar
-
+    Returns ``(concept_rows, image_rows)``, the rows of ``concepts.csv`` and ``images.csv``.
+    """
     concept_rows: list[dict[str, Any]] = []
     image_rows: list[dict[str, Any]] = []
     methods = list(dict.fromkeys(r.method for r in runs))
@@ -138,9 +140,8 @@ def _mean(values: list[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
-def _summary(runs, skipped, concept_rows, image_rows, config: EvalConfig, options, out: Path) -> dict[str, Any]:
-    from ..io.localization_files import versions
-
+def build_summary(runs, skipped, concept_rows, image_rows, config: EvalConfig, options, out: Path) -> dict[str, Any]:
+    """The content of ``summary.json``: per method and encoder the four metrics, with definitions and versions."""
     methods: dict[str, Any] = {}
     for method in dict.fromkeys(r.method for r in runs):
         mruns = [r for r in runs if r.method == method]
@@ -160,7 +161,7 @@ def _summary(runs, skipped, concept_rows, image_rows, config: EvalConfig, option
         methods[method] = {
             "runs": len(mruns),
             "concepts": sum(len(r.tokens) for r in mruns),
-            "base_models": sorted({_run_model(r, options).model for r in mruns}),
+            "base_models": sorted({run_model_config(r.manifest, options).model for r in mruns}),
             "metrics": metrics,
         }
     return {

@@ -11,7 +11,7 @@ and :class:`~conceptexpress.evaluate.sam.SamMasker` users hit. The numbers they 
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -111,13 +111,13 @@ def save_tiny_eval_models(root: str | Path, *, seed: int = 0) -> dict[str, Path]
 
 
 def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m conceptexpress.evaluate.testing",
-        description="Write tiny random CLIP, DINO and SAM models (offline trials of `conceptexpress evaluate`).",
-    )
-    parser.add_argument("root", type=Path, help="folder that receives clip/, dino/ and sam/")
-    args = parser.parse_args(argv)
-    paths = save_tiny_eval_models(args.root)
+    """``python -m conceptexpress.evaluate.testing ROOT``: tiny random CLIP, DINO and SAM in ROOT/clip, dino, sam."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m conceptexpress.evaluate.testing ROOT  (writes ROOT/clip, ROOT/dino, ROOT/sam)",
+              file=sys.stderr)
+        return 2
+    paths = save_tiny_eval_models(Path(args[0]))
     print(" ".join(f"--{name} {path}" for name, path in paths.items()))
     return 0
 

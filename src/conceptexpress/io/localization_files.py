@@ -1,6 +1,6 @@
 """Write and read the files of a localization run (one folder per image).
 
-Layout (DESIGN §5)::
+Layout (README, "What `extract` writes")::
 
     OUT/masks/concept_01.png …   one mask per concept at the source image's size (L, 0/255)
     OUT/overlay.png              every concept a coloured, numbered region (paper Fig. 3 left)
@@ -15,39 +15,27 @@ evaluation) read the localization back with :func:`read_localization` and never 
 
 from __future__ import annotations
 
-import platform
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from ..errors import InputError
+from ..viz import overlay_concepts, stages_figure
 from .atomic import atomic_save_image, atomic_write_bytes, atomic_write_json, ensure_output_dir
-
-MANIFEST = "localization.json"
-TENSORS = "localization.safetensors"
+from .run_folder import LOCALIZATION_MANIFEST as MANIFEST
+from .run_folder import LOCALIZATION_TENSORS as TENSORS
+from .run_folder import versions
 
 
 def mask_name(i: int) -> str:
     """File name of concept ``i`` (0-based) — 1-based in names, like the numbers on the overlay."""
     return f"masks/concept_{i + 1:02d}.png"
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    from .. import __version__
-
-    return {
-        "conceptexpress": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dict[str, Any]) -> dict[str, Any]:
@@ -56,10 +44,6 @@ def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dic
     ``loc`` is a :class:`conceptexpress.localizer.Localization`; ``image`` the RGB source photo;
     ``meta`` extra JSON-ready entries (image path, model, resolved config).
     """
-    from safetensors.torch import save as save_tensors
-
-    from ..viz import overlay_concepts, stages_figure
-
     out = ensure_output_dir(out_dir)
     # Invalidate a previous run first: until the new manifest lands, the folder must not look complete.
     (out / MANIFEST).unlink(missing_ok=True)
@@ -113,10 +97,6 @@ def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dic
 
 def read_localization(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a finished localization folder: (manifest, tensors). Raises InputError if it is not finished."""
-    import json
-
-    from safetensors.torch import load_file
-
     out = Path(out_dir)
     if not (out / MANIFEST).is_file():
         raise InputError(f"{str(out)!r} holds no finished localization (no {MANIFEST}); run `conceptexpress localize`")

@@ -1,4 +1,4 @@
-"""BaS†: the Break-A-Scene baseline adapted to the unsupervised setting (paper §4.1, DESIGN §6).
+"""BaS†: the Break-A-Scene baseline adapted to the unsupervised setting (paper §4.1; docs/fidelity.md, "Baseline BaS†").
 
 Break-A-Scene (Avrahami et al., SIGGRAPH Asia 2023) learns one token per annotated object from one image, in two
 phases: tokens only ("textual inversion" phase), then tokens + UNet. The paper's BaS† keeps its first phase only
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..config import TrainConfig
+from ..config import RuntimeConfig, TrainConfig
 from ..errors import ConfigError
 from .tokens import Prompt
 from .trainer import TokenTrainer
@@ -133,17 +133,20 @@ class BaSTrainer(TokenTrainer):
         centroids: torch.Tensor,
         config: TrainConfig | None = None,
         *,
+        runtime: RuntimeConfig | None = None,
         lambda_attention: float | None = None,
     ):
         if lambda_attention is not None:
             if not lambda_attention >= 0:
                 raise ConfigError(f"`lambda_attention` must be >= 0, got {lambda_attention!r}")
             self.lambda_attention = float(lambda_attention)
-        config = dataclasses.replace(config or TrainConfig(), split_merge=False, contrastive=False)
+        config = config or TrainConfig()
+        runtime = runtime or config.runtime  # dataclasses.replace would drop it (not a field)
+        config = dataclasses.replace(config, split_merge=False, contrastive=False)
         self._step_prompt: Prompt | None = None
         self._prompt_cache: dict[tuple[int, ...], Prompt] = {}
         # The fingerprint (computed in super().__init__) reads lambda_attention, so it is set first.
-        super().__init__(pipe, image, work_size, masks, centroids, config)
+        super().__init__(pipe, image, work_size, masks, centroids, config, runtime=runtime)
         assert self.g == 1, "BaS† learns one token per concept"
 
     # ------------------------------------------------------------------ prompts

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save
 
 from ..errors import InputError
 from ..io.atomic import atomic_write_bytes, atomic_write_json
@@ -36,8 +37,6 @@ class TrainState:
 
 
 def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
-    from safetensors.torch import save
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"vectors": state.vectors.detach().float().cpu().contiguous(), "generator_state": state.generator_state}
@@ -65,8 +64,6 @@ def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
 
 def load_checkpoint(folder: str | Path) -> TrainState | None:
     """The latest complete checkpoint in ``folder``, or None when there is none."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta_path = folder / LATEST
     if not meta_path.is_file():

@@ -325,7 +325,7 @@ def emd_loss(
 
 def _emd_exact(a: Tensor, b: Tensor, cost: Tensor) -> Tensor:
     """Exact EMD per pair with POT; a, b (B, n) float64 distributions, cost (n, n) -> (B,) with POT's gradients."""
-    import ot
+    import ot  # lazy: POT takes seconds to import and only the EMD term needs it
 
     # ot.emd2 on torch tensors registers ∂/∂a = u − mean(u), ∂/∂b = v − mean(v) (dual potentials, with
     # finite values estimated for empty bins) and ∂/∂M = the plan.
@@ -334,7 +334,7 @@ def _emd_exact(a: Tensor, b: Tensor, cost: Tensor) -> Tensor:
 
 def _emd_sinkhorn(a: Tensor, b: Tensor, cost: Tensor, *, reg: float, num_iter: int, tol: float) -> Tensor:
     """Entropic EMD of all pairs in one batched POT call; a, b (B, n), cost (n, n) -> (B,)."""
-    from ot.batch import solve_batch
+    from ot.batch import solve_batch  # lazy, as in _emd_exact
 
     bsz, n = a.shape
     with torch.no_grad():

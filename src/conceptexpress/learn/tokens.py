@@ -3,7 +3,7 @@
 New tokens never enter the tokenizer or the text encoder's weights during training. Prompts are assembled
 from token ids in which each learnable token is a *virtual id* ``vocab_size + k``; a thin wrapper around the
 frozen input-embedding module looks those ids up in one trainable ``(K, D)`` parameter. Every row of the
-model's own embedding matrix therefore stays bit-for-bit unchanged (DESIGN §4: "only new rows train"), and the
+model's own embedding matrix therefore stays bit-for-bit unchanged (paper §3.3: only the new tokens are learned), and the
 user's pipeline is left exactly as it was when the wrapper is removed.
 """
 
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError
 
 
 class SplicedEmbedding(nn.Module):
@@ -53,10 +55,6 @@ class SplicedEmbedding(nn.Module):
         return out
 
 
-def input_embedding(text_encoder) -> nn.Embedding:
-    return text_encoder.get_input_embeddings()
-
-
 @contextmanager
 def spliced_tokens(text_encoder, vectors: nn.Parameter) -> Iterator[SplicedEmbedding]:
     """Install :class:`SplicedEmbedding` on ``text_encoder`` for the duration of the block, then restore."""
@@ -83,7 +81,10 @@ def init_from_vocabulary(base: nn.Embedding, count: int, generator: torch.Genera
         allowed[torch.as_tensor(list(exclude), dtype=torch.long)] = False
     candidates = allowed.nonzero().squeeze(1)  # (V',)
     if count > candidates.numel():
-        raise ValueError(f"cannot draw {count} distinct vocabulary rows from {candidates.numel()} candidates")
+        raise ConfigError(
+            f"cannot initialize {count} learnable tokens from {candidates.numel()} distinct vocabulary rows; "
+            "use fewer concepts or fewer split tokens (`split_tokens`)"
+        )
     pick = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
     return base.weight.detach()[pick.to(base.weight.device)].float().clone()
 
@@ -132,7 +133,10 @@ class PromptBuilder:
         ids += self._words(self.suffix)
         ids.append(tok.eos_token_id)
         if len(ids) > self.max_length:
-            raise ValueError(f"prompt with {len(slots)} tokens is longer than the text encoder's {self.max_length}")
+            raise ConfigError(
+                f"the prompt of {len(slots)} tokens ({len(ids)} text positions) is longer than the text encoder's "
+                f"{self.max_length}; use fewer concepts (`n_max`) or fewer split tokens (`split_tokens`)"
+            )
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         ids += [pad] * (self.max_length - len(ids))
         text = (self.prefix + " and ".join(names) + self.suffix).strip()

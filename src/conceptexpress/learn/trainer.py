@@ -1,4 +1,4 @@
-"""Concept-wise masked denoising with split-and-merge (paper §3.3–3.4, Eq. 7–13; DESIGN §4).
+"""Concept-wise masked denoising with split-and-merge (paper §3.3–3.4, Eq. 7–13; docs/fidelity.md).
 
 One training step, in order:
 
@@ -37,9 +37,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from diffusers import DDPMScheduler
+from PIL import Image, ImageDraw
 
-from ..config import TrainConfig
+from ..attention.aggregate import CrossAttentionAccumulator
+from ..attention.capture import capture_attention
+from ..config import RuntimeConfig, TrainConfig
 from ..errors import ConfigError
 from ..io.images import image_to_tensor
 from . import losses
@@ -92,9 +95,13 @@ class TokenTrainer:
         masks: torch.Tensor,
         centroids: torch.Tensor,
         config: TrainConfig | None = None,
+        *,
+        runtime: RuntimeConfig | None = None,
     ):
         self.pipe = pipe
         self.config = cfg = config or TrainConfig()
+        # How the work runs (micro-batch, precision, checkpoints); not in the fingerprint, so resume accepts another.
+        self.runtime = runtime or cfg.runtime
         self.device = pipe.unet.device
         self.n = int(masks.shape[0])
         if self.n < 1:
@@ -120,8 +127,6 @@ class TokenTrainer:
                 f"masks are {self.latent_hw} but the image at {self.work_size} gives a latent of "
                 f"{tuple(self.post_mean.shape[-2:])}: localize and train at the same resolution"
             )
-
-        from diffusers import DDPMScheduler
 
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
@@ -184,11 +189,11 @@ class TokenTrainer:
         resume: bool = False,
         callbacks: Sequence[StepCallback] = (),
     ) -> TrainResult:
-        cfg = self.config
+        cfg, rt = self.config, self.runtime
         if resume and checkpoint_dir is not None:
             self._resume(checkpoint_dir)
         unet = self.pipe.unet
-        if cfg.gradient_checkpointing:
+        if rt.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         try:
             with spliced_tokens(self.pipe.text_encoder, self.vectors) as wrapper:
@@ -200,15 +205,15 @@ class TokenTrainer:
                     self.step += 1
                     record["step"] = self.step
                     self.history.append(record)
-                    if checkpoint_dir is not None and cfg.checkpoint_every and (
-                        self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+                    if checkpoint_dir is not None and rt.checkpoint_every and (
+                        self.step % rt.checkpoint_every == 0 or self.step == cfg.steps
                     ):
                         save_checkpoint(checkpoint_dir, self.state())
                     for callback in callbacks:
                         callback(self, record)
         finally:
             self._wrapper = None
-            if cfg.gradient_checkpointing:
+            if rt.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
         return TrainResult(
             embeddings=self.embeddings(),
@@ -254,7 +259,7 @@ class TokenTrainer:
         #    (multiplied by the loss scale in fp16).
         per_prompt = torch.zeros(b_total, *self.vectors.shape, device=self.device)  # (B, K, D)
         stats = {"mse": 0.0, "reg": 0.0}
-        micro = cfg.micro_batch or b_total
+        micro = self.runtime.micro_batch or b_total
         weight = 1.0 / b_total  # Eq. 12/13: mean over the step's prompts
         for start in range(0, b_total, micro):
             idx = list(range(start, min(start + micro, b_total)))
@@ -273,11 +278,11 @@ class TokenTrainer:
         norms = []
         if skip:
             if use_con:
-                stats["con"] = self._contrastive_grad(paper=cfg.update_rule == "batched")[1]
+                stats["con"] = self._contrastive_grad(paper=cfg.contrastive_form == "paper")[1]
         elif cfg.update_rule == "batched":
             grad = per_prompt.sum(0)  # (K, D): ∇ of (1/B)Σ_b (L_b + β R_b)
             if use_con:
-                con_grad, con = self._contrastive_grad(paper=True)
+                con_grad, con = self._contrastive_grad(paper=cfg.contrastive_form == "paper")
                 grad += con_grad
                 stats["con"] = con
             norms.append(self._apply(grad))
@@ -287,7 +292,7 @@ class TokenTrainer:
             for b in range(b_total):
                 grad = per_prompt[b] * b_total
                 if use_con:
-                    con_grad, con = self._contrastive_grad(paper=False)
+                    con_grad, con = self._contrastive_grad(paper=cfg.contrastive_form == "paper")
                     grad = grad + con_grad
                     stats["con"] = con
                 norms.append(self._apply(grad))
@@ -364,8 +369,6 @@ class TokenTrainer:
         leaf = self.vectors.detach().unsqueeze(0).repeat(b, 1, 1).requires_grad_(True)  # (b, K, D)
         self._wrapper.batch_vectors = leaf
         if cfg.attn_reg and self.attention_weight > 0:
-            from ..attention.aggregate import CrossAttentionAccumulator
-            from ..attention.capture import capture_attention
 
             width = max(len(p.positions) for p in prompts)
             # Ragged prompts: pad positions by repeating the first one; padded slots are never read.
@@ -448,7 +451,7 @@ class TokenTrainer:
 
     def _amp_dtype(self) -> torch.dtype | None:
         """Autocast dtype of the forward passes: explicit fp16/bf16 on any device, ``auto`` on CUDA only."""
-        mp = self.config.mixed_precision
+        mp = self.runtime.mixed_precision
         if mp == "no":
             return None
         if mp != "auto":
@@ -517,8 +520,6 @@ class TokenTrainer:
 
 def loss_curve_image(history: Sequence[dict[str, Any]], size: tuple[int, int] = (640, 320)) -> Image.Image:
     """A small PIL line plot of the total loss per step (log scale), with the merge step marked."""
-    from PIL import ImageDraw
-
     w, h = size
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)

@@ -6,11 +6,14 @@
 """
 
 from .cluster import ConceptClusters, cluster_concepts
+from .eot_filter import EotFilter, eot_filter
 from .finch import FinchLevel, finch
 from .kl import cross_symmetric_kl, pairwise_symmetric_kl
 
 __all__ = [
     "ConceptClusters",
+    "EotFilter",
+    "eot_filter",
     "FinchLevel",
     "cluster_concepts",
     "cross_symmetric_kl",

@@ -2,9 +2,9 @@
 
 Pure functions on tensors: the inputs are the aggregated self-attention A (row-stochastic, (h·w, h·w)) and the
 [EOT] cross-attention map e (h, w); the output is one binary latent mask and one centroid per concept. The
-decisions the paper leaves open follow DESIGN §3 and are recorded where they are made.
+decisions the paper leaves open follow docs/fidelity.md and are recorded where they are made.
 
-Two modes (DESIGN §3, docs/fidelity.md L11, L13, L15, L16):
+Two modes (docs/fidelity.md L11, L13, L15, L16):
 
 - ``clustering="released"`` (default) reproduces the partition of the authors' released code, which produced the
   published numbers: δ = max d_ij · adj_ij with adj = (A + I)(A + I)ᵀ over the round that produced the pre-level
@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .eot_filter import eot_filter
 from .finch import FinchLevel, LinkFilter, StopRule, finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
 
@@ -99,7 +100,7 @@ def cluster_concepts(
     Args:
         attn: (h·w, h·w) aggregated self-attention A, rows in raster order, each row a distribution (non-negative,
             summing to 1). float64 is clustered in float64, anything else in float32. Any device.
-        eot: (h, w) raw [EOT] cross-attention map e at latent resolution; min-max normalized here (DESIGN §3).
+        eot: (h, w) raw [EOT] cross-attention map e at latent resolution; min-max normalized here (docs/fidelity.md, "Concept localization").
         n_max: N_max, the upper limit of the number of concepts; selects the pre-clustering level.
         clustering: ``"released"`` (default: the authors' code, which produced the published numbers) or
             ``"paper"`` (Eq. 6 centroids and the package's δ and stop rule); see the module docstring.
@@ -159,13 +160,11 @@ def _cluster(
 
     # (2) Filter (Eq. 5) on the min-max normalized [EOT] map: keep a cluster whose mean strictly exceeds the
     # image mean (a constant map normalizes to zeros, so nothing passes).
-    e = _min_max(eot)  # (h, w) float64
+    sizes = torch.bincount(pre_labels, minlength=num_pre).to(torch.float64)  # (N',) pixels per pre-cluster
+    filtered = eot_filter(pre_labels, eot, num_pre)
+    e, scores, threshold, kept = filtered.eot, filtered.scores, filtered.threshold, filtered.kept  # kept: (N',)
     if float(e.max()) == 0.0:
         messages.append("the [EOT] map is constant: no region is more salient than the rest")
-    sizes = torch.bincount(pre_labels, minlength=num_pre).to(torch.float64)  # (N',)
-    scores = e.reshape(-1).new_zeros(num_pre).index_add_(0, pre_labels, e.reshape(-1)) / sizes  # (N',)
-    threshold = float(e.mean())
-    kept = scores > threshold  # (N',)
 
     # (3) Post-clustering: FINCH on the kept clusters' mean rows with the δ and adjacency constraints. "paper"
     # weights them by their sizes, so that merged means are means over all their pixels (Eq. 6); "released"
@@ -306,15 +305,6 @@ def _select_level(counts: tuple[int, ...], n_max: int, messages: list[str]) -> i
         )
         return 0
     return candidates[-1]
-
-
-def _min_max(eot: Tensor) -> Tensor:
-    """(e - min) / (max - min) in float64; a constant map becomes all zeros."""
-    e = eot.detach().to(device="cpu", dtype=torch.float64)
-    lo, hi = e.min(), e.max()
-    if hi > lo:
-        return (e - lo) / (hi - lo)
-    return torch.zeros_like(e)
 
 
 def _first_appearance_order(labels: Tensor, k: int) -> Tensor:

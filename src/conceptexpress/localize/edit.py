@@ -25,19 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import ConceptExpressError
+from ..io.images import upsample_masks
+from ..localizer import Localization
 from .cluster import _first_appearance_order
 from .finch import finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
-
-if TYPE_CHECKING:
-    from ..localizer import Localization
 
 __all__ = [
     "EditError",
@@ -108,7 +106,6 @@ def _check_indices(loc: Localization, indices: Sequence[int], edit: str) -> list
 def _rebuild(loc: Localization, masks: Tensor, centroids: Tensor, note: str) -> Localization:
     """New Localization from edited latent masks (K, h, w) bool and centroids (K, h·w): renumber in raster order,
     rebuild post_labels and the source-size masks."""
-    from ..io.images import upsample_masks
 
     h, w = loc.latent_hw
     k = int(masks.shape[0])
@@ -256,3 +253,43 @@ def add_concept(loc: Localization, mask: np.ndarray | Tensor, attn: Tensor) -> L
     if emptied:
         note += f" (it covered concepts {', '.join(map(str, emptied))}, removed)"
     return _rebuild(loc, torch.stack(masks), torch.stack(centroids), note)
+
+
+def apply_edits(loc, *, merge=(), drop=(), split=(), masks=(), attn: torch.Tensor | None = None):
+    """Apply 1-based edits, all numbered as on ``loc``'s overlay, in the order drop → merge → split → add.
+
+    A concept is followed through the edits by its first pixel (raster order), which stays inside it until it is
+    dropped or split. Returns (new Localization, list of edit descriptions).
+    """
+    n = loc.num_concepts
+    groups = [list(g) for g in merge]
+    drop = [i for g in drop for i in g]
+    split = [i for g in split for i in g]
+    named = [*drop, *[i for g in groups for i in g], *split]
+    bad = sorted({i for i in named if not 1 <= i <= n})
+    if bad:
+        raise EditError(f"concept {bad[0]} does not exist: the run has {n} concepts (1…{n} on its overlay)")
+    if len(named) != len(set(named)):
+        twice = sorted({i for i in named if named.count(i) > 1})
+        raise EditError(f"concept {twice[0]} is named by more than one edit; give each concept one edit")
+    if any(len(g) < 2 for g in groups):
+        raise EditError(f"--merge needs at least two concepts, got {','.join(map(str, min(groups, key=len)))}")
+    anchors = {i + 1: int(torch.nonzero(loc.clusters.masks[i].reshape(-1))[0]) for i in range(n)}
+
+    def current(cur, number: int) -> int:
+        return int(cur.clusters.post_labels.reshape(-1)[anchors[number]])
+
+    done = []
+    if drop:
+        loc = drop_concepts(loc, [i - 1 for i in drop])
+        done.append(f"drop {','.join(map(str, drop))}")
+    for g in groups:
+        loc = merge_concepts(loc, [current(loc, i) for i in g], attn=attn)
+        done.append(f"merge {','.join(map(str, g))}")
+    for i in split:
+        loc = split_concept(loc, current(loc, i), attn)
+        done.append(f"split {i}")
+    for k, m in enumerate(masks):
+        loc = add_concept(loc, m, attn)
+        done.append(f"add mask {k + 1}")
+    return loc, done

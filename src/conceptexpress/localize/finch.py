@@ -86,7 +86,7 @@ def finch(
         stop: when the hierarchy ends. A round that collapses everything into one cluster, or does not reduce
             the count, always ends it and is not kept (as in standard FINCH). Then:
 
-            - ``"design"`` (default, DESIGN §3): any round that reduces the count is kept and the next one runs.
+            - ``"design"`` (default, docs/fidelity.md): any round that reduces the count is kept and the next one runs.
             - ``"original"``: as in Sarfraz's reference code and the ConceptExpress release: a round that reduces
               the count by exactly one is kept and ends the hierarchy.
             - ``"finch-clust"``: as ``finch-clust`` 0.2.3 (``exit_clust <= 1``): a round that reduces the count

@@ -21,7 +21,7 @@ _EXPORTS = {
     "ImageMatch": "conceptexpress.locbench.matching",
     "DatasetScores": "conceptexpress.locbench.matching",
     "BaselineClusters": "conceptexpress.locbench.baselines",
-    "eot_filter": "conceptexpress.locbench.baselines",
+    "eot_filter": "conceptexpress.localize",
     "kmeans_concepts": "conceptexpress.locbench.baselines",
     "finch_fixed_concepts": "conceptexpress.locbench.baselines",
     "finch_levels": "conceptexpress.locbench.baselines",
@@ -36,11 +36,10 @@ _EXPORTS = {
     "convert_clevr_masks": "conceptexpress.locbench.dataset",
     "make_scene": "conceptexpress.locbench.scenes",
     "write_synthetic_dataset": "conceptexpress.locbench.scenes",
-    "BenchConfig": "conceptexpress.locbench.run",
+    "BenchConfig": "conceptexpress.config",
     "bench_localize": "conceptexpress.locbench.run",
     "format_table": "conceptexpress.locbench.report",
     "bench_figure": "conceptexpress.locbench.report",
-    "add_bench_localize_parser": "conceptexpress.locbench.cli",
 }
 
 __all__ = list(_EXPORTS)

@@ -4,10 +4,7 @@ Both cluster the *same* aggregated self-attention rows as ours (``ConceptLocaliz
 the *same* [EOT] filter (Eq. 5), "for fair comparison" (paper §4.5). Pure functions on tensors/arrays: no
 diffusers import; scikit-learn (the ``[eval]`` extra) is imported only inside :func:`kmeans_concepts`.
 
-The filter is re-implemented here (:func:`eot_filter`) because ``conceptexpress.localize`` does not export its
-own; it follows the same rule (DESIGN §3: min-max normalize the [EOT] map, keep a cluster whose mean inside it
-is strictly above the image mean) and ``tests/test_locbench_baselines.py`` checks it against
-``cluster_concepts(...).kept``.
+The filter is the one ``cluster_concepts`` applies: :func:`conceptexpress.localize.eot_filter`.
 """
 
 from __future__ import annotations
@@ -18,11 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from conceptexpress.localize import FinchLevel, finch, pairwise_symmetric_kl
+from conceptexpress.localize import FinchLevel, eot_filter, finch, pairwise_symmetric_kl
 
 __all__ = [
     "BaselineClusters",
-    "eot_filter",
     "finch_fixed_concepts",
     "finch_fixed_labels",
     "finch_levels",
@@ -53,33 +49,6 @@ class BaselineClusters:
     scores: np.ndarray
     threshold: float
     messages: tuple[str, ...] = ()
-
-
-def eot_filter(labels: np.ndarray, eot: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """The [EOT] filter of paper Eq. 5 on any clustering.
-
-    Args:
-        labels: (h, w) int cluster index 0..K-1 of every latent pixel.
-        eot: (h, w) raw [EOT] cross-attention map; min-max normalized here (a constant map becomes zeros, so
-            nothing passes).
-
-    Returns:
-        ``(kept (K,) bool, scores (K,) float64, threshold)``: a cluster is kept when its mean normalized [EOT]
-        value is strictly greater than the image mean ``threshold``.
-    """
-    labels = np.asarray(labels)
-    e = eot.detach().cpu().double().numpy() if isinstance(eot, Tensor) else np.asarray(eot, dtype=np.float64)
-    if labels.shape != e.shape:
-        raise ValueError(f"`labels` {labels.shape} and `eot` {e.shape} must have the same (h, w)")
-    lo, hi = e.min(), e.max()
-    e = (e - lo) / (hi - lo) if hi > lo else np.zeros_like(e)
-    k = int(labels.max()) + 1
-    flat = labels.reshape(-1)
-    sizes = np.bincount(flat, minlength=k).astype(np.float64)  # (K,)
-    sums = np.bincount(flat, weights=e.reshape(-1), minlength=k)  # (K,)
-    scores = np.divide(sums, sizes, out=np.zeros(k), where=sizes > 0)
-    threshold = float(e.mean())
-    return scores > threshold, scores, threshold
 
 
 def kmeans_concepts(
@@ -187,7 +156,8 @@ def _finish(labels: np.ndarray, h: int, w: int, eot: Tensor, messages: list[str]
     rank = np.empty(len(first), dtype=np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
     label_map = rank[inverse.reshape(-1)].reshape(h, w)  # (h, w)
-    kept, scores, threshold = eot_filter(label_map, eot)
+    filtered = eot_filter(label_map, eot)
+    kept, scores, threshold = filtered.kept.numpy(), filtered.scores.numpy(), filtered.threshold
     kept_ids = np.nonzero(kept)[0]
     masks = label_map[None] == kept_ids[:, None, None]  # (M, h, w)
     return BaselineClusters(

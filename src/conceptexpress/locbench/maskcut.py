@@ -18,16 +18,17 @@ image size by the same ``upsample_masks``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from scipy import ndimage
+from scipy.linalg import eigh
 from torch import Tensor
 
 from conceptexpress.errors import ConfigError
-
-if TYPE_CHECKING:
-    from PIL import Image
+from conceptexpress.evaluate._loading import load_or_fail
 
 __all__ = [
     "DEFAULT_MASKCUT_MODEL",
@@ -117,8 +118,6 @@ def second_eigenvector(w: np.ndarray) -> tuple[np.ndarray, float]:
     Returns:
         ``(y (n,) float64, λ)``.
     """
-    from scipy.linalg import eigh
-
     d = w.sum(axis=1)  # (n,)
     s = 1.0 / np.sqrt(d)
     lap = np.eye(len(d)) - s[:, None] * w * s[None, :]  # (n, n) normalized Laplacian
@@ -157,8 +156,6 @@ def normalized_cut(
         max_corners: the most grid corners a foreground may hold, 0..4 (4 = never flip).
         connected: keep only the seed's connected component.
     """
-    from scipy import ndimage
-
     h, w = int(grid[0]), int(grid[1])
     n = torch.as_tensor(features).shape[0]
     if h * w != n:
@@ -291,8 +288,6 @@ class MaskCut:
     def load(self) -> MaskCut:
         """Load the ViT now (idempotent). Raises ModelLoadError (one line) or ConfigError (resolution)."""
         if self._model is None:
-            from conceptexpress.evaluate._loading import load_or_fail
-
             def load(source: str):
                 from transformers import ViTModel
 
@@ -314,11 +309,9 @@ class MaskCut:
 
     def features(self, image: Image.Image) -> tuple[Tensor, tuple[int, int]]:
         """(keys (h·w, d) float32 on CPU, grid (h, w)) of ``image``; h = w = resolution / patch size."""
-        from PIL import Image as PILImage
-
         self.load()
         r = self.resolution
-        rgb = image.convert("RGB").resize((r, r), PILImage.Resampling.LANCZOS)
+        rgb = image.convert("RGB").resize((r, r), Image.Resampling.LANCZOS)
         x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, r, r) in [0, 1]
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)

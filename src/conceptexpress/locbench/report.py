@@ -10,9 +10,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from conceptexpress.viz import overlay_concepts
+
 __all__ = ["bench_figure", "format_table", "method_names"]
 
 _PANEL_HEIGHT = 192
+
 _TITLE_HEIGHT = 22
 _GAP = 4
 
@@ -80,8 +83,6 @@ def bench_figure(rows: list[tuple[Image.Image, np.ndarray, dict[str, np.ndarray]
     ``rows`` holds (RGB image, gt (G, H, W) bool, {"kmeans@k", "finch@k", "ours": (M, H, W) bool}); every
     located concept is a distinct coloured, numbered region (``overlay_concepts``).
     """
-    from conceptexpress.viz import overlay_concepts
-
     titles = ["source", f"k-means ({k})", f"FINCH ({k})", "ours (auto)", "ground truth"]
     grid: list[list[Image.Image]] = []
     for image, gt, masks in rows:

@@ -17,16 +17,17 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
-from conceptexpress.config import LocalizeConfig, config_dict
-from conceptexpress.errors import ConfigError
+from conceptexpress.config import BenchConfig, LocalizeConfig, config_dict
 from conceptexpress.io.atomic import (
     atomic_save_image,
     atomic_write_bytes,
@@ -35,10 +36,13 @@ from conceptexpress.io.atomic import (
     ensure_output_dir,
 )
 from conceptexpress.io.images import upsample_masks
+from conceptexpress.io.run_folder import versions
 from conceptexpress.localize import cluster_concepts
+from conceptexpress.localizer import ConceptLocalizer
 
 from .baselines import finch_fixed_concepts, finch_levels, kmeans_concepts
 from .dataset import BenchSample, load_dataset
+from .maskcut import MaskCut
 from .matching import ImageMatch, aggregate, match_masks
 from .report import bench_figure, format_table, method_names
 
@@ -55,112 +59,6 @@ _CACHE_FORMAT = "conceptexpress-bench-attention-1"
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
     return {"help": text, **extra}
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """Localization benchmark (paper §4.5). Ours reads ``LocalizeConfig.n_max``; it is not repeated here."""
-
-    # Paper Table 3 runs both baselines at 4, 5, 6 and 7 clusters. The CLI passes "4,5,6,7"; it becomes a tuple.
-    ks: str | tuple[int, ...] = field(
-        default=(4, 5, 6, 7),
-        metadata=_help("cluster counts k of the k-means and FINCH baselines, comma-separated"),
-    )
-    # 0.5: the usual "found" threshold of instance segmentation; Appendix B's value is not available.
-    iou_threshold: float = field(
-        default=0.5, metadata=_help("IoU a matched pair needs to count for recall and precision")
-    )
-    seed: int = field(default=0, metadata=_help("random state of k-means++ initialization"))
-    # Fixed so that results do not change with scikit-learn's default (which moved from 10 to "auto").
-    kmeans_n_init: int = field(default=10, metadata=_help("k-means restarts; the lowest inertia wins"))
-    limit: int | None = field(default=None, metadata=_help("only the first LIMIT images in name order"))
-    # Paper Fig. 7 shows two images.
-    figure_rows: int = field(default=2, metadata=_help("images shown in figure.png (0 = no figure)"))
-    # None = the largest k (7 by default, the count the paper's Fig. 7 uses).
-    figure_k: int | None = field(
-        default=None, metadata=_help("k of the baseline columns of figure.png; None = the largest of --ks")
-    )
-    cache: bool = field(
-        default=True, metadata=_help("keep each image's attention in OUT/attention/ and reuse it")
-    )
-    # float32 is exact (64 MB per 512 px image); float16 halves that. Either way every run clusters the values
-    # as stored, so a rerun from the cache gives the same numbers as the first run.
-    cache_dtype: str = field(
-        default="float32",
-        metadata=_help("precision of the cached attention", choices=("float32", "float16")),
-    )
-    # Off by default: it needs a second model (a DINO download) and is a reference column, not a clustering of
-    # the shared attention.
-    maskcut: bool = field(
-        default=False, metadata=_help("also score MaskCut (CutLER), the reference column 'MC' of paper Table 3")
-    )
-    # CutLER's MaskCut runs DINO ViT-S/8.
-    maskcut_model: str = field(
-        default="facebook/dino-vits8",
-        metadata=_help("DINO ViT of MaskCut: hub id or local folder (transformers ViTModel)"),
-    )
-    # CutLER resizes every image to 480 x 480 (60 x 60 patches at patch size 8).
-    maskcut_resolution: int = field(
-        default=480, metadata=_help("side of the square image fed to MaskCut's ViT (a multiple of its patch size)")
-    )
-    # CutLER's MaskCut demo and paper use 0.15.
-    maskcut_tau: float = field(
-        default=0.15, metadata=_help("cosine threshold of MaskCut's patch graph (edges above it weigh 1, else 1e-5)")
-    )
-    # CutLER: 3 masks per image. 0 follows paper Table 3's "#clust: given": as many as the image's objects.
-    maskcut_masks: int = field(
-        default=3,
-        metadata=_help("most masks MaskCut returns per image; 0 = the image's number of ground-truth objects"),
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ks", _parse_ks(self.ks))
-        if not 0.0 < self.iou_threshold <= 1.0:
-            raise ConfigError(f"`iou_threshold` must be in (0, 1], got {self.iou_threshold!r}")
-        for name, lo in (("kmeans_n_init", 1), ("figure_rows", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
-        if self.limit is not None and (
-            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
-        ):
-            raise ConfigError(f"`limit` must be a positive integer, got {self.limit!r}")
-        if self.figure_k is not None and self.figure_k not in self.ks:
-            raise ConfigError(f"`figure_k` must be one of ks {list(self.ks)}, got {self.figure_k!r}")
-        if self.cache_dtype not in ("float32", "float16"):
-            raise ConfigError(f"`cache_dtype` must be 'float32' or 'float16', got {self.cache_dtype!r}")
-        for name, lo in (("maskcut_resolution", 1), ("maskcut_masks", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
-        if not -1.0 <= self.maskcut_tau < 1.0:
-            raise ConfigError(f"`maskcut_tau` must be a cosine in [-1, 1), got {self.maskcut_tau!r}")
-
-    @property
-    def fig_k(self) -> int:
-        return self.figure_k if self.figure_k is not None else max(self.ks)
-
-    @property
-    def maskcut_clust(self) -> str | None:
-        """The "#clust" cell of the MC column ("≤3", or "given" for ``maskcut_masks=0``); None without MaskCut."""
-        if not self.maskcut:
-            return None
-        return "given" if self.maskcut_masks == 0 else f"≤{self.maskcut_masks}"
-
-
-def _parse_ks(ks: str | int | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    try:
-        if isinstance(ks, str):
-            values = [int(v) for v in ks.replace(" ", "").split(",") if v]
-        elif isinstance(ks, int) and not isinstance(ks, bool):
-            values = [ks]
-        else:
-            values = [int(v) for v in ks]
-    except (TypeError, ValueError):
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise ConfigError(f"`ks` must be positive integers such as '4,5,6,7', got {ks!r}")
-    return tuple(sorted(set(values)))
 
 
 def bench_localize(
@@ -191,8 +89,6 @@ def bench_localize(
         ModelLoadError: ``config.maskcut`` is on and its ViT cannot be loaded (checked before any UNet pass).
         OutputError: ``out_dir`` cannot be written.
     """
-    from conceptexpress.localizer import ConceptLocalizer
-
     config = config or BenchConfig()
     localize_config = localize_config or LocalizeConfig()
     samples = load_dataset(dataset_dir, limit=config.limit)
@@ -291,7 +187,6 @@ def _maskcut(config: BenchConfig, pipe):
     """The loaded :class:`~.maskcut.MaskCut` of ``config``, on the pipeline's device; None when not asked for."""
     if not config.maskcut:
         return None
-    from .maskcut import MaskCut
 
     return MaskCut(
         config.maskcut_model,
@@ -338,8 +233,6 @@ def _attention(
     config: BenchConfig,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], bool]:
     """(attn (h·w, h·w) float32, eot (h, w) float32, (h, w), from cache?) for one image."""
-    from safetensors.torch import save
-
     key = _cache_key(sample.image_path, model_key, loc, config.cache_dtype)
     path = out / CACHE_DIR / f"{sample.name}.safetensors"
     if config.cache and path.is_file():
@@ -364,8 +257,6 @@ def _from_stored(stored: torch.Tensor) -> torch.Tensor:
 
 
 def _read_cache(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -414,14 +305,9 @@ def _model_fingerprint(pipe) -> str:
 def _progress(samples: list[BenchSample], enabled: bool):
     if not enabled:
         return samples
-    from tqdm.auto import tqdm
 
     return tqdm(samples, desc="bench-localize", unit="image", dynamic_ncols=True)
 
 
 def _versions() -> dict[str, str]:
-    import sklearn
-
-    from conceptexpress.io.localization_files import versions
-
-    return {**versions(), "scikit-learn": sklearn.__version__}
+    return versions("scikit-learn")

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import deprecation_utils
 
 from ..config import DEFAULT_MODEL, ModelConfig
 from ..errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+from .single_file import load_single_file
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +75,6 @@ def load_pipeline(config: ModelConfig | str | None = None, **overrides) -> Stabl
 
 
 def _load(config: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
     source = config.model
     path = Path(source).expanduser()
     if path.is_file():
@@ -88,8 +85,6 @@ def _load(config: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:
             )
         if path.suffix.lower() != ".safetensors":
             raise ModelLoadError(f"model file {str(path)!r} is not a .safetensors checkpoint; {_ALTERNATIVES}")
-        from .single_file import load_single_file
-
         return load_single_file(path, torch_dtype=dtype, config=config.single_file_config)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -113,8 +108,6 @@ def _looks_like_path(source: str) -> bool:
 
 def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``{"dtype": …}`` on diffusers that renamed ``torch_dtype`` (0.36+), ``{"torch_dtype": …}`` before."""
-    from diffusers.utils import deprecation_utils
-
     return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
 
 

@@ -4,7 +4,7 @@ Such a file holds the UNet, VAE and text-encoder weights but no component config
 diffusers' ``StableDiffusionPipeline.from_single_file`` converts the weights and takes everything else from a
 diffusers "config source": a local diffusers folder or a hub id. Left alone, diffusers infers that hub id from
 the checkpoint and fetches it, and its SD 2.x choice (``stabilityai/stable-diffusion-2-1``) no longer exists.
-So this module picks the source itself (DESIGN §2):
+So this module picks the source itself (README, "Models"):
 
 * ``config`` argument (CLI ``--single-file-config DIR_OR_ID``), if given: always wins.
 * SD 2.x (OpenCLIP text encoder ``cond_stage_model.model.*``, cross-attention width 1024):
@@ -29,16 +29,15 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import huggingface_hub
 import torch
+from diffusers import StableDiffusionPipeline
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors import safe_open
 
 from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError
-from .ldm_format import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,12 @@ _LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
 ALTERNATIVES = "pass a diffusers folder, a hub id, or --single-file-config DIR_OR_ID"
 
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
-_VAE_PREFIXES = ("first_stage_model.", "vae.")
+# Key prefixes of an original (LDM / A1111) checkpoint; conceptexpress.testing.ldm_format writes files with them.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIPTextModel names
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names
+_VAE_PREFIXES = (VAE_PREFIX, "vae.")
 # Only the pipeline's configs and tokenizer files, never weights (same patterns diffusers uses).
 _CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "*.model", "**/*.model"]
 # ComfyUI's heuristic for SD 2.x: v-prediction training leaves the LayerNorm biases of the last output
@@ -181,8 +185,6 @@ def inspect_single_file(path: str | Path) -> CheckpointInfo:
     Reads the header only, plus at most one small tensor for the SD 2.x v-prediction heuristic. Raises
     ``ValueError`` for an unknown layout and safetensors' own errors for a file that is not safetensors.
     """
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
@@ -290,9 +292,7 @@ def _resolve_config_source(source: str) -> str:
     if not _looks_like_hub_id(source):
         raise _ConfigSourceError("is neither an existing folder nor a hub id (org/name)")
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+    snapshot_download = huggingface_hub.snapshot_download  # looked up per call (tests replace it)
     missing: str | None
     try:  # cache first: works offline once the configs were fetched
         cached = snapshot_download(source, allow_patterns=_CONFIG_PATTERNS, local_files_only=True)
@@ -332,8 +332,6 @@ def _missing_configs(folder: Path) -> str:
 
 
 def _from_single_file(path: Path, config_dir: str, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
     return StableDiffusionPipeline.from_single_file(
         str(path),
         config=config_dir,
@@ -360,7 +358,7 @@ def _check_all_weights_loaded(pipe: StableDiffusionPipeline) -> None:
 def _apply_prediction_type(
     pipe: StableDiffusionPipeline, info: CheckpointInfo, *, config_given: bool
 ) -> None:
-    """Make the scheduler's ``prediction_type`` (the denoising target, DESIGN appendix) match the file."""
+    """Make the scheduler's ``prediction_type`` (the denoising target) match the file."""
     if info.prediction_type is None or (config_given and not info.prediction_is_explicit):
         return
     current = pipe.scheduler.config.get("prediction_type", "epsilon")

@@ -1,4 +1,4 @@
-"""Prompt tokenization helpers that hold for every SD 1.x / 2.x tokenizer (DESIGN §2).
+"""Prompt tokenization helpers that hold for every SD 1.x / 2.x tokenizer (README, "Models").
 
 SD 1.x tokenizers pad with the end-of-text token, SD 2.x tokenizers with ``!``; positions are therefore read
 from the token ids, never from ``argmax`` of the ids (which happens to find the end token in the vocabulary of

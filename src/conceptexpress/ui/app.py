@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 from ..config import TrainConfig
-from ..errors import ConceptExpressError
+from ..errors import ConceptExpressError, InputError
+from ..io.images import load_image
+from ..viz import concept_colors
 from .session import Session, Studio
 
 TITLE = "ConceptExpress"
@@ -73,8 +75,6 @@ def _call(fn, on_wait, kwargs) -> dict[str, Any]:
 
 def concept_view(session: Session):
     """AnnotatedImage value and colour map: the photo with one numbered, coloured region per concept."""
-    from ..io.images import load_image
-    from ..viz import concept_colors
 
     loc = session.loc
     photo = np.asarray(load_image(session.image_path))
@@ -306,7 +306,6 @@ def _loss_frame(records):
 
 def _drawn_mask(drawn, session: Session) -> np.ndarray:
     """The painted layer of the ImageEditor as an (H, W) bool mask at the photo's size."""
-    from ..errors import InputError
 
     layers = (drawn or {}).get("layers") or []
     if not layers:

@@ -26,6 +26,17 @@ from typing import Any
 
 from ..config import LocalizeConfig, ModelConfig, TrainConfig
 from ..errors import ConceptExpressError, ConfigError, InputError
+from ..extract import SampleConfig, extract, localize_to_folder
+from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_folders
+from ..io.atomic import ensure_output_dir
+from ..io.images import load_image
+from ..io.lock import run_lock
+from ..io.run_folder import read_manifest
+from ..learn.checkpoint import save_checkpoint
+from ..localize.edit import apply_edits
+from ..localizer import ConceptLocalizer
+from ..models import load_pipeline
+from ..run_edit import rewrite_localization
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +76,6 @@ class Studio:
 
     def load(self) -> None:
         if self.pipe is None:
-            from ..models import load_pipeline
 
             self.pipe = load_pipeline(self.config.model)
 
@@ -132,8 +142,6 @@ class Session:
     # ------------------------------------------------------------------ 1. photo
     def set_image(self, path: str | Path) -> Path:
         """Take an uploaded file (or the example) into the run folder after the CLI's image checks."""
-        from ..io.atomic import ensure_output_dir
-        from ..io.images import load_image
 
         if self.job is not None and not self.job.done.is_set():
             raise ConfigError("this tab is training: wait for it, or cancel it, before a new photo")
@@ -178,9 +186,6 @@ class Session:
     # ------------------------------------------------------------------ 2. localize
     def localize(self, on_wait: Callable[[str], None] | None = None):
         """Find the concepts (paper §3.2) and write the localization into the run folder."""
-        from ..extract import localize_to_folder
-        from ..io.images import load_image
-        from ..io.lock import run_lock
 
         self._require("localize")
         image = load_image(self.image_path)
@@ -195,10 +200,6 @@ class Session:
     def edit(self, *, merge: Sequence[int] = (), drop: Sequence[int] = (), split: Sequence[int] = (),
              mask=None, on_wait: Callable[[str], None] | None = None) -> list[str]:
         """Apply edits numbered as on the current overlay (1-based); rewrite the run's localization."""
-        from ..edit_cli import apply_edits
-        from ..io.images import load_image
-        from ..io.lock import run_lock
-        from ..io.run_edit import rewrite_localization
 
         self._require("edit")
         merge, drop, split = list(merge), list(drop), list(split)
@@ -208,7 +209,6 @@ class Session:
             raise ConfigError(f"select at least two concepts to merge, got {merge[0]}")
         image = load_image(self.image_path)
         if (split or mask is not None) and self.attn is None:
-            from ..localizer import ConceptLocalizer
 
             with self.studio.using_model("computing attention", on_wait) as pipe:
                 self.attn = ConceptLocalizer(pipe, self.studio.config.localize).attention(image).attn
@@ -236,9 +236,6 @@ class Session:
         return job
 
     def _train(self, job: TrainingJob, config: TrainConfig, samples: int, sample_steps: int) -> None:
-        from ..extract import SampleConfig, extract
-        from ..io.lock import run_lock
-        from ..learn.checkpoint import save_checkpoint
 
         def on_wait(message: str) -> None:
             job.status = message
@@ -284,8 +281,6 @@ class Session:
         return [t["token"] for t in self._trained()["tokens"]]
 
     def _trained(self) -> dict[str, Any]:
-        from ..export import read_manifest
-
         if self.image_path is None or not (self.run / "manifest.json").is_file():
             raise InputError("no trained tokens yet: train first")
         return read_manifest(self.run)
@@ -293,20 +288,12 @@ class Session:
     def generate(self, prompt: str, n: int = 1, steps: int = 20, seed: int = 0,
                  on_wait: Callable[[str], None] | None = None) -> list[str]:
         """Images for ``prompt`` (``<c1>``…, ``all``); written under RUN/generated like `conceptexpress generate`."""
-        from ..export import load_tokens_into
-        from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_folders
-        from ..io.lock import run_lock
-
         self._require("generate")
         tokens = self.tokens()
         expanded = expand_prompt(prompt, tokens)
         config = GenerateConfig(n=int(n), steps=int(steps), seed=int(seed))
         with self.studio.using_model("generating", on_wait) as pipe, run_lock(self.run):
-            loaded = load_tokens_into(pipe, self.run)
-            try:
-                root = generate_from_run(self.run, [expanded], config, pipe=pipe)
-            finally:
-                pipe.unload_textual_inversion(loaded)  # the shared model goes back as it was
+            root = generate_from_run(self.run, [expanded], config, pipe=pipe)  # hands the pipeline back as found
         folder = prompt_folders(root, [expanded])[0]
         return [str(p) for p in sorted(folder.glob("[0-9]*.png"))]
 

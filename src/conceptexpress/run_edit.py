@@ -26,8 +26,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..errors import InputError
-from .localization_files import MANIFEST, TENSORS, read_localization, save_localization
+from .errors import InputError
+from .io.images import upsample_masks
+from .io.localization_files import MANIFEST, TENSORS, read_localization, save_localization
+from .localize import ConceptClusters
+from .localize.eot_filter import min_max
+from .localizer import Localization
 
 BACKUPS = "backups"
 # Files of a localization (moved to the backup, replaced by the staged ones).
@@ -43,15 +47,10 @@ def load_localization(run_dir: str | Path):
     ``cluster_concepts`` computed them; the source-size masks are re-upsampled from the latent masks (what the
     mask PNGs hold).
     """
-    from ..io.images import upsample_masks
-    from ..localize import ConceptClusters
-    from ..localize.cluster import _min_max
-    from ..localizer import Localization
-
     manifest, t = read_localization(run_dir)
     masks = t["masks"].bool()  # (N, h, w)
     pre = t["pre_labels"].long()  # (h, w)
-    e = _min_max(t["eot"])  # (h, w) float64
+    e = min_max(t["eot"])  # (h, w) float64
     num_pre = int(pre.max()) + 1
     sizes = torch.bincount(pre.reshape(-1), minlength=num_pre).to(torch.float64)
     scores = e.reshape(-1).new_zeros(num_pre).index_add_(0, pre.reshape(-1), e.reshape(-1)) / sizes

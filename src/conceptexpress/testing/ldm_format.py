@@ -6,7 +6,8 @@ The inverse of what diffusers' ``from_single_file`` converters undo: the UNet go
 convolutions), the text encoder under ``cond_stage_model.transformer.text_model.*`` (SD 1.x, Hugging Face
 CLIP names) or ``cond_stage_model.model.*`` (SD 2.x, OpenCLIP names with fused ``in_proj`` attention).
 
-Pure functions on ``{name: tensor}`` dicts; nothing here imports diffusers. Tensors are passed through
+Pure functions on ``{name: tensor}`` dicts; the key prefixes are the reader's
+(:mod:`conceptexpress.models.single_file`). A test helper, beside :mod:`conceptexpress.testing`. Tensors are passed through
 unchanged (same dtype, same storage) except where the layouts differ in shape: VAE attention weights
 (``(C, C)`` ↔ ``(C, C, 1, 1)``) and OpenCLIP's fused q/k/v projections. Used to write single-file test
 checkpoints (:func:`conceptexpress.testing.save_tiny_single_file`) that go through the same
@@ -20,10 +21,8 @@ from collections.abc import Mapping
 
 import torch
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIPTextModel names
-OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names
+from ..models.single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+
 TEXT_ENCODER_LAYOUTS = ("clip", "open_clip")
 
 _UNET_TOP = {

@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import ConfigError
+from ..ui.session import DEFAULT_MAX_UPLOAD_MB, Studio, StudioConfig
+from .edit import add_model_flags, model_config
+
 HELP = "browser app: upload a photo, see and edit its concepts, train, generate, download (needs the [ui] extra)"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from .session import DEFAULT_MAX_UPLOAD_MB, StudioConfig
 
     p = subparsers.add_parser("ui", help=HELP, description=HELP)
-    from ..edit_cli import add_model_flags
 
     add_model_flags(p, "the model the page uses, loaded once")
     p.add_argument("--host", default="127.0.0.1",
@@ -29,15 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..edit_cli import model_config
-    from ..errors import ConfigError
-    from .session import Studio, StudioConfig
 
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise ConfigError("`conceptexpress ui` needs gradio: pip install 'conceptexpress[ui]'") from None
-    from .app import build_app
+    from ..ui.app import build_app
 
     model = model_config(args)
     studio = Studio(StudioConfig(model=model, workdir=args.workdir, max_upload_mb=args.max_upload_mb,

@@ -4,19 +4,28 @@ Concept numbers are the ones on the run's overlay (1-based) *before* this edit, 
 the edits apply as drop → merge → split → add. Merge and drop need no model; split and add recompute the image's
 self-attention with the run's recorded model and localization options (``--model``/``--device``/``--dtype``
 override them). The run's localization is rewritten atomically, the old one kept under ``RUN/backups/``
-(:mod:`conceptexpress.io.run_edit`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
+(:mod:`conceptexpress.run_edit`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ConfigError, InputError
-from .localize.edit import EditError
+from ..config import LocalizeConfig, ModelConfig
+from ..errors import ConfigError, InputError
+from ..io.images import load_image
+from ..io.lock import run_lock
+from ..io.run_folder import file_sha256
+from ..localize.edit import apply_edits
+from ..localizer import ConceptLocalizer
+from ..models import load_pipeline
+from ..run_edit import load_localization, rewrite_localization
 
 HELP = "merge, drop, split or add concepts of a localized run before training (numbers as on its overlay)"
 
@@ -50,9 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def add_model_flags(parser: argparse.ArgumentParser, default_text: str) -> None:
     """One ``--flag`` per ModelConfig field (help and choices from its metadata), unset = None."""
-    from dataclasses import fields
 
-    from .config import ModelConfig
 
     group = parser.add_argument_group(f"ModelConfig ({default_text})")
     for f in fields(ModelConfig):
@@ -63,9 +70,7 @@ def add_model_flags(parser: argparse.ArgumentParser, default_text: str) -> None:
 
 def model_config(args: argparse.Namespace, base: dict | None = None):
     """ModelConfig from ``base`` (e.g. a run's recorded one) overridden by the flags the user gave."""
-    from dataclasses import fields
 
-    from .config import ModelConfig
 
     given = {f.name: getattr(args, f"model_{f.name}") for f in fields(ModelConfig)}
     return ModelConfig(**{**(base or {}), **{k: v for k, v in given.items() if v is not None}})
@@ -73,7 +78,6 @@ def model_config(args: argparse.Namespace, base: dict | None = None):
 
 def read_mask(path: str | Path) -> np.ndarray:
     """A user's mask file as (H, W) bool: non-zero luminance inside, and where it has alpha, opaque pixels only."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -88,54 +92,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     return inside & alpha if alpha is not None else inside
 
 
-def apply_edits(loc, *, merge=(), drop=(), split=(), masks=(), attn: torch.Tensor | None = None):
-    """Apply 1-based edits, all numbered as on ``loc``'s overlay, in the order drop → merge → split → add.
-
-    A concept is followed through the edits by its first pixel (raster order), which stays inside it until it is
-    dropped or split. Returns (new Localization, list of edit descriptions).
-    """
-    from .localize import edit
-
-    n = loc.num_concepts
-    groups = [list(g) for g in merge]
-    drop = [i for g in drop for i in g]
-    split = [i for g in split for i in g]
-    named = [*drop, *[i for g in groups for i in g], *split]
-    bad = sorted({i for i in named if not 1 <= i <= n})
-    if bad:
-        raise EditError(f"concept {bad[0]} does not exist: the run has {n} concepts (1…{n} on its overlay)")
-    if len(named) != len(set(named)):
-        twice = sorted({i for i in named if named.count(i) > 1})
-        raise EditError(f"concept {twice[0]} is named by more than one edit; give each concept one edit")
-    if any(len(g) < 2 for g in groups):
-        raise EditError(f"--merge needs at least two concepts, got {','.join(map(str, min(groups, key=len)))}")
-    anchors = {i + 1: int(torch.nonzero(loc.clusters.masks[i].reshape(-1))[0]) for i in range(n)}
-
-    def current(cur, number: int) -> int:
-        return int(cur.clusters.post_labels.reshape(-1)[anchors[number]])
-
-    done = []
-    if drop:
-        loc = edit.drop_concepts(loc, [i - 1 for i in drop])
-        done.append(f"drop {','.join(map(str, drop))}")
-    for g in groups:
-        loc = edit.merge_concepts(loc, [current(loc, i) for i in g], attn=attn)
-        done.append(f"merge {','.join(map(str, g))}")
-    for i in split:
-        loc = edit.split_concept(loc, current(loc, i), attn)
-        done.append(f"split {i}")
-    for k, m in enumerate(masks):
-        loc = edit.add_concept(loc, m, attn)
-        done.append(f"add mask {k + 1}")
-    return loc, done
-
-
 def run(args: argparse.Namespace) -> int:
-    from .config import LocalizeConfig
-    from .extract import file_sha256
-    from .io.images import load_image
-    from .io.lock import run_lock
-    from .io.run_edit import load_localization, rewrite_localization
 
     if not (args.merge or args.drop or args.split or args.add_mask):
         raise ConfigError("nothing to edit: give --merge, --drop, --split or --add-mask")
@@ -161,8 +118,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _attention(image, model_cfg, loc_cfg, loc) -> torch.Tensor:
     """The image's aggregated self-attention (h·w, h·w), recomputed as localization computed it (deterministic)."""
-    from .localizer import ConceptLocalizer
-    from .models import load_pipeline
 
     maps = ConceptLocalizer(load_pipeline(model_cfg), loc_cfg).attention(image)
     if tuple(maps.latent_hw) != tuple(loc.latent_hw):

@@ -12,11 +12,18 @@ users hit with real weights.
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-# SD 2.x tokenizers pad with "!"; SD 1.x tokenizers pad with the end-of-text token (DESIGN §2).
+from .ldm_format import pipeline_to_ldm
+
+# SD 2.x tokenizers pad with "!"; SD 1.x tokenizers pad with the end-of-text token (README, "Models").
 PAD_STYLES = ("sd2", "sd1")
 
 
@@ -43,8 +50,6 @@ def write_clip_tokenizer(
     ``"sd1"`` pads with ``<|endoftext|>`` like SD 1.x. ``words`` get left-to-right merge chains (and their
     intermediate symbols, before the special tokens) so that each is one token; longer words' merges rank first.
     """
-    from transformers import CLIPTokenizer
-
     if pad_style not in PAD_STYLES:
         raise ValueError(f"`pad_style` must be one of {PAD_STYLES}, got {pad_style!r}")
     path = Path(path)
@@ -89,9 +94,7 @@ def write_clip_tokenizer(
 
 
 def _scheduler():
-    from diffusers import PNDMScheduler
-
-    # SD 2.1-base ships a PNDM scheduler with the training schedule of the DESIGN appendix.
+    # SD 2.1-base ships a PNDM scheduler with the training schedule of SD 2.1-base (scaled_linear betas 0.00085–0.012, 1000 steps).
     return PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -105,9 +108,6 @@ def _scheduler():
 
 
 def _save(path: Path, unet, vae, text_encoder, tokenizer_dir: Path, safe_serialization: bool = True) -> Path:
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -151,9 +151,6 @@ def save_tiny_pipeline(path: str | Path, *, pad_style: str = "sd2", seed: int = 
     latent/8), sample_size 16. VAE: factor 8 (4 blocks). Native resolution: 16 × 8 = 128 px. CLIP text encoder:
     2 layers, hidden 32. Tokenizer: written on the fly, padding per ``pad_style`` (``"sd2"`` or ``"sd1"``).
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     path = Path(path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_src", pad_style=pad_style)
     vocab_size = len(json.loads((tok_dir / "vocab.json").read_text(encoding="utf-8")))
@@ -192,7 +189,7 @@ def save_tiny_pipeline(path: str | Path, *, pad_style: str = "sd2", seed: int = 
 
 
 def sd21_unet_config() -> dict:
-    """UNet2DConditionModel config of SD 2.1-base (DESIGN appendix; 865.9 M parameters)."""
+    """UNet2DConditionModel config of SD 2.1-base (its published unet/config.json; 865.9 M parameters)."""
     return dict(
         sample_size=64,
         in_channels=4,
@@ -220,9 +217,6 @@ def save_sd21_random_pipeline(path: str | Path, *, seed: int = 0, dtype: torch.d
     differently from the real model, but every shape is the real one: UNet 865.9 M parameters, 16 self- and
     16 cross-attention layers, CLIP text encoder with 23 layers of width 1024, VAE factor 8.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     path = Path(path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_src", pad_style="sd2")
     torch.manual_seed(seed)
@@ -262,8 +256,6 @@ def save_sd21_random_pipeline(path: str | Path, *, seed: int = 0, dtype: torch.d
 
 
 def _rmtree(p: Path) -> None:
-    import shutil
-
     shutil.rmtree(p, ignore_errors=True)
 
 
@@ -275,15 +267,9 @@ def save_tiny_single_file(
 
     UNet under ``model.diffusion_model.*``, VAE under ``first_stage_model.*``, text encoder under
     ``cond_stage_model.transformer.text_model.*`` (``text_encoder_layout="clip"``, SD 1.x style) or
-    ``cond_stage_model.model.*`` (``"open_clip"``, SD 2.x style); see :mod:`conceptexpress.models.ldm_format`.
+    ``cond_stage_model.model.*`` (``"open_clip"``, SD 2.x style); see :mod:`conceptexpress.testing.ldm_format`.
     Tokenizer and scheduler are not part of such files: load it back with ``config=pipeline_dir``.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel
-
-    from .models.ldm_format import pipeline_to_ldm
-
     pipeline_dir, out_file = Path(pipeline_dir), Path(out_file)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
@@ -302,17 +288,16 @@ def save_tiny_single_file(
 
 
 def _main(argv: list[str] | None = None) -> int:
-    """``python -m conceptexpress.testing tiny|sd21 DIR``: write a random pipeline for offline trials."""
-    import argparse
+    """``python -m conceptexpress.testing tiny|sd21 DIR``: write a random pipeline for offline trials.
 
-    parser = argparse.ArgumentParser(prog="python -m conceptexpress.testing", description=_main.__doc__)
-    parser.add_argument("kind", choices=("tiny", "sd21"), help="tiny (~7 MB) or the full SD 2.1-base shape (2.5 GB)")
-    parser.add_argument("path", type=Path)
-    args = parser.parse_args(argv)
-    out = save_tiny_pipeline(args.path) if args.kind == "tiny" else save_sd21_random_pipeline(args.path)
-    print(f"wrote a random {args.kind} pipeline to {out}")
+    tiny: ~7 MB; sd21: the full SD 2.1-base shape (2.5 GB). (No argparse: the shell is ``conceptexpress.cli``.)
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) != 2 or args[0] not in ("tiny", "sd21"):
+        print("usage: python -m conceptexpress.testing {tiny,sd21} DIR", file=sys.stderr)
+        return 2
+    kind, path = args[0], Path(args[1])
+    out = save_tiny_pipeline(path) if kind == "tiny" else save_sd21_random_pipeline(path)
+    print(f"wrote a random {kind} pipeline to {out}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

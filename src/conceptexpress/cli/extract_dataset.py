@@ -6,18 +6,17 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..config import LocalizeConfig, ModelConfig, TrainConfig
+from ..config import LocalizeConfig, ModelConfig, RuntimeConfig, SampleConfig, TrainConfig
+from ..dataset import extract_dataset
 from ..errors import ConfigError
-from .run import extract_dataset
+from .args import add_config_args, config_from_args
+from .extract import add_method_arg
 
-logger = logging.getLogger(__package__)  # the logger extract_dataset writes its summary line to
+logger = logging.getLogger("conceptexpress.dataset")  # the logger extract_dataset writes its summary line to
 
 
-def add_extract_dataset_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``extract-dataset FOLDER --out RUNS …`` to the ``conceptexpress`` sub-commands."""
-    from ..cli import add_config_args
-    from ..extract import METHODS, SampleConfig
-
     p = subparsers.add_parser(
         "extract-dataset",
         help="extract every photo of a folder (one run folder each; resumable; shards under torchrun/accelerate)",
@@ -30,17 +29,14 @@ def add_extract_dataset_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("folder", help="folder of photos (not searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="runs folder: one run folder per photo, summaries, failures")
-    p.add_argument("--method", choices=METHODS, default="conceptexpress",
-                   help="token learning: ConceptExpress (default) or the BaS† baseline of paper §4.1 on the same masks")
+    add_method_arg(p)
     p.add_argument("--rank", type=int, default=None,
                    help="this process's shard (default: RANK or SLURM_PROCID from the launcher, else 0)")
     p.add_argument("--world-size", type=int, default=None,
                    help="number of shards (default: WORLD_SIZE or SLURM_NTASKS from the launcher, else 1)")
-    add_config_args(p, ModelConfig)
-    add_config_args(p, LocalizeConfig)
-    add_config_args(p, TrainConfig)
-    add_config_args(p, SampleConfig)
-    p.set_defaults(func=_cmd_extract_dataset)
+    for cls in (ModelConfig, LocalizeConfig, TrainConfig, RuntimeConfig, SampleConfig):
+        add_config_args(p, cls)
+    p.set_defaults(func=run)
     return p
 
 
@@ -49,7 +45,7 @@ class _DropSummary(logging.Filter):
         return not getattr(record, "dataset_summary", False)
 
 
-def _cmd_extract_dataset(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """0 when every photo of this process's shard is done or skipped, 1 when some failed (one process).
 
     Under a multi-process launch a process whose photos failed still exits 0 once its shard is through:
@@ -57,9 +53,6 @@ def _cmd_extract_dataset(args: argparse.Namespace) -> int:
     (SIGTERM), so one broken JPEG would stop the whole dataset, and again on every rerun. The failures are in
     the summary and ``failures-rank<r>.json`` files (``merge_summaries``).
     """
-    from ..cli import config_from_args
-    from ..extract import SampleConfig
-
     if (args.rank is None) != (args.world_size is None):
         raise ConfigError(
             f"give both --rank and --world-size or neither, got --rank {args.rank} --world-size {args.world_size}"
@@ -74,6 +67,7 @@ def _cmd_extract_dataset(args: argparse.Namespace) -> int:
             localize=config_from_args(args, LocalizeConfig),
             train=config_from_args(args, TrainConfig),
             sample=config_from_args(args, SampleConfig),
+            runtime=config_from_args(args, RuntimeConfig),
             method=args.method,
             rank=args.rank,
             world_size=args.world_size,

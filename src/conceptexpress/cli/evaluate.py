@@ -1,6 +1,6 @@
 """``conceptexpress evaluate RUNS [RUNS ...] [--out DIR] …``: paper Table 1 for folders of finished runs.
 
-Flags come from :class:`~conceptexpress.evaluate.protocol.EvalConfig` and
+Flags come from :class:`~conceptexpress.config.EvalConfig` and
 :class:`~conceptexpress.config.ModelConfig` (``--model`` / ``--single-file-config`` default to each run's manifest).
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_evaluate_parser"]
+from ..config import EvalConfig, ModelConfig
+from ..evaluate.protocol import evaluate_runs
+from .args import add_config_args, add_run_model_args, config_from_args, given_options
 
 
-def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``evaluate`` on ``subparsers`` (from ``add_subparsers``); its ``func`` returns the exit code."""
-    from ..cli import add_config_args, add_run_model_args
-    from .protocol import EvalConfig
-
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on ``subparsers`` (from ``add_subparsers``)."""
     p = subparsers.add_parser(
         "evaluate",
         help="score finished runs with the paper's metrics (SIM^I, SIM^C, ACC^1, ACC^3; paper Table 1)",
@@ -32,18 +31,13 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="result folder (default: <parent of the first RUNS>/eval)")
     add_config_args(p, EvalConfig)
     add_run_model_args(p, "each run's, from its manifest.json")
-    p.set_defaults(func=_cmd_evaluate)
+    p.set_defaults(func=run)
     return p
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..cli import config_from_args
-    from ..config import ModelConfig
-    from .protocol import EvalConfig, evaluate_runs
-
+def run(args: argparse.Namespace) -> int:
     config = config_from_args(args, EvalConfig)
-    prefix = ModelConfig.__name__ + "."
-    options = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+    options = given_options(args, ModelConfig)
     quiet = bool(getattr(args, "quiet", False))
     result = evaluate_runs(args.runs, config, out_dir=args.out, model_options=options, progress=not quiet)
     if not quiet:

@@ -1,7 +1,7 @@
 """``conceptexpress bench-localize DATASET [--out DIR] [--make-synthetic N | --from-clevr SRC] [options]``.
 
-Flags come from :class:`~conceptexpress.locbench.run.BenchConfig`, ``ModelConfig`` and ``LocalizeConfig``
-(``--n-max`` is ours' N_max). Register with :func:`add_bench_localize_parser` on the main parser's subparsers.
+Flags come from :class:`~conceptexpress.config.BenchConfig`, ``ModelConfig`` and ``LocalizeConfig``
+(``--n-max`` is ours' N_max).
 """
 
 from __future__ import annotations
@@ -9,16 +9,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_bench_localize_parser"]
+from ..config import BenchConfig, LocalizeConfig, ModelConfig
+from ..errors import ConfigError
+from ..io.atomic import ensure_output_dir
+from ..locbench.dataset import convert_clevr_masks, load_dataset, parse_background
+from ..locbench.run import RESULTS, TABLE, bench_localize
+from ..locbench.scenes import write_synthetic_dataset
+from ..models import load_pipeline
+from .args import add_config_args, config_from_args
 
 
-def add_bench_localize_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``bench-localize`` on ``subparsers`` (from ``add_subparsers``); its ``func`` returns an exit code."""
-    from conceptexpress.cli import add_config_args
-    from conceptexpress.config import LocalizeConfig, ModelConfig
-
-    from .run import BenchConfig
-
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench-localize`` on ``subparsers`` (from ``add_subparsers``)."""
     p = subparsers.add_parser(
         "bench-localize",
         help="score concept localization against ground-truth masks (paper §4.5, Table 3, Fig. 7)",
@@ -56,21 +58,11 @@ def add_bench_localize_parser(subparsers) -> argparse.ArgumentParser:
     add_config_args(p, BenchConfig)
     add_config_args(p, ModelConfig)
     add_config_args(p, LocalizeConfig)
-    p.set_defaults(func=_cmd_bench_localize)
+    p.set_defaults(func=run)
     return p
 
 
-def _cmd_bench_localize(args: argparse.Namespace) -> int:
-    from conceptexpress.cli import config_from_args
-    from conceptexpress.config import LocalizeConfig, ModelConfig
-    from conceptexpress.errors import ConfigError
-    from conceptexpress.io.atomic import ensure_output_dir
-    from conceptexpress.models import load_pipeline
-
-    from .dataset import convert_clevr_masks, load_dataset, parse_background
-    from .run import RESULTS, TABLE, BenchConfig, bench_localize
-    from .scenes import write_synthetic_dataset
-
+def run(args: argparse.Namespace) -> int:
     # Cheap checks first: options, dataset and output folder fail before the model loads.
     bench = config_from_args(args, BenchConfig)
     model_cfg = config_from_args(args, ModelConfig)

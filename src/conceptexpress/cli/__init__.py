@@ -1,0 +1,111 @@
+"""The command line: ``conceptexpress COMMAND …`` (one module per sub-command, as diffusers' ``commands/``).
+
+Each sub-command is a module of this package with ``add_parser(subparsers) -> ArgumentParser`` and
+``run(args) -> int`` (the exit code), listed once in :data:`COMMANDS`; adding a command is one line there.
+Flags are generated from the frozen config dataclasses (:mod:`.args`), so the CLI cannot drift from the Python
+API. User errors print one line ``error: …`` and exit with the error's code (``conceptexpress.errors``: one code
+per kind, 1 only for a bug); ``--debug`` shows the traceback instead.
+
+Nothing outside this package imports it or argparse: the library never depends on the shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+import diffusers
+import transformers
+
+from .. import __version__
+from ..errors import ConceptExpressError
+from . import (
+    _quiet,  # noqa: F401  (first: before the sub-commands import diffusers' pipelines)
+    bench_localize,
+    edit,
+    evaluate,
+    extract,
+    extract_dataset,
+    generate,
+    localize,
+    ui,
+)
+from .args import Parser, add_config_args, add_run_model_args, config_from_args
+
+__all__ = ["COMMANDS", "add_config_args", "add_run_model_args", "build_parser", "config_from_args", "main"]
+
+# The sub-commands, in --help order.
+COMMANDS = [localize, extract, generate, extract_dataset, evaluate, bench_localize, edit, ui]
+
+logger = logging.getLogger("conceptexpress")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="conceptexpress",
+        description="Extract every object of a photo into its own Stable Diffusion token (ConceptExpress).",
+    )
+    parser.add_argument("--version", action="version", version=f"conceptexpress {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        known = set(sub.choices)
+        command.add_parser(sub)
+        for name in set(sub.choices) - known:  # the parser(s) the module added run its `run`
+            sub.choices[name].set_defaults(func=command.run)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    try:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - logging tweaks are best effort
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s: %(message)s" if args.debug else "%(message)s",
+        stream=sys.stderr,
+    )
+    if args.debug:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except ConceptExpressError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; finished files are kept, the run's manifest is only written at the end",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: say so in one line, trace with --debug
+        if args.debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""``conceptexpress localize IMAGE [--out DIR] …``: find the concepts of one photo (paper §3.2), write their masks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import LocalizeConfig, ModelConfig
+from ..errors import NoConceptError
+from ..extract import localize_to_folder
+from ..io.atomic import ensure_output_dir
+from ..io.images import load_image
+from ..models import load_pipeline
+from .args import add_config_args, config_from_args
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("localize", help="find the concepts of one photo (paper §3.2) and write their masks")
+    p.add_argument("image", help="the photo (PNG, JPEG, WebP, …)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/<image name>)")
+    add_config_args(p, ModelConfig)
+    add_config_args(p, LocalizeConfig)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    # Cheap checks first: a bad option, image or output folder fails before the model loads.
+    model_cfg = config_from_args(args, ModelConfig)
+    loc_cfg = config_from_args(args, LocalizeConfig)
+    image = load_image(args.image)
+    out = ensure_output_dir(args.out or Path("outputs") / Path(args.image).stem)
+
+    pipe = load_pipeline(model_cfg)
+    manifest, loc = localize_to_folder(pipe, image, args.image, out, model_cfg, loc_cfg)
+    if loc.num_concepts == 0:
+        raise NoConceptError(
+            f"no salient concept found in {args.image!r} (every cluster failed the [EOT] filter); "
+            f"see {out / 'stages.png'}"
+        )
+    print(f"found {loc.num_concepts} concepts in {args.image} -> {out}/ ({', '.join(manifest['masks'][:3])}"
+          f"{', …' if loc.num_concepts > 3 else ''}, overlay.png, stages.png, localization.json)")
+    return 0

@@ -1,0 +1,361 @@
+"""The run folder: file names, the manifest, and a run's tokens in a pipeline — defined once, here.
+
+Layout of one run (one photo)::
+
+    RUN/localization.json          localization done (``LOCALIZATION_MANIFEST``, :mod:`.localization_files`)
+    RUN/localization.safetensors   masks, centroids, [EOT] map
+    RUN/checkpoints/               resumable training state (``--resume``)
+    RUN/concepts/<stem>.safetensors   {"<c1>": (V, D) float32}   diffusers textual-inversion file
+    RUN/a1111/<stem>.safetensors      {"emb_params": (V, D)}     A1111 WebUI / ComfyUI file
+    RUN/manifest.json              tokens, model, configs, versions; ``"complete": true`` written last
+
+:class:`RunManifest` reads, checks and writes ``manifest.json``; :func:`run_tokens` adds a run's tokens to a
+loaded pipeline and takes them out again, so a caller's pipeline is handed back as it was found. Nothing here
+imports diffusers or transformers (versions are read from the installed package metadata).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .. import __version__
+from ..errors import InputError
+from .atomic import atomic_write_json
+
+# ----------------------------------------------------------------------------- file names
+RUN_MANIFEST = "manifest.json"
+RUN_FORMAT = "conceptexpress-run-1"
+RUN_FORMAT_PREFIX = "conceptexpress-run-"
+LOCALIZATION_MANIFEST = "localization.json"
+LOCALIZATION_TENSORS = "localization.safetensors"
+CHECKPOINTS_DIR = "checkpoints"
+CONCEPTS_DIR = "concepts"
+A1111_DIR = "a1111"
+A1111_KEY = "emb_params"
+SAMPLES_DIR = "samples"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _installed(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def versions(*extra: str) -> dict[str, str]:
+    """Versions every written result records: conceptexpress, torch, diffusers, transformers, Python.
+
+    ``extra`` names more distributions (e.g. ``"scikit-learn"``). Read from package metadata, so nothing heavy
+    is imported.
+    """
+    out = {
+        "conceptexpress": __version__,
+        "torch": torch.__version__,
+        "diffusers": _installed("diffusers"),
+        "transformers": _installed("transformers"),
+        "python": platform.python_version(),
+    }
+    out.update({name: _installed(name) for name in extra})
+    return out
+
+
+def token_names(n: int) -> list[str]:
+    """The placeholder tokens of a run with ``n`` concepts: ``<c1> … <cN>``."""
+    return [f"<c{i + 1}>" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- the manifest
+@dataclass(frozen=True)
+class RunManifest(Mapping):
+    """``RUN/manifest.json``: the typed fields every reader needs, and the whole JSON as a read-only mapping.
+
+    ``manifest["sample_passes"]`` and ``manifest.get("config")`` read any recorded entry; the attributes are the
+    ones other stages rely on. Build one with :meth:`read` (checks it) or :meth:`from_dict`, write it with
+    :meth:`write`.
+    """
+
+    tokens: tuple[Mapping[str, Any], ...]  # {"token", "index", "file", "a1111_file", "mask"} per concept
+    base_model: str | None = None
+    single_file_config: str | None = None
+    method: str = "conceptexpress"
+    image: str | None = None
+    image_sha256: str | None = None
+    embedding_dim: int | None = None
+    complete: bool = False
+    format: str = RUN_FORMAT
+    data: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the whole JSON object
+
+    # Mapping over the JSON object
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def token_list(self) -> list[str]:
+        """The run's tokens in manifest order (``["<c1>", "<c2>", …]``)."""
+        return [entry["token"] for entry in self.tokens]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "manifest") -> RunManifest:
+        """Check a manifest's JSON object and wrap it. Raises InputError naming ``source`` when it is malformed."""
+        if not isinstance(data, Mapping) or not str(data.get("format", "")).startswith(RUN_FORMAT_PREFIX):
+            raise InputError(f"{source!r} is not a conceptexpress run manifest (expected format {RUN_FORMAT!r})")
+        tokens = data.get("tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise InputError(f"{source!r} lists no tokens")
+        for entry in tokens:
+            if not isinstance(entry, dict) or not isinstance(entry.get("token"), str) or not isinstance(entry.get("file"), str):
+                raise InputError(f"{source!r}: every token entry needs \"token\" and \"file\" strings, got {entry!r}")
+        dim = data.get("embedding_dim")
+        return cls(
+            tokens=tuple(tokens),
+            base_model=data.get("base_model"),
+            single_file_config=data.get("single_file_config"),
+            method=str(data.get("method") or "conceptexpress"),
+            image=data.get("image"),
+            image_sha256=data.get("image_sha256"),
+            embedding_dim=dim if isinstance(dim, int) else None,
+            complete=data.get("complete") is True,
+            format=str(data["format"]),
+            data=dict(data),
+        )
+
+    @classmethod
+    def read(cls, run_dir: str | Path, *, require_complete: bool = True) -> RunManifest:
+        """Read ``RUN/manifest.json``.
+
+        Raises:
+            InputError: the folder or manifest is missing, is not valid JSON, is not a run manifest, lists no
+                tokens, or (with ``require_complete``) the run did not finish (``"complete"`` absent or false).
+        """
+        run = Path(run_dir)
+        path = run / RUN_MANIFEST
+        if not run.is_dir():
+            raise InputError(f"run folder {str(run)!r} does not exist or is not a folder")
+        if not path.is_file():
+            raise InputError(f"{str(run)!r} is not a finished run (no {RUN_MANIFEST}); train its tokens first")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
+        if (
+            require_complete
+            and isinstance(data, dict)
+            and str(data.get("format", "")).startswith(RUN_FORMAT_PREFIX)
+            and data.get("complete") is not True
+        ):
+            raise InputError(
+                f"run {str(run)!r} is incomplete (manifest has \"complete\": {data.get('complete', 'absent')}); "
+                "finish or rerun the training"
+            )
+        return cls.from_dict(data, source=str(path))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object (a copy)."""
+        return dict(self.data)
+
+    def write(self, run_dir: str | Path) -> Path:
+        """Write ``RUN/manifest.json`` atomically (the last file of a run)."""
+        path = Path(run_dir) / RUN_MANIFEST
+        atomic_write_json(path, self.as_dict())
+        return path
+
+
+def read_manifest(run_dir: str | Path, *, require_complete: bool = True) -> RunManifest:
+    """:meth:`RunManifest.read` (kept as a function: the name the rest of the package uses)."""
+    return RunManifest.read(run_dir, require_complete=require_complete)
+
+
+# ----------------------------------------------------------------------------- token files
+def _token_file(run: Path, rel: str, token: str) -> Path:
+    path = (run / rel).resolve()
+    if not path.is_relative_to(run.resolve()):
+        raise InputError(f"token {token!r}: file {rel!r} lies outside the run folder {str(run)!r}")
+    if path.suffix.lower() != ".safetensors":
+        # Pickled embeddings (.bin/.pt) can run code on load; only safetensors files are read.
+        raise InputError(f"token {token!r}: file {rel!r} is not a .safetensors file; pickles are never loaded")
+    if not path.is_file():
+        raise InputError(f"token {token!r}: file {str(run / rel)!r} is missing; the run folder is damaged")
+    return path
+
+
+def read_token_embeddings(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The learned embeddings of a finished run, ``{token: (V, D) float32 tensor on CPU}``, in manifest order.
+
+    Reads the diffusers files listed in ``manifest.json`` with safetensors only. A file may hold ``(D,)`` or
+    ``(V, D)`` under the token's key (or under a single other key, as diffusers also accepts).
+
+    Raises:
+        InputError: manifest missing or incomplete, a listed file missing, not safetensors, unreadable, or
+            holding something other than one embedding of the manifest's width.
+    """
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    dim = manifest.embedding_dim
+    out: dict[str, torch.Tensor] = {}
+    for entry in manifest.tokens:
+        token = entry["token"]
+        path = _token_file(run, entry["file"], token)
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"token {token!r}: cannot read {str(path)!r}: {str(exc).splitlines()[0]}") from None
+        if token in state:
+            emb = state[token]
+        elif len(state) == 1:
+            emb = next(iter(state.values()))
+        else:
+            raise InputError(f"token {token!r}: {str(path)!r} holds keys {sorted(state)} and none is the token")
+        if emb.ndim == 1:
+            emb = emb[None]  # (1, D)
+        if emb.ndim != 2 or emb.shape[0] == 0 or (dim is not None and emb.shape[1] != dim):
+            raise InputError(
+                f"token {token!r}: {str(path)!r} holds shape {tuple(emb.shape)}, expected (V, {dim or 'D'})"
+            )
+        out[token] = emb.float()
+    return out
+
+
+# ----------------------------------------------------------------------------- tokens in a pipeline
+def _vector_names(token: str, num_vectors: int) -> list[str]:
+    # diffusers' multi-vector convention: "<c1>", "<c1>_1", "<c1>_2", … (maybe_convert_prompt expands them).
+    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+
+
+def _add_tokens(pipe, embeddings: Mapping[str, torch.Tensor], *, origin: str, files: Mapping[str, str] | None = None) -> list[str]:
+    """Add ``{token: (V, D)}`` to ``pipe`` with diffusers' ``load_textual_inversion``; return the tokens added.
+
+    A token already present with the same embedding is skipped (not returned); with a different one it is an
+    error, because prompts would silently use the old one. ``files`` (token → safetensors path) loads from the
+    run's files instead of the tensors, as a user would.
+    """
+    weight = pipe.text_encoder.get_input_embeddings().weight  # (vocab, D)
+    width = weight.shape[-1]
+    vocab = pipe.tokenizer.get_vocab()
+    to_load: list[str] = []
+    for token, emb in embeddings.items():
+        emb = emb if emb.ndim == 2 else emb[None]  # (V, D)
+        if emb.shape[-1] != width:
+            raise InputError(
+                f"token {token!r} has width {emb.shape[-1]} but the pipeline's text encoder has width {width}; "
+                f"the tokens were trained on {origin!r}"
+            )
+        names = _vector_names(token, emb.shape[0])
+        present = [n for n in names if n in vocab]
+        # diffusers refuses "<c1>" when "<c1>_1" exists, so a longer multi-vector token also counts as present.
+        longer = f"{token}_{emb.shape[0]}" in vocab
+        if not present and not longer:
+            to_load.append(token)
+            continue
+        same = len(present) == len(names) and not longer
+        if same:
+            rows = weight[[vocab[n] for n in names]].detach()  # (V, D)
+            same = torch.equal(rows, emb.to(rows.device, rows.dtype))
+        if not same:
+            raise InputError(
+                f"token {token!r} is already in the pipeline's tokenizer with a different embedding; "
+                "load these tokens into a fresh pipeline"
+            )
+    if to_load and files is not None:
+        pipe.load_textual_inversion([files[t] for t in to_load], token=to_load, use_safetensors=True)
+    elif to_load:
+        vectors = [embeddings[t] if embeddings[t].ndim == 2 else embeddings[t][None] for t in to_load]
+        pipe.load_textual_inversion(
+            vectors, token=to_load, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
+        )
+    return to_load
+
+
+def load_tokens_into(pipe, run_dir: str | Path) -> list[str]:
+    """Add the tokens of a finished run to a loaded pipeline with diffusers' own ``load_textual_inversion``.
+
+    The diffusers files are passed explicitly with their tokens and ``use_safetensors=True`` (so diffusers
+    never falls back to a pickle). A token the tokenizer already has with the same embedding (e.g. a second
+    call) is skipped; with a different embedding it is an error. To take the tokens out again afterwards, use
+    :func:`run_tokens` instead.
+
+    Returns:
+        All tokens of the run, in manifest order (newly added or already present).
+
+    Raises:
+        InputError: the run cannot be read, its embedding width differs from the pipeline's text encoder
+            (the run was trained on another base model), or a token exists with a different embedding.
+    """
+    run = Path(run_dir)
+    manifest = read_manifest(run)
+    _add_tokens(
+        pipe,
+        read_token_embeddings(run),
+        origin=str(manifest.base_model or "another model"),
+        files={e["token"]: str(run / e["file"]) for e in manifest.tokens},
+    )
+    return manifest.token_list
+
+
+@contextmanager
+def run_tokens(pipe, tokens: str | Path | Mapping[str, torch.Tensor]) -> Iterator[list[str]]:
+    """``with run_tokens(pipe, run) as names:`` — a run's tokens in ``pipe`` for the block, removed on exit.
+
+    ``tokens`` is a finished run folder or an in-memory ``{token: (D,) or (V, D) tensor}``. Tokens the pipeline
+    already had with the same embedding stay; the ones this call added are unloaded on exit (also on an
+    exception), so the pipeline's tokenizer and embedding table are handed back as they were found.
+
+    Yields:
+        The tokens, in order.
+
+    Raises:
+        InputError: as :func:`load_tokens_into`.
+    """
+    if isinstance(tokens, str | Path):
+        run = Path(tokens)
+        manifest = read_manifest(run)
+        added = _add_tokens(
+            pipe,
+            read_token_embeddings(run),
+            origin=str(manifest.base_model or "another model"),
+            files={e["token"]: str(run / e["file"]) for e in manifest.tokens},
+        )
+        names = manifest.token_list
+    else:
+        added = _add_tokens(pipe, dict(tokens), origin="another model")
+        names = list(tokens)
+    try:
+        yield names
+    finally:
+        if added:
+            # every vector of a multi-vector token: "<c1>", "<c1>_1", …
+            vocab = pipe.tokenizer.get_vocab()
+            names_out = []
+            for t in added:
+                names_out.append(t)
+                i = 1
+                while f"{t}_{i}" in vocab:
+                    names_out.append(f"{t}_{i}")
+                    i += 1
+            pipe.unload_textual_inversion(names_out)

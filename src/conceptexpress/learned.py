@@ -1,0 +1,144 @@
+"""In memory, from a :class:`~conceptexpress.localizer.Localization` to learned tokens (notebooks, the web UI)::
+
+    loc = localize_concepts("photo.jpg", pipe)             # paper §3.2
+    loc = loc.merge(0, 1).drop(3)                          # edits return new objects
+    tokens = learn_tokens(loc, pipe, TrainConfig(steps=500), on_step=print)   # paper §3.3-3.4
+    images = tokens.generate(pipe, ["a photo of <c1> on the beach"])          # the pipeline is left as found
+    tokens.save("outputs/photo")                           # a run folder `conceptexpress generate` reads
+
+Nothing is written unless :meth:`LearnedTokens.save` is called; ``conceptexpress extract`` is the same method
+with a resumable run folder around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .config import METHODS, GenerateConfig, RuntimeConfig, TrainConfig, config_dict
+from .errors import ConfigError, NoConceptError
+from .export import write_token_files
+from .generate import generate
+from .io.atomic import ensure_output_dir
+from .io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
+from .learn.bas import BaSTrainer
+from .learn.trainer import TokenTrainer
+from .localizer import Localization
+
+__all__ = ["LearnedTokens", "learn_tokens"]
+
+
+@dataclass(frozen=True)
+class LearnedTokens:
+    """Tokens learned for the concepts of one localization.
+
+    ``embeddings`` is ``(N, D)`` float32 on the CPU, row i the token ``tokens[i]`` (``<c1>`` … by default) of
+    concept i; ``history`` holds one record per training step (loss terms, phase).
+    """
+
+    tokens: tuple[str, ...]
+    embeddings: torch.Tensor
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    config: TrainConfig = field(default_factory=TrainConfig)
+    method: str = "conceptexpress"
+    sample_passes: int = 0
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """``{token: (D,) embedding}``, what :func:`~conceptexpress.io.run_folder.run_tokens` loads."""
+        return dict(zip(self.tokens, self.embeddings))
+
+    def generate(self, pipe, prompts: Sequence[str], config: GenerateConfig | None = None) -> list[list[Image.Image]]:
+        """Sample ``prompts`` (which name the tokens) with the tokens loaded for the call only.
+
+        Returns one list of ``config.n`` PIL images per prompt (:func:`conceptexpress.generate.generate`).
+        """
+        with run_tokens(pipe, self.as_dict()):
+            return generate(pipe, list(prompts), config)
+
+    def save(self, folder: str | Path, *, base_model: str | None = None) -> RunManifest:
+        """Write the token files and a complete ``manifest.json`` into ``folder`` (a run folder that
+        ``conceptexpress generate FOLDER …`` and :func:`~conceptexpress.generate.generate_from_run` read).
+
+        ``base_model`` (hub id or path) is recorded so that ``generate`` can load the right model.
+        """
+        out = ensure_output_dir(folder)
+        entries = write_token_files(out, list(self.tokens), self.embeddings)
+        manifest = RunManifest.from_dict(
+            {
+                "format": RUN_FORMAT,
+                "method": self.method,
+                "base_model": base_model,
+                "tokens": entries,
+                "num_concepts": len(self.tokens),
+                "num_vectors": 1,
+                "embedding_dim": int(self.embeddings.shape[1]),
+                "seed": self.config.seed,
+                "steps": len(self.history),
+                "sample_passes": self.sample_passes,
+                "final_loss": self.history[-1]["loss"] if self.history else None,
+                "config": config_dict(self.config),
+                "versions": versions(),
+                "complete": True,
+            },
+            source=str(out / RUN_MANIFEST),
+        )
+        manifest.write(out)
+        return manifest
+
+
+def learn_tokens(
+    loc: Localization,
+    pipe,
+    config: TrainConfig | None = None,
+    *,
+    runtime: RuntimeConfig | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    tokens: Sequence[str] | None = None,
+    method: str = "conceptexpress",
+    image: Image.Image | None = None,
+) -> LearnedTokens:
+    """Learn one token per concept of ``loc`` (paper §3.3–3.4; ``method="bas-dagger"``: the BaS† baseline).
+
+    Args:
+        loc: a localization of ``image`` (by default ``loc.image``, the photo it was computed from), possibly
+            edited with :meth:`~Localization.merge` / :meth:`~Localization.drop`.
+        pipe: the loaded pipeline that localized it; its weights are not changed and no token is added to it.
+        config: the method's settings (default :class:`TrainConfig`, the paper's).
+        runtime: micro-batch, precision (default ``config.runtime``); checkpoints are not written here.
+        on_step: called after every step with its record (``{"step", "loss", "phase", …}``).
+        tokens: placeholder names (default ``<c1> … <cN>``).
+
+    Raises:
+        NoConceptError: ``loc`` has no concept. ConfigError: a bad option, or no image to train on.
+    """
+    config = config or TrainConfig()
+    if method not in METHODS:
+        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if loc.num_concepts == 0:
+        raise NoConceptError("the localization has no concept to learn a token for")
+    image = image or loc.image
+    if image is None:
+        raise ConfigError("`image` is needed: this Localization does not carry the photo it was computed from")
+    names = tuple(tokens) if tokens is not None else tuple(token_names(loc.num_concepts))
+    if len(names) != loc.num_concepts:
+        raise ConfigError(f"`tokens` must name {loc.num_concepts} concepts, got {len(names)}: {list(names)}")
+    trainer_cls = BaSTrainer if method == "bas-dagger" else TokenTrainer
+    trainer = trainer_cls(
+        pipe, image.convert("RGB"), loc.work_size, loc.clusters.masks, loc.clusters.centroids, config,
+        runtime=(runtime or config.runtime),
+    )
+    callbacks = [lambda _trainer, record: on_step(record)] if on_step is not None else []
+    result = trainer.train(callbacks=callbacks)
+    return LearnedTokens(
+        tokens=names,
+        embeddings=result.embeddings.detach().float().cpu(),
+        history=list(result.history),
+        config=trainer.config,
+        method=method,
+        sample_passes=result.sample_passes,
+    )
