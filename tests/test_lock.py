@@ -82,3 +82,33 @@ def test_unwritable_folder_is_output_error(tmp_path):
     f.write_text("x")
     with pytest.raises(OutputError, match="cannot create the lock"), run_lock(f / "run"):
         pass
+
+
+def test_extract_refuses_a_locked_run_folder_before_any_work(tmp_path):
+    from PIL import Image
+
+    from conceptexpress.config import ModelConfig
+    from conceptexpress.extract import extract
+
+    src = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(src)
+    run = tmp_path / "run"
+    with run_lock(run):  # held here: another open of the lock file conflicts, as another process would
+        with pytest.raises(RunLockedError, match="in use"):
+            # The model does not exist: the refusal comes before any loading.
+            extract(src, run, model=ModelConfig(model=str(tmp_path / "no-model")), progress=False)
+    assert not (run / "manifest.json").exists()
+
+
+def test_cli_extract_on_a_locked_folder_exits_5_with_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from conceptexpress.cli import main
+
+    src = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(src)
+    run = tmp_path / "run"
+    with run_lock(run):
+        code = main(["extract", str(src), "--out", str(run), "--model", str(tmp_path / "no-model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 5 and len(err) == 1 and "in use" in err[0], err

@@ -11,6 +11,7 @@ so an interrupted run never leaves a folder that looks complete, and ``--resume`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -37,6 +38,7 @@ from .generate import generate, sampler_record
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 from .io.images import load_image
 from .io.localization_files import read_localization, save_localization
+from .io.lock import run_lock
 from .io.run_folder import (
     CHECKPOINTS_DIR,
     LOCALIZATION_MANIFEST,
@@ -104,10 +106,16 @@ def extract(
     progress: bool = True,
     method: str = "conceptexpress",
     callbacks: Sequence[Callable[[Any, dict[str, Any]], None]] = (),
+    lock: bool = True,
+    wait: bool = False,
 ) -> RunManifest:
     """Run the whole method on one photo and return the written run manifest (see module docstring).
 
     ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel).
+
+    The run folder is locked for the whole call (:func:`~conceptexpress.io.lock.run_lock`): a second process on
+    the same folder gets :class:`~conceptexpress.io.lock.RunLockedError` at once, or waits with ``wait=True``.
+    ``lock=False`` is for a caller that already holds the folder's lock (the web UI).
 
     ``runtime`` (micro-batch, precision, checkpoints) defaults to ``train.runtime``; it is not part of the method,
     so ``resume=True`` accepts a different one.
@@ -127,6 +135,14 @@ def extract(
     image = load_image(image_path)
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)
+    with run_lock(out, wait=wait) if lock else contextlib.nullcontext():
+        return _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume,
+                               pipe, progress, method, callbacks)
+
+
+def _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume, pipe,
+                    progress, method, callbacks) -> RunManifest:
+    """:func:`extract` once the inputs are checked and the run folder is locked."""
     (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
     if not resume:
         shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)

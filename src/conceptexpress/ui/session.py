@@ -256,7 +256,7 @@ class Session:
                     self.image_path, self.run, model=self.studio.config.model, localize=self.studio.config.localize,
                     train=config, sample=SampleConfig(samples=samples > 0, sample_count=max(samples, 1),
                                                       sample_steps=sample_steps),
-                    resume=True, pipe=pipe, progress=False, callbacks=[callback],
+                    resume=True, pipe=pipe, progress=False, callbacks=[callback], lock=False,  # held above
                 )
             job.status = f"done: {job.manifest['num_concepts']} tokens learned in {len(job.records)} steps"
         except TrainingCancelled:
