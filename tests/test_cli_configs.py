@@ -3,6 +3,8 @@ and runtime settings are separate from the method's (fingerprinted) settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from conceptexpress.cli import COMMANDS, build_parser, config_from_args
@@ -82,3 +84,16 @@ def test_too_many_tokens_for_the_vocabulary_is_a_user_error():
 
     with pytest.raises(ConfigError, match="split_tokens"):
         init_from_vocabulary(torch.nn.Embedding(10, 4), 11, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("flag,value,name", [("--lr", "inf", "lr"), ("--lr", "nan", "lr"), ("--beta", "nan", "beta"),
+                                             ("--seed", str(2**64), "seed"), ("--seed", "-1", "seed")])
+def test_non_finite_or_out_of_range_training_options_fail_before_any_work(tmp_path, capsys, flag, value, name):
+    from conceptexpress.cli import main
+
+    out = tmp_path / "run"
+    photo = Path(__file__).resolve().parent.parent / "examples" / "coffee.jpg"
+    code = main(["extract", str(photo), "--out", str(out), "--model", str(tmp_path / "none"), flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"`{name}`" in err[0], err
+    assert not out.exists()
