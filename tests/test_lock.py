@@ -32,9 +32,8 @@ def _holder(folder, seconds):
 def test_second_process_refused_with_holder_named(tmp_path):
     p = _holder(tmp_path / "run", 30)
     try:
-        with pytest.raises(RunLockedError, match=rf"in use by pid {p.pid}") as e:
-            with run_lock(tmp_path / "run"):
-                pass
+        with pytest.raises(RunLockedError, match=rf"in use by pid {p.pid}") as e, run_lock(tmp_path / "run"):
+            pass
         assert e.value.exit_code == 5 and isinstance(e.value, OutputError)
     finally:
         p.kill()
@@ -62,9 +61,8 @@ def test_wait_gets_the_lock_when_holder_finishes(tmp_path):
 def test_wait_timeout_raises(tmp_path):
     p = _holder(tmp_path / "run", 30)
     try:
-        with pytest.raises(RunLockedError):
-            with run_lock(tmp_path / "run", wait=True, poll=0.05, timeout=0.3):
-                pass
+        with pytest.raises(RunLockedError), run_lock(tmp_path / "run", wait=True, poll=0.05, timeout=0.3):
+            pass
     finally:
         p.kill()
         p.wait()
@@ -93,10 +91,10 @@ def test_extract_refuses_a_locked_run_folder_before_any_work(tmp_path):
     src = tmp_path / "photo.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(src)
     run = tmp_path / "run"
-    with run_lock(run):  # held here: another open of the lock file conflicts, as another process would
-        with pytest.raises(RunLockedError, match="in use"):
-            # The model does not exist: the refusal comes before any loading.
-            extract(src, run, model=ModelConfig(model=str(tmp_path / "no-model")), progress=False)
+    # The lock is held here: another open of the lock file conflicts, as another process would. The model does
+    # not exist: the refusal comes before any loading.
+    with run_lock(run), pytest.raises(RunLockedError, match="in use"):
+        extract(src, run, model=ModelConfig(model=str(tmp_path / "no-model")), progress=False)
     assert not (run / "manifest.json").exists()
 
 

@@ -23,14 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from .errors import InputError
 from .io.images import upsample_masks
 from .io.localization_files import MANIFEST, TENSORS, read_localization, save_localization
 from .localize import ConceptClusters
-from .localize.eot_filter import min_max
+from .localize.eot_filter import eot_filter
 from .localizer import Localization
 
 BACKUPS = "backups"
@@ -50,21 +49,17 @@ def load_localization(run_dir: str | Path):
     manifest, t = read_localization(run_dir)
     masks = t["masks"].bool()  # (N, h, w)
     pre = t["pre_labels"].long()  # (h, w)
-    e = min_max(t["eot"])  # (h, w) float64
-    num_pre = int(pre.max()) + 1
-    sizes = torch.bincount(pre.reshape(-1), minlength=num_pre).to(torch.float64)
-    scores = e.reshape(-1).new_zeros(num_pre).index_add_(0, pre.reshape(-1), e.reshape(-1)) / sizes
-    threshold = float(e.mean())
+    filt = eot_filter(pre, t["eot"])  # Eq. 5 on the saved pre-clusters, as cluster_concepts ran it
     pc = manifest.get("pre_clustering", {})
     clusters = ConceptClusters(
         masks=masks,
         centroids=t["centroids"].float(),
         pre_labels=pre,
-        kept=scores > threshold,
+        kept=filt.kept,
         post_labels=t["post_labels"].long(),
-        scores=scores.float(),
-        threshold=threshold,
-        eot=e.float(),
+        scores=filt.scores.float(),
+        threshold=filt.threshold,
+        eot=filt.eot.reshape(pre.shape).float(),
         delta=pc.get("delta"),
         pre_level=int(pc.get("level", 0)),
         levels=tuple(pc.get("levels", ())),
