@@ -404,7 +404,7 @@ def test_bad_run_folders(tiny_sd2_dir, tmp_path):
 
     (tmp_path / "bad" ).mkdir()
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(InputError, match="is damaged \\(not valid JSON"):
         read_manifest(tmp_path / "bad")
 
 

@@ -5,8 +5,9 @@ and exits with the class's ``exit_code`` instead of showing a stack trace. ``ass
 invariants only.
 
 Exit codes, one per kind: 0 success, 1 a bug (any other exception: "internal error"), 2 a bad option
-(:class:`ConfigError`, also argparse's usage errors), 3 unusable input, 4 model not loadable, 5 output not
-writable (also a run folder locked by another process), 6 no concept found, 7 any other user-facing error,
+(:class:`ConfigError`, also argparse's usage errors), 3 unusable input (also a damaged file of a run folder,
+:class:`RunFolderError`), 4 model not loadable, 5 output not writable (also a run folder locked by another
+process, or holding a run made with other options), 6 no concept found, 7 any other user-facing error,
 130 interrupted.
 """
 
@@ -23,6 +24,11 @@ class InputError(ConceptExpressError):
     """The input image cannot be used (missing, not an image, truncated, too small, too large)."""
 
     exit_code = 3
+
+
+class RunFolderError(InputError):
+    """A file of a run folder is missing, damaged (truncated, garbled, SHA-256 differs from the one recorded), of
+    the wrong schema, shape or dtype, or a JSON entry points outside the folder. The message names the file."""
 
 
 class ModelLoadError(ConceptExpressError):

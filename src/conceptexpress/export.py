@@ -25,6 +25,7 @@ atomic, so an interrupted export never leaves a half file.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,9 @@ def write_token_files(out_dir: str | Path, tokens: list[str], embeddings: torch.
             stored as float32 on CPU, shape ``(V, D)`` per token in both files.
 
     Returns:
-        One dict per token, in order: ``{"token", "index", "file", "a1111_file"}``, file paths relative to
-        ``out_dir`` with ``/`` separators (the ``tokens`` entries of ``manifest.json``).
+        One dict per token, in order: ``{"token", "index", "file", "a1111_file", "sha256", "a1111_sha256"}``,
+        file paths relative to ``out_dir`` with ``/`` separators, SHA-256 of each file's bytes (the ``tokens``
+        entries of ``manifest.json``).
 
     Raises:
         ValueError: tokens and embeddings disagree in number, a token is empty or has whitespace, two tokens map
@@ -121,7 +123,11 @@ def write_token_files(out_dir: str | Path, tokens: list[str], embeddings: torch.
         file = f"{CONCEPTS_DIR}/{stem}.safetensors"
         a1111_file = f"{A1111_DIR}/{stem}.safetensors"
         meta = {"format": "pt", "token": token, "num_vectors": str(emb.shape[0])}
-        atomic_write_bytes(out / file, save_tensors({token: emb}, metadata=meta))
-        atomic_write_bytes(out / a1111_file, save_tensors({A1111_KEY: emb}, metadata={**meta, "name": stem}))
-        entries.append({"token": token, "index": i, "file": file, "a1111_file": a1111_file})
+        data = save_tensors({token: emb}, metadata=meta)
+        a1111_data = save_tensors({A1111_KEY: emb}, metadata={**meta, "name": stem})
+        atomic_write_bytes(out / file, data)
+        atomic_write_bytes(out / a1111_file, a1111_data)
+        entries.append({"token": token, "index": i, "file": file, "a1111_file": a1111_file,
+                        # checked when the run is read back (io.run_folder.read_token_embeddings)
+                        "sha256": hashlib.sha256(data).hexdigest(), "a1111_sha256": hashlib.sha256(a1111_data).hexdigest()})
     return entries
