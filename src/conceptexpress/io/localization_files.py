@@ -15,22 +15,21 @@ evaluation) read the localization back with :func:`read_localization` and never 
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from ..errors import InputError
+from ..errors import InputError, RunFolderError
 from ..viz import overlay_concepts, stages_figure
 from .atomic import atomic_save_image, atomic_write_bytes, atomic_write_json, ensure_output_dir
 from .run_folder import LOCALIZATION_MANIFEST as MANIFEST
 from .run_folder import LOCALIZATION_TENSORS as TENSORS
-from .run_folder import versions
+from .run_folder import read_json_checked, read_safetensors_checked, resolve_inside, versions
 
 
 def mask_name(i: int) -> str:
@@ -67,13 +66,15 @@ def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dic
         "pre_labels": clusters.pre_labels.contiguous(),  # (h, w)
         "post_labels": clusters.post_labels.contiguous(),  # (h, w), -1 = background
     }
-    atomic_write_bytes(out / TENSORS, save_tensors(tensors, metadata={"format": "conceptexpress-localization-1"}))
+    data = save_tensors(tensors, metadata={"format": "conceptexpress-localization-1"})
+    atomic_write_bytes(out / TENSORS, data)
     manifest = {
         "num_concepts": loc.num_concepts,
         "masks": names,
         "overlay": "overlay.png",
         "stages": "stages.png",
         "tensors": TENSORS,
+        "tensors_sha256": hashlib.sha256(data).hexdigest(),  # checked by read_localization
         "source_size": list(loc.source_size),
         "work_size": list(loc.work_size),
         "latent_size": list(loc.latent_hw),
@@ -95,10 +96,55 @@ def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dic
     return manifest
 
 
+def _pair(manifest: dict[str, Any], key: str, source: Path) -> tuple[int, int]:
+    value = manifest.get(key)
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                               for v in value)):
+        raise RunFolderError(f"{str(source)!r} is damaged: {key!r} is {value!r}, expected [height, width] integers")
+    return value[0], value[1]
+
+
 def read_localization(out_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a finished localization folder: (manifest, tensors). Raises InputError if it is not finished."""
+    """Read a finished localization folder: (manifest, tensors), every entry checked.
+
+    ``localization.json`` must have the schema :func:`save_localization` writes; the files it names must lie
+    inside the folder; the tensor file must have the SHA-256 it records (when it records one: older folders do
+    not), a readable header, and tensors of the shapes and dtypes the manifest implies.
+
+    Raises:
+        InputError: the folder holds no finished localization (no ``localization.json``).
+        RunFolderError: (an InputError) a file is damaged, malformed, or named outside the folder; the message
+            names it.
+    """
     out = Path(out_dir)
-    if not (out / MANIFEST).is_file():
+    path = out / MANIFEST
+    if not path.is_file():
         raise InputError(f"{str(out)!r} holds no finished localization (no {MANIFEST}); run `conceptexpress localize`")
-    manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    return manifest, load_file(str(out / manifest["tensors"]))
+    manifest = read_json_checked(path)
+    n = manifest.get("num_concepts")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise RunFolderError(f"{str(path)!r} is damaged: 'num_concepts' is {n!r}, expected an integer >= 0")
+    masks = manifest.get("masks")
+    if not isinstance(masks, list) or len(masks) != n:
+        raise RunFolderError(f"{str(path)!r} is damaged: 'masks' must list {n} files, got {masks!r}")
+    for rel in [*masks, *(manifest[k] for k in ("overlay", "stages") if k in manifest)]:
+        resolve_inside(out, rel, source=path)
+    h, w = _pair(manifest, "latent_size", path)
+    _pair(manifest, "work_size", path)
+    _pair(manifest, "source_size", path)
+    sha = manifest.get("tensors_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise RunFolderError(f"{str(path)!r} is damaged: 'tensors_sha256' is {sha!r}, expected a string")
+    tensors = read_safetensors_checked(
+        resolve_inside(out, manifest.get("tensors"), source=path),
+        sha256=sha,
+        expected={
+            "masks": ((n, h, w), torch.uint8),
+            "centroids": ((n, h * w), torch.float32),
+            "eot": ((h, w), torch.float32),
+            "pre_labels": ((h, w), torch.int64),
+            "post_labels": ((h, w), torch.int64),
+        },
+        source=path,
+    )
+    return manifest, tensors

@@ -1,24 +1,31 @@
 """Atomic, resumable training checkpoints (safetensors + JSON; never pickle).
 
 ``checkpoints/step-000050.safetensors`` holds the token vectors, the AdamW moments and the random generator
-state; ``checkpoints/latest.json`` names it and holds the step, the loss history and the pass count. The JSON is
-written last, so a checkpoint it names is complete; older tensor files are removed after the new one lands.
+state; ``checkpoints/latest.json`` names it with its SHA-256 and holds the step, the loss history and the pass
+count. The JSON is written last, so a checkpoint it names is complete. The checkpoint before it is kept
+(``previous.json``) for when the newest is found damaged; older tensor files are removed after the new one lands.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from ..errors import InputError
+from ..errors import RunFolderError
 from ..io.atomic import atomic_write_bytes, atomic_write_json
+from ..io.run_folder import read_json_checked, read_safetensors_checked, resolve_inside
 
 LATEST = "latest.json"
+PREVIOUS = "previous.json"  # the checkpoint before LATEST, used when LATEST's files are damaged
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +44,12 @@ class TrainState:
 
 
 def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
+    """Write ``step-NNNNNN.safetensors``, then ``latest.json`` naming it with its SHA-256.
+
+    The checkpoint ``latest.json`` named before becomes ``previous.json`` (written before the new ``latest.json``
+    lands), and its tensor file is kept: if the newest checkpoint is later found damaged, :func:`load_checkpoint`
+    falls back to the one before. Tensor files named by neither are removed.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"vectors": state.vectors.detach().float().cpu().contiguous(), "generator_state": state.generator_state}
@@ -44,12 +57,20 @@ def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
         tensors["exp_avg"] = state.exp_avg.detach().float().cpu().contiguous()
         tensors["exp_avg_sq"] = state.exp_avg_sq.detach().float().cpu().contiguous()
     name = f"step-{state.step:06d}.safetensors"
-    atomic_write_bytes(folder / name, save(tensors))
+    data = save(tensors)
+    atomic_write_bytes(folder / name, data)
+    keep = {name}
+    with contextlib.suppress(RunFolderError):
+        before = read_json_checked(folder / LATEST)
+        if isinstance(before.get("tensors"), str) and before["tensors"] != name:
+            atomic_write_json(folder / PREVIOUS, before)
+            keep.add(before["tensors"])
     atomic_write_json(
         folder / LATEST,
         {
             "step": state.step,
             "tensors": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
             "adam_step": state.adam_step,
             "history": state.history,
             "sample_passes": state.sample_passes,
@@ -57,30 +78,74 @@ def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
         },
     )
     for old in folder.glob("step-*.safetensors"):
-        if old.name != name:
+        if old.name not in keep:
             old.unlink(missing_ok=True)
     return folder / name
 
 
-def load_checkpoint(folder: str | Path) -> TrainState | None:
-    """The latest complete checkpoint in ``folder``, or None when there is none."""
-    folder = Path(folder)
-    meta_path = folder / LATEST
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    path = folder / meta["tensors"]
-    if not path.is_file():
-        raise InputError(f"checkpoint {str(meta_path)!r} names {meta['tensors']!r}, which is missing; delete the folder to restart")
-    t = load_file(str(path))
-    return TrainState(
-        step=int(meta["step"]),
-        vectors=t["vectors"],
-        exp_avg=t.get("exp_avg"),
-        exp_avg_sq=t.get("exp_avg_sq"),
-        adam_step=float(meta["adam_step"]),
-        generator_state=t["generator_state"],
-        history=list(meta["history"]),
-        sample_passes=int(meta["sample_passes"]),
-        fingerprint=str(meta["fingerprint"]),
+def _read(folder: Path, meta_name: str) -> TrainState:
+    """The checkpoint ``meta_name`` (latest.json or previous.json) names, every entry checked (RunFolderError)."""
+    meta_path = folder / meta_name
+    meta = read_json_checked(meta_path)
+
+    def need(key: str, kind: type | tuple[type, ...]) -> Any:
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise RunFolderError(f"{str(meta_path)!r} is damaged: {key!r} is {value!r}")
+        return value
+
+    step, history = need("step", int), need("history", list)
+    adam_step, passes, fingerprint = need("adam_step", (int, float)), need("sample_passes", int), need("fingerprint", str)
+    sha = meta.get("sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise RunFolderError(f"{str(meta_path)!r} is damaged: 'sha256' is {sha!r}")
+    if not all(isinstance(r, dict) for r in history):
+        raise RunFolderError(f"{str(meta_path)!r} is damaged: 'history' must be a list of objects")
+    path = resolve_inside(folder, meta.get("tensors"), source=meta_path)
+    t = read_safetensors_checked(
+        path, sha256=sha, expected={"vectors": ((None, None), torch.float32), "generator_state": ((None,), torch.uint8)},
+        source=meta_path,
     )
+    moments = [t.get("exp_avg"), t.get("exp_avg_sq")]
+    if (moments[0] is None) != (moments[1] is None) or any(m is not None and m.shape != t["vectors"].shape for m in moments):
+        raise RunFolderError(f"{str(path)!r} is damaged: the AdamW moments do not match the token vectors")
+    return TrainState(
+        step=step,
+        vectors=t["vectors"],
+        exp_avg=moments[0],
+        exp_avg_sq=moments[1],
+        adam_step=float(adam_step),
+        generator_state=t["generator_state"],
+        history=list(history),
+        sample_passes=passes,
+        fingerprint=fingerprint,
+    )
+
+
+def load_checkpoint(folder: str | Path) -> TrainState | None:
+    """The latest good checkpoint in ``folder``, or None when there is none.
+
+    A damaged newest checkpoint (``latest.json`` or its tensor file truncated, garbled, of another SHA-256, or
+    naming a file outside the folder) is not used: the one before it (``previous.json``) is, or, when that is
+    damaged or absent too, None (training starts over). Either way a warning names the damaged file.
+    """
+    folder = Path(folder)
+    if not (folder / LATEST).is_file():
+        return None
+    try:
+        return _read(folder, LATEST)
+    except RunFolderError as exc:
+        damaged = str(exc)
+    if (folder / PREVIOUS).is_file():
+        try:
+            state = _read(folder, PREVIOUS)
+        except RunFolderError as exc:
+            logger.warning("not resuming: the latest checkpoint is unusable (%s), and so is the one before (%s); "
+                           "training starts over", damaged, exc)
+            return None
+        logger.warning("the latest checkpoint is unusable (%s); resuming from the one before, step %d (%s)",
+                       damaged, state.step, folder / PREVIOUS)
+        return state
+    logger.warning("not resuming: the latest checkpoint is unusable (%s) and no earlier one is kept; training "
+                   "starts over", damaged)
+    return None
