@@ -12,9 +12,7 @@ so an interrupted run never leaves a folder that looks complete, and ``--resume`
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from .config import (
     TrainConfig,
     config_dict,
 )
-from .errors import ConfigError, NoConceptError
+from .errors import ConfigError, NoConceptError, OutputError, RunFolderError
 from .export import write_token_files
 from .generate import generate, sampler_record
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
@@ -45,11 +43,20 @@ from .io.run_folder import (
     RUN_FORMAT,
     RUN_MANIFEST,
     SAMPLES_DIR,
+    TRAINED_OUTPUTS,
     RunManifest,
     file_sha256,
+    read_json_checked,
     run_tokens,
     token_names,
     versions,
+)
+from .io.run_options import (
+    clear_outputs,
+    option_differences,
+    read_run_options,
+    run_options,
+    write_run_options,
 )
 from .learn.bas import BaSTrainer
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
@@ -66,13 +73,16 @@ def _localization_matches(out: Path, image_sha: str, model: str, loc_cfg: Locali
     if not path.is_file():
         return False
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        meta = read_json_checked(path)
+    except RunFolderError as exc:
+        logger.warning("%s; recomputing the localization", exc)
         return False
+    config = meta.get("config")
     return (
         meta.get("image_sha256") == image_sha
         and meta.get("model") == model
-        and meta.get("config", {}).get("LocalizeConfig") == config_dict(loc_cfg)["LocalizeConfig"]
+        and isinstance(config, dict)
+        and config.get("LocalizeConfig") == config_dict(loc_cfg)["LocalizeConfig"]
     )
 
 
@@ -108,6 +118,7 @@ def extract(
     callbacks: Sequence[Callable[[Any, dict[str, Any]], None]] = (),
     lock: bool = True,
     wait: bool = False,
+    overwrite: bool = False,
 ) -> RunManifest:
     """Run the whole method on one photo and return the written run manifest (see module docstring).
 
@@ -119,6 +130,13 @@ def extract(
 
     ``runtime`` (micro-batch, precision, checkpoints) defaults to ``train.runtime``; it is not part of the method,
     so ``resume=True`` accepts a different one.
+
+    A folder holds one run (:mod:`~conceptexpress.io.run_options`). When it holds a run made with other options
+    (image, model, method, ``LocalizeConfig``, ``TrainConfig``), the call refuses with
+    :class:`~conceptexpress.errors.OutputError`, unless ``overwrite=True``: then the old run's outputs are
+    removed first and a new run starts (also with ``resume=True``, which then only resumes a run of the same
+    options). Without ``resume``, a rerun with the same options is a new run too: the old run's trained outputs
+    are removed before training; a matching localization is reused.
     """
     if model is None:
         # A caller's pipeline without a ModelConfig: record the model it was loaded from, not the default id.
@@ -136,16 +154,47 @@ def extract(
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)
     with run_lock(out, wait=wait) if lock else contextlib.nullcontext():
+        resume = _start_run(out, image_sha, model, method, localize, train, resume=resume, overwrite=overwrite)
         return _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume,
                                pipe, progress, method, callbacks)
 
 
+def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, localize: LocalizeConfig,
+               train: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
+    """Make ``out`` hold this run only (a resume of it, or a new one); returns whether to resume."""
+    options = run_options(image_sha256=image_sha, model=_model_record(model), single_file_config=model.single_file_config,
+                          method=method, configs=config_dict(localize, train))
+    try:
+        old = read_run_options(out)
+    except RunFolderError as exc:
+        if not overwrite:
+            raise RunFolderError(f"{exc}; pass --overwrite (overwrite=True) to replace the run in '{out}'") from None
+        logger.warning("%s; replacing the run (--overwrite)", exc)
+        old = {}
+    diffs = option_differences(old, options) if old else []
+    if old is not None and (diffs or old == {}):
+        if not overwrite:
+            raise OutputError(
+                f"run folder '{out}' holds a run made with other options ({'; '.join(diffs)}); pass --overwrite "
+                "(overwrite=True) to replace it, or choose another --out"
+            )
+        logger.warning("replacing the run in %s, made with other options (%s)", out, "; ".join(diffs) or "unknown")
+        resume = False
+    if not resume:
+        clear_outputs(out, TRAINED_OUTPUTS)  # a new run: nothing trained by the previous one stays
+    write_run_options(out, options)
+    return resume
+
+
+def _model_record(model: ModelConfig) -> str:
+    # A local model is recorded by absolute path so `generate` finds it from any working directory.
+    return str(Path(model.model).resolve()) if Path(model.model).exists() else model.model
+
+
 def _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume, pipe,
                     progress, method, callbacks) -> RunManifest:
-    """:func:`extract` once the inputs are checked and the run folder is locked."""
+    """:func:`extract` once the inputs are checked, the run folder is locked and holds this run only."""
     (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
-    if not resume:
-        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
     if pipe is None:
         pipe = load_pipeline(model)
 
@@ -179,8 +228,7 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         "method": method,
         "image": str(Path(image_path).resolve()),
         "image_sha256": image_sha,
-        # A local model is recorded by absolute path so `generate` finds it from any working directory.
-        "base_model": str(Path(model.model).resolve()) if Path(model.model).exists() else model.model,
+        "base_model": _model_record(model),
         "single_file_config": model.single_file_config,
         "tokens": entries,
         "num_concepts": n,
@@ -209,11 +257,20 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
 
 
 def _localization(pipe, image, image_path, image_sha: str, out: Path, model: ModelConfig, localize: LocalizeConfig):
-    """(localization manifest, tensors) of ``out``: read back when image, model and config match, else computed."""
+    """(localization manifest, tensors) of ``out``: read back when image, model and config match, else computed.
+
+    A damaged localization (a file truncated, garbled, of another SHA-256 or shape) is derived state: it is
+    recomputed, with a warning naming the file.
+    """
     if _localization_matches(out, image_sha, model.model, localize):
-        logger.info("reusing the localization in %s", out)
-    else:
-        localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
+        try:
+            found = read_localization(out)
+        except RunFolderError as exc:
+            logger.warning("%s; recomputing the localization", exc)
+        else:
+            logger.info("reusing the localization in %s", out)
+            return found
+    localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
     return read_localization(out)
 
 

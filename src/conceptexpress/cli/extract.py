@@ -26,6 +26,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: outputs/<image name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's last checkpoint (runtime options such as --micro-batch may differ)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if the run folder holds a run made with other options (image, model, method, method "
+                   "configs), remove its outputs and start a new run instead of stopping (exit 5)")
     p.add_argument("--wait", action="store_true",
                    help="if another process is using the run folder, wait for it instead of stopping (exit 5)")
     add_method_arg(p)
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         method=args.method,
         wait=args.wait,
+        overwrite=args.overwrite,
     )
     tokens = " ".join(manifest.token_list)
     print(f"learned {manifest['num_concepts']} tokens ({tokens}) -> {out}/ "

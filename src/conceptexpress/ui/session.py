@@ -256,7 +256,8 @@ class Session:
                     self.image_path, self.run, model=self.studio.config.model, localize=self.studio.config.localize,
                     train=config, sample=SampleConfig(samples=samples > 0, sample_count=max(samples, 1),
                                                       sample_steps=sample_steps),
-                    resume=True, pipe=pipe, progress=False, callbacks=[callback], lock=False,  # held above
+                    # resumes a run of the same options; other options replace the old run (start_training)
+                    resume=True, overwrite=True, pipe=pipe, progress=False, callbacks=[callback], lock=False,  # held above
                 )
             job.status = f"done: {job.manifest['num_concepts']} tokens learned in {len(job.records)} steps"
         except TrainingCancelled:
