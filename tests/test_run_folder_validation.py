@@ -1,0 +1,316 @@
+"""Run folders that cannot lie (issue 11): every file a run reads is checked, a rerun is a resume or a new run.
+
+One real run on the tiny model is made per module; each test damages a copy of it. The classes (docs/inputs.md,
+"Run-folder guarantees"): damaged localization → recomputed; damaged checkpoint → the previous one or a restart;
+damaged manifest or token file → one-line error naming the file (exit 3); a JSON entry leading out of the folder
+→ refused; a rerun with other options → refused (exit 5) unless ``--overwrite``. Never exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conceptexpress.cli import main
+from conceptexpress.errors import InputError, OutputError, RunFolderError
+from conceptexpress.io.localization_files import read_localization
+from conceptexpress.io.run_folder import (
+    file_sha256,
+    read_manifest,
+    read_safetensors_checked,
+    read_token_embeddings,
+    resolve_inside,
+)
+from conceptexpress.learn.checkpoint import load_checkpoint
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+FAST = ["--steps", "4", "--merge-step", "2", "--split-tokens", "2", "--checkpoint-every", "2",
+        "--sample-count", "1", "--sample-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_sd2_dir, tmp_path_factory, one_torch_thread):
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert _extract(tiny_sd2_dir, out) == 0
+    return out
+
+
+def _extract(model_dir, out, *extra: str, fast=FAST) -> int:
+    return main(["-q", "extract", str(EXAMPLE), "--model", str(model_dir), "--out", str(out), "--device", "cpu",
+                 *fast, *extra])
+
+
+@pytest.fixture
+def run(base_run, tmp_path):
+    """A fresh copy of the finished run, to damage."""
+    copy = tmp_path / "run"
+    shutil.copytree(base_run, copy)
+    return copy
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garble(path: Path) -> None:
+    """Same length, header intact, the last bytes of the tensor data inverted: only the SHA-256 can tell."""
+    data = bytearray(path.read_bytes())
+    data[-16:] = bytes(255 - b for b in data[-16:])
+    path.write_bytes(bytes(data))
+
+
+def _edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _one_line_error(capsys, code: int, *, exit_code: int, names: str) -> str:
+    err = capsys.readouterr().err
+    assert code == exit_code, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "internal error" not in err, err
+    assert names in err, err
+    return err
+
+
+# ----------------------------------------------------------------------------- resolve_inside, tensor headers
+def test_resolve_inside_refuses_paths_leaving_the_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "concepts").mkdir(parents=True)
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    assert resolve_inside(run, "concepts/c1.safetensors", source="m") == (run / "concepts/c1.safetensors").resolve()
+    for rel in ("../outside.safetensors", "concepts/../../outside.safetensors", str(tmp_path / "outside.safetensors"),
+                "/etc/passwd", "", 3, None, "C:/x"):
+        with pytest.raises(RunFolderError, match="m"):
+            resolve_inside(run, rel, source="m")
+    (run / "concepts" / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(RunFolderError, match="symlink"):
+        resolve_inside(run, "concepts/link.safetensors", source="m")
+
+
+def test_read_safetensors_checked_refuses_bad_files(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.uint8)}, path)
+    sha = file_sha256(path)
+    want = {"a": ((2, None), torch.float32), "b": ((4,), torch.uint8)}
+    assert set(read_safetensors_checked(path, sha256=sha, expected=want)) == {"a", "b"}
+    with pytest.raises(RunFolderError, match="shape"):
+        read_safetensors_checked(path, expected={"a": ((3, None), torch.float32)})
+    with pytest.raises(RunFolderError, match="dtype F32, expected U8"):
+        read_safetensors_checked(path, expected={"a": ((2, 3), torch.uint8)})
+    with pytest.raises(RunFolderError, match="no tensor 'c'"):
+        read_safetensors_checked(path, expected={"c": (None, None)})
+    _garble(path)
+    with pytest.raises(RunFolderError, match="SHA-256 differs"):
+        read_safetensors_checked(path, sha256=sha)
+    _truncate(path)
+    with pytest.raises(RunFolderError, match="is damaged"):
+        read_safetensors_checked(path)
+    path.write_bytes(b"garbage" * 5)
+    with pytest.raises(RunFolderError, match="is damaged"):
+        read_safetensors_checked(path)
+
+
+# ----------------------------------------------------------------------------- localization: recomputed
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "wrong_shape", "json_garbled", "json_wrong_type"])
+def test_damaged_localization_is_recomputed(run, tiny_sd2_dir, damage, caplog):
+    tensors, meta = run / "localization.safetensors", run / "localization.json"
+    good = tensors.read_bytes()
+    if damage == "truncated":
+        _truncate(tensors)
+    elif damage == "garbled":
+        _garble(tensors)
+    elif damage == "wrong_shape":
+        save_file({k: v[..., :-1].contiguous() for k, v in read_localization(run)[1].items()}, tensors)
+        _edit_json(meta, lambda m: m.pop("tensors_sha256"))  # only the shape check can tell
+    elif damage == "json_garbled":
+        meta.write_text(meta.read_text()[:40])
+    else:
+        _edit_json(meta, lambda m: m.update(latent_size="16x16"))
+    with caplog.at_level(logging.WARNING):
+        code = _extract(tiny_sd2_dir, run, "--resume", "--no-samples")
+    assert code == 0
+    assert "recomputing the localization" in caplog.text and "localization." in caplog.text
+    assert tensors.read_bytes() == good  # recomputed (the same bytes), not reused
+    read_localization(run)  # and it passes every check again
+
+
+def test_localization_entries_leading_outside_are_refused(run, tmp_path, tiny_sd2_dir, caplog):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(run / "localization.safetensors", outside)
+    _edit_json(run / "localization.json", lambda m: m.update(tensors=f"../{outside.name}"))
+    with pytest.raises(RunFolderError, match="outside the run folder"):
+        read_localization(run)
+    _edit_json(run / "localization.json", lambda m: m.update(tensors="localization.safetensors"))
+    _edit_json(run / "localization.json", lambda m: m["masks"].__setitem__(0, "/etc/passwd"))
+    with pytest.raises(RunFolderError, match="outside the run folder"):
+        read_localization(run)
+    # extract does not read it either: it recomputes the localization
+    with caplog.at_level(logging.WARNING):
+        assert _extract(tiny_sd2_dir, run, "--resume", "--no-samples") == 0
+    assert "outside the run folder" in caplog.text
+    assert json.loads((run / "localization.json").read_text())["masks"][0] == "masks/concept_01.png"
+
+
+# ----------------------------------------------------------------------------- checkpoints: previous or restart
+def test_checkpoint_records_sha_and_keeps_the_previous(base_run):
+    latest = json.loads((base_run / "checkpoints" / "latest.json").read_text())
+    previous = json.loads((base_run / "checkpoints" / "previous.json").read_text())
+    assert (latest["step"], previous["step"]) == (4, 2)
+    assert latest["sha256"] == file_sha256(base_run / "checkpoints" / latest["tensors"])
+    assert sorted(p.name for p in (base_run / "checkpoints").glob("step-*")) == [previous["tensors"], latest["tensors"]]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled", "json_garbled", "json_wrong_type", "outside"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(run, tmp_path, damage, caplog):
+    folder = run / "checkpoints"
+    latest = json.loads((folder / "latest.json").read_text())
+    if damage == "truncated":
+        _truncate(folder / latest["tensors"])
+    elif damage == "garbled":
+        _garble(folder / latest["tensors"])
+    elif damage == "json_garbled":
+        (folder / "latest.json").write_text('{"step": 4, "tens')
+    elif damage == "json_wrong_type":
+        _edit_json(folder / "latest.json", lambda m: m.update(history="none"))
+    else:  # a valid checkpoint outside the folder, its SHA-256 recorded: still not read
+        shutil.copy(folder / latest["tensors"], tmp_path / "foreign.safetensors")
+        _edit_json(folder / "latest.json", lambda m: m.update(tensors="../../foreign.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        state = load_checkpoint(folder)
+    assert state is not None and state.step == 2
+    assert "resuming from the one before, step 2" in caplog.text
+    assert "latest.json" in caplog.text or latest["tensors"] in caplog.text  # the damaged file is named
+
+
+def test_damaged_checkpoint_without_previous_starts_over(run, tiny_sd2_dir, caplog):
+    folder = run / "checkpoints"
+    _truncate(folder / json.loads((folder / "latest.json").read_text())["tensors"])
+    (folder / "previous.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert load_checkpoint(folder) is None
+    assert "training starts over" in caplog.text and "step-000004.safetensors" in caplog.text
+    # End to end: `extract --resume` warns and retrains instead of exiting 1.
+    with caplog.at_level(logging.WARNING):
+        assert _extract(tiny_sd2_dir, run, "--resume", "--no-samples") == 0
+    assert read_manifest(run)["steps"] == 4
+
+
+def test_resume_after_damaged_latest_checkpoint_cli(run, tiny_sd2_dir, caplog):
+    (run / "checkpoints" / "latest.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert _extract(tiny_sd2_dir, run, "--resume", "--no-samples") == 0
+    assert "resuming from the one before, step 2" in caplog.text
+    m = read_manifest(run)
+    assert m["steps"] == 4 and m["complete"]
+
+
+# ----------------------------------------------------------------------------- manifest and tokens: clear errors
+MANIFEST_DAMAGE = {
+    "garbled_json": lambda run: (run / "manifest.json").write_text('{"format": "conceptexpress-run-1", "tok'),
+    "not_an_object": lambda run: (run / "manifest.json").write_text("[1, 2]"),
+    "tokens_wrong_type": lambda run: _edit_json(run / "manifest.json", lambda m: m.update(tokens="<c1>")),
+    "base_model_wrong_type": lambda run: _edit_json(run / "manifest.json", lambda m: m.update(base_model=5)),
+    "embedding_dim_wrong_type": lambda run: _edit_json(run / "manifest.json", lambda m: m.update(embedding_dim="x")),
+    "complete_wrong_type": lambda run: _edit_json(run / "manifest.json", lambda m: m.update(complete="yes")),
+    "duplicate_token": lambda run: _edit_json(
+        run / "manifest.json", lambda m: m.update(tokens=[m["tokens"][0], dict(m["tokens"][0])], num_concepts=2)),
+    "token_file_outside": lambda run: _edit_json(
+        run / "manifest.json", lambda m: m["tokens"][0].update(file="../outside.safetensors")),
+    "a1111_file_outside": lambda run: _edit_json(
+        run / "manifest.json", lambda m: m["tokens"][0].update(a1111_file="/etc/passwd")),
+    "mask_outside": lambda run: _edit_json(
+        run / "manifest.json", lambda m: m["tokens"][0].update(mask="../../mask.png")),
+    "sample_outside": lambda run: _edit_json(
+        run / "manifest.json", lambda m: m.update(samples={"a photo of <c1>": ["../x.png"]})),
+    "token_file_truncated": lambda run: _truncate(run / "concepts" / "c1.safetensors"),
+    "token_file_garbled": lambda run: _garble(run / "concepts" / "c1.safetensors"),
+    "token_file_wrong_dtype": lambda run: (
+        save_file({"<c1>": torch.zeros(1, 32, dtype=torch.int64)}, run / "concepts" / "c1.safetensors"),
+        _edit_json(run / "manifest.json", lambda m: m["tokens"][0].pop("sha256"))),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
+def test_damaged_manifest_or_token_file_is_a_one_line_error(run, tmp_path, damage, capsys):
+    # A valid token file outside the folder: it must not be read through the manifest.
+    shutil.copy(run / "concepts" / "c1.safetensors", run.parent / "outside.safetensors")
+    MANIFEST_DAMAGE[damage](run)
+    with pytest.raises(RunFolderError):
+        read_token_embeddings(run)
+    code = main(["-q", "generate", str(run), "a photo of <c1>", "-n", "1", "--steps", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "g")])
+    err = _one_line_error(capsys, code, exit_code=RunFolderError.exit_code, names=str(run))
+    assert "manifest.json" in err or "c1.safetensors" in err
+
+
+def test_evaluate_skips_a_run_whose_mask_leads_outside(run):
+    from conceptexpress.evaluate.runs import _check_run
+
+    _edit_json(run / "manifest.json", lambda m: m["tokens"][0].update(mask="../../mask.png"))
+    with pytest.raises(InputError, match="outside the run folder"):
+        _check_run(run, "run")
+
+
+# ----------------------------------------------------------------------------- a rerun: resume or new, never a mix
+OTHER = ["--steps", "2", "--merge-step", "1", "--split-tokens", "2", "--checkpoint-every", "2", "--no-samples"]
+
+
+def _listed_and_present(run: Path) -> tuple[set[str], set[str]]:
+    m = read_manifest(run)
+    listed = {e[k] for e in m.tokens for k in ("file", "a1111_file")}
+    listed |= {f for files in (m.get("samples") or {}).values() for f in files}
+    present = {str(p.relative_to(run)) for d in ("concepts", "a1111", "samples") for p in (run / d).glob("*")}
+    return listed, present
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_rerun_with_other_options_refuses(run, tiny_sd2_dir, capsys, resume):
+    before = (run / "manifest.json").read_bytes()
+    code = _extract(tiny_sd2_dir, run, *(["--resume"] if resume else []), fast=OTHER)
+    _one_line_error(capsys, code, exit_code=OutputError.exit_code, names="TrainConfig.steps 4 → 2")
+    assert (run / "manifest.json").read_bytes() == before  # the old run is left whole
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_overwrite_replaces_the_old_run_entirely(run, tiny_sd2_dir, resume):
+    # Outputs of the old run that the new one will not write: a concept that no longer exists, generated images.
+    for rel in ("concepts/c9.safetensors", "a1111/c9.safetensors", "samples/c9_00.png", "generated/x/000.png"):
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(b"old")
+    stamp = (run / "localization.safetensors").stat().st_mtime_ns
+    assert _extract(tiny_sd2_dir, run, "--overwrite", *(["--resume"] if resume else []), fast=OTHER) == 0
+    m = read_manifest(run)
+    assert m["steps"] == 2 and m["samples"] == {}
+    listed, present = _listed_and_present(run)
+    assert listed == present  # nothing beside the manifest that it does not list
+    assert not (run / "generated").exists() and not list(run.glob(".old-run-*"))
+    assert (run / "localization.safetensors").stat().st_mtime_ns == stamp  # same localization options: reused
+    assert json.loads((run / "run.json").read_text())["config"]["TrainConfig"]["steps"] == 2
+
+
+def test_rerun_with_same_options_is_a_new_run(run, tiny_sd2_dir):
+    (run / "samples" / "c9_00.png").write_bytes(b"old")
+    assert _extract(tiny_sd2_dir, run) == 0
+    listed, present = _listed_and_present(run)
+    assert listed == present
+
+
+def test_damaged_run_options_need_overwrite(run, tiny_sd2_dir, capsys):
+    (run / "run.json").write_text("{garbled")
+    code = _extract(tiny_sd2_dir, run, "--resume", "--no-samples")
+    _one_line_error(capsys, code, exit_code=RunFolderError.exit_code, names="run.json")
+    assert _extract(tiny_sd2_dir, run, "--overwrite", fast=OTHER) == 0
+
+
+def test_legacy_run_without_run_json_is_compared_by_its_manifest(run, tiny_sd2_dir, capsys):
+    (run / "run.json").unlink()
+    code = _extract(tiny_sd2_dir, run, fast=OTHER)
+    _one_line_error(capsys, code, exit_code=OutputError.exit_code, names="TrainConfig.steps 4 → 2")
