@@ -190,6 +190,20 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(run, tmp_path, dam
     assert "latest.json" in caplog.text or latest["tensors"] in caplog.text  # the damaged file is named
 
 
+def test_checkpoint_written_after_a_fallback_keeps_the_good_one(run):
+    """Resumed from previous.json because latest.json was garbled: the next checkpoint keeps that good one."""
+    from conceptexpress.learn.checkpoint import save_checkpoint
+
+    folder = run / "checkpoints"
+    (folder / "latest.json").write_text("{garbled")
+    state = load_checkpoint(folder)
+    assert state.step == 2
+    state.step = 3
+    save_checkpoint(folder, state)
+    _truncate(folder / "step-000003.safetensors")
+    assert load_checkpoint(folder).step == 2  # the fallback still has its file
+
+
 def test_damaged_checkpoint_without_previous_starts_over(run, tiny_sd2_dir, caplog):
     folder = run / "checkpoints"
     _truncate(folder / json.loads((folder / "latest.json").read_text())["tensors"])

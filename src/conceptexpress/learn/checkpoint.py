@@ -64,7 +64,11 @@ def save_checkpoint(folder: str | Path, state: TrainState) -> Path:
         before = read_json_checked(folder / LATEST)
         if isinstance(before.get("tensors"), str) and before["tensors"] != name:
             atomic_write_json(folder / PREVIOUS, before)
-            keep.add(before["tensors"])
+    with contextlib.suppress(RunFolderError):
+        # the file previous.json names stays (also when latest.json was unreadable and previous.json is older)
+        previous = read_json_checked(folder / PREVIOUS)
+        if isinstance(previous.get("tensors"), str):
+            keep.add(previous["tensors"])
     atomic_write_json(
         folder / LATEST,
         {
