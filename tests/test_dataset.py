@@ -405,6 +405,33 @@ def test_finished_run_of_another_image_is_an_error_not_a_skip(first_run, tmp_pat
     assert (runs / "apple" / "manifest.json").read_bytes() == before  # untouched
 
 
+def test_overwrite_replaces_runs_of_other_options_and_other_images(first_run, tmp_path, monkeypatch, tiny_sd2_dir):
+    """Issue 11: a finished run with other options is skipped and a half-finished one fails (exit-5 message);
+    with ``overwrite=True`` both, and a run of another image, are replaced by a new run."""
+    from dataclasses import replace
+
+    folder, runs, _ = first_run
+    runs = _copy_runs(runs, tmp_path)
+    (runs / "cone" / "manifest.json").unlink()  # half-finished
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    _photo(0).save(other / "tower.png")  # same name, different pixels (apple's)
+    model, train = ModelConfig(model=str(tiny_sd2_dir), device="cpu"), replace(FAST_TRAIN, steps=3)
+    kw = dict(model=model, train=train, sample=NO_SAMPLES, rank=0, world_size=1, progress=False)
+    s = extract_dataset(other, runs, **kw)
+    assert s.skipped == ("apple.png",) and s.failed == ("broken.png", "cone.png", "tower.png")
+    failures = {Path(f["image"]).name: f for f in json.loads((runs / "failures-rank0.json").read_text())["failures"]}
+    assert "other options" in failures["cone.png"]["message"] and failures["cone.png"]["error"] == "OutputError"
+    calls, _ = _spy(monkeypatch)
+    s = extract_dataset(other, runs, overwrite=True, **kw)
+    assert calls == [("apple.png", False), ("cone.png", True), ("tower.png", False)]
+    assert s.done == GOOD and s.failed == ("broken.png",)
+    for name in ("apple", "cone", "tower"):
+        m = json.loads((runs / name / "manifest.json").read_text())
+        assert m["steps"] == 3 and m["config"]["TrainConfig"]["steps"] == 3
+    assert json.loads((runs / "tower" / "manifest.json").read_text())["image_sha256"] == file_sha256(other / "tower.png")
+
+
 def test_cli_exit_code_is_1_when_a_photo_failed(first_run, tmp_path, capsys, caplog):
     folder, runs, _ = first_run
     runs = _copy_runs(runs, tmp_path)

@@ -30,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder of photos (not searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="runs folder: one run folder per photo, summaries, failures")
     add_method_arg(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a photo's run folder holding a run of another image or of other options (finished "
+                   "or not) instead of skipping it (finished) or failing it")
     p.add_argument("--rank", type=int, default=None,
                    help="this process's shard (default: RANK or SLURM_PROCID from the launcher, else 0)")
     p.add_argument("--world-size", type=int, default=None,
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             rank=args.rank,
             world_size=args.world_size,
             progress=not getattr(args, "quiet", False),
+            overwrite=args.overwrite,
         )
     finally:
         logger.removeFilter(quiet_summary)

@@ -134,6 +134,7 @@ def extract_dataset(
     world_size: int | None = None,
     progress: bool = True,
     pipe=None,
+    overwrite: bool = False,
 ) -> DatasetSummary:
     """Run :func:`~conceptexpress.extract.extract` on this process's shard of the photos in ``folder``.
 
@@ -144,7 +145,8 @@ def extract_dataset(
     use one already loaded (kept where it is).
 
     Per photo: a finished run of the same image bytes is skipped; a half-finished one is continued
-    (``resume=True``); a run folder holding another image's run is a failure; any error of the photo is
+    (``resume=True``); a run folder holding another image's run is a failure; with ``overwrite=True`` a run of
+    another image or of other options (finished or not) is replaced instead (``extract(overwrite=True)``); any error of the photo is
     recorded in ``runs_dir/failures-rank<r>.json`` (rewritten after each failure) and the next photo starts.
     Errors that concern every photo (no photo, colliding stems, bad option, model that does not load,
     unwritable ``runs_dir``) are raised before or instead of per-photo work. ``KeyboardInterrupt`` writes the
@@ -217,7 +219,14 @@ def extract_dataset(
             try:
                 # 2. Finished, half-finished, or another image's? Decided from the files each stage writes last.
                 try:
-                    status, manifest = _run_status(run, image, file_sha256(image))
+                    try:
+                        status, manifest = _run_status(run, image, file_sha256(image))
+                    except OutputError:
+                        if not overwrite:
+                            raise
+                        status, manifest = "replace", {}  # another image's run: extract removes it
+                    if status == "finished" and overwrite and _config_differences(manifest, wanted):
+                        status = "replace"
                     if status != "finished":
                         # Decoding is cheap next to training: a broken photo fails here, and a rerun that
                         # finds only broken photos left never loads the model.
@@ -229,8 +238,8 @@ def extract_dataset(
                 if status == "finished":
                     diffs = _config_differences(manifest, wanted)
                     if diffs:
-                        logger.warning("%s: skipped, finished with other options (%s); delete '%s' to redo it",
-                                       image.name, ", ".join(diffs), run)
+                        logger.warning("%s: skipped, finished with other options (%s); delete '%s' or pass "
+                                       "--overwrite to redo it", image.name, ", ".join(diffs), run)
                     skipped.append(image.name)
                     passes["skipped"] += int(manifest.get("sample_passes") or 0)
                     continue
@@ -247,7 +256,7 @@ def extract_dataset(
                 try:
                     out = extract(
                         image, run, model=model, localize=localize, train=train, sample=sample, runtime=runtime,
-                        resume=status == "partial", pipe=pipe, method=method,
+                        resume=status == "partial", overwrite=overwrite, pipe=pipe, method=method,
                         progress=progress and world_size == 1,  # one process: its training bar nests below
                     )
                 except Exception as exc:
