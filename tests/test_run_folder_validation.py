@@ -317,6 +317,13 @@ def test_rerun_with_same_options_is_a_new_run(run, tiny_sd2_dir):
     assert listed == present
 
 
+def test_resume_redraws_the_samples_without_leaving_old_ones(run, tiny_sd2_dir):
+    (run / "samples" / "c1_05.png").write_bytes(b"old")  # e.g. drawn with a larger --sample-count
+    assert _extract(tiny_sd2_dir, run, "--resume", "--no-samples") == 0
+    listed, present = _listed_and_present(run)
+    assert listed == present and read_manifest(run)["steps"] == 4
+
+
 def test_damaged_run_options_need_overwrite(run, tiny_sd2_dir, capsys):
     (run / "run.json").write_text("{garbled")
     code = _extract(tiny_sd2_dir, run, "--resume", "--no-samples")

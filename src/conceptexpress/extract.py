@@ -180,8 +180,8 @@ def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, local
             )
         logger.warning("replacing the run in %s, made with other options (%s)", out, "; ".join(diffs) or "unknown")
         resume = False
-    if not resume:
-        clear_outputs(out, TRAINED_OUTPUTS)  # a new run: nothing trained by the previous one stays
+    # A new run: nothing trained by the previous one stays. A resume redraws the samples (their number may differ).
+    clear_outputs(out, TRAINED_OUTPUTS if not resume else (SAMPLES_DIR,))
     write_run_options(out, options)
     return resume
 
