@@ -13,6 +13,7 @@ memory).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
@@ -73,8 +74,7 @@ class ModelConfig:
             raise ConfigError("`model` must name a hub id, a folder or a .safetensors file, got an empty string")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"`dtype` must be one of auto, fp32, fp16, bf16, got {self.dtype!r}")
-        dev = self.device.split(":")[0]
-        if dev not in ("auto", "cuda", "mps", "cpu"):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"`device` must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
 
@@ -211,6 +211,15 @@ class TrainConfig:
         need(self.contrastive_form in ("released", "paper"), "contrastive_form", "'released' or 'paper'")
         need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)")
         need(self.emd_method in ("auto", "exact", "sinkhorn"), "emd_method", "auto, exact or sinkhorn")
+
+    def check_merge_schedule(self) -> None:
+        """Refuse a split-and-merge schedule that never merges (``merge_step >= steps``): its split tokens would
+        be exported unmerged. Checked by ConceptExpress before any work (BaS† ignores split-and-merge)."""
+        if self.split_merge and self.merge_step >= self.steps:
+            raise ConfigError(
+                f"`merge_step` must be smaller than `steps` ({self.steps}) when split-and-merge is on, or the split "
+                f"tokens are never merged (turn `split_merge` off for one token per concept), got {self.merge_step!r}"
+            )
 
     @property
     def tokens_per_concept(self) -> int:

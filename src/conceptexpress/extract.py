@@ -132,6 +132,8 @@ def extract(
     # 1. Cheap checks first (method, image, output folder), then the model.
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "conceptexpress":
+        train.check_merge_schedule()
     image = load_image(image_path)
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)

@@ -119,6 +119,8 @@ def learn_tokens(
     config = config or TrainConfig()
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "conceptexpress":
+        config.check_merge_schedule()
     if loc.num_concepts == 0:
         raise NoConceptError("the localization has no concept to learn a token for")
     image = image or loc.image

@@ -163,6 +163,8 @@ def extract_dataset(
     # 1. Everything that concerns the whole dataset fails here, before any photo is touched.
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "conceptexpress":
+        train.check_merge_schedule()
     if (rank is None) != (world_size is None):
         raise ConfigError(
             f"give both `rank` and `world_size` or neither, got rank={rank!r}, world_size={world_size!r}"
