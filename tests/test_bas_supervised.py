@@ -102,8 +102,7 @@ def test_methods_check_their_supervision_before_the_model(tmp_path, mask_dir, ca
 
     base = ["-q", "extract", str(EXAMPLE), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "run")]
     cases = [
-        (["--method", "bas"], "give `masks`"),
-        (["--method", "bas-ft", "--init-words", "a,b"], "give `masks`"),
+        (["--method", "bas"], "without either it is the BaS"),
         (["--method", "bas-dagger", "--masks", str(mask_dir)], "use --method bas"),
         (["--method", "bas-dagger", "--init-words", "a,b"], "use --method bas"),
         (["--method", "bas", "--masks", str(mask_dir), "--init-words", "a,b,c"], "names 3 words"),
@@ -128,6 +127,31 @@ def test_cli_flags_parse():
     assert FineTuneConfig() == FineTuneConfig(400, 2e-6, True)  # Break-A-Scene's phase 2
     with pytest.raises(SystemExit):  # a dataset has no per-photo masks
         build_parser().parse_args(["extract-dataset", "photos", "--out", "runs", "--method", "bas"])
+
+
+def test_supervised_runs_get_their_own_table_rows():
+    from conceptexpress.evaluate.report import method_name, method_order
+    from conceptexpress.evaluate.runs import method_label
+
+    def manifest(method, masks=False, words=None, **train):
+        return {"method": method, "user_masks": {"files": ["m.png"]} if masks else None,
+                "config": {"TrainConfig": {"init_words": words, **train}}}
+
+    labels = [
+        method_label(manifest("conceptexpress")),
+        method_label(manifest("conceptexpress", masks=True, words="a,b")),
+        method_label(manifest("bas-dagger")),
+        method_label(manifest("bas-ft", masks=True, words="a,b")),
+        method_label(manifest("bas", masks=True, words="a,b")),
+        method_label(manifest("bas", words="a,b")),
+        method_label(manifest("conceptexpress", split_merge=False)),
+    ]
+    assert labels[1] == "conceptexpress +masks +words" and labels[3] == "bas-ft +masks +words"
+    ordered = [method_name(m) for m in method_order(labels)]
+    assert ordered == [
+        "BaS +masks +words", "BaS +words", "BaS f.t. +masks +words", "BaS†", "ConceptExpress −SnM",
+        "ConceptExpress +masks +words", "ConceptExpress",
+    ]
 
 
 # ---------------------------------------------------------------------------------------- initializer words
@@ -229,6 +253,7 @@ def test_bas_run_completes_with_words_and_masks(tiny_sd2_dir, tmp_path, mask_dir
     m = json.loads((out / "manifest.json").read_text())
     assert m["method"] == "bas" and m["complete"] and m["num_concepts"] == 2 and m["steps"] == 2
     assert m["config"]["TrainConfig"]["init_words"] == "a,b" and m["fine_tune"] is None
+    assert m["user_masks"]["files"] == ["mask0.png", "mask1.png"]
     assert m["sample_passes"] == 2 and not (out / "pipeline").exists()
     history = json.loads((out / "history.json").read_text())
     assert [r["phase"] for r in history] == ["union", "union"]

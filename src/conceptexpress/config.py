@@ -31,7 +31,7 @@ DEFAULT_SAM = "facebook/sam-vit-huge"
 # Token learning: ours; the BaS† baseline (paper §4.1); Break-A-Scene with the user's masks (and initializer words),
 # tokens only ("bas") or then UNet + text encoder ("bas-ft") — the supervised grey rows of paper Table 1 and Fig. 8.
 METHODS = ("conceptexpress", "bas-dagger", "bas", "bas-ft")
-SUPERVISED_METHODS = ("bas", "bas-ft")  # need the user's masks (``extract(masks=...)``, ``--masks DIR``)
+SUPERVISED_METHODS = ("bas", "bas-ft")  # take the user's masks / words; not for a whole dataset (``extract-dataset``)
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay in range
 
 

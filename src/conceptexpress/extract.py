@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from .config import (
     METHODS,
-    SUPERVISED_METHODS,
     FineTuneConfig,
     GenerateConfig,
     LocalizeConfig,
@@ -145,8 +144,9 @@ def extract(
 
     ``masks``: a folder with one mask image per concept (:func:`~conceptexpress.io.masks.read_mask_folder`); the
     concepts are those masks, in file-name order, and localization's clustering is skipped. Accepted by every
-    method except ``"bas-dagger"``, required by ``"bas"`` and ``"bas-ft"``. ``train.init_words`` (one word per
-    concept) replaces random token initialization likewise.
+    method except ``"bas-dagger"``. ``train.init_words`` (one word per concept) replaces random token
+    initialization likewise. ``"bas"`` needs at least one of the two (paper Fig. 8: "+ initializer" uses the
+    localization's masks, "+ mask" random initialization, both = Table 1's "BaS").
 
     ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel).
 
@@ -183,10 +183,10 @@ def extract(
 def _check_supervision(method: str, user_masks: MaskFolder | None, train: TrainConfig) -> None:
     """Masks and initializer words against the method, before anything is loaded (exit 2)."""
     words = train.init_word_list
-    if method in SUPERVISED_METHODS and user_masks is None:
+    if method == "bas" and user_masks is None and not words:
         raise ConfigError(
-            f"`method` {method!r} is Break-A-Scene with your object masks: give `masks` (--masks DIR, one mask image "
-            "per concept)"
+            "`method` 'bas' is Break-A-Scene with your supervision: give `masks` (--masks DIR, one mask image per "
+            "concept) and/or `init_words`; without either it is the BaS† baseline (--method bas-dagger)"
         )
     if method == "bas-dagger" and (user_masks is not None or words):
         raise ConfigError(
@@ -256,6 +256,10 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         "base_model": PIPELINE_DIR if fine_tune is not None else base_model,
         "single_file_config": None if fine_tune is not None else model.single_file_config,
         "fine_tune": fine_tune,  # bas-ft: the model it started from, the phase's settings and cost
+        # --masks: the user's mask files (None: the localization's masks); init words are in TrainConfig.
+        "user_masks": None if user_masks is None else {
+            "folder": str(user_masks.folder.resolve()), "files": list(user_masks.files), "sha256": user_masks.sha256,
+        },
         "tokens": entries,
         "num_concepts": n,
         "num_vectors": 1,
