@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_method_arg(p)
     p.add_argument("--masks", type=Path, default=None, metavar="DIR",
                    help="folder with one mask image per concept (file-name order; non-zero = inside): skips "
-                        "localization's clustering; required by --method bas / bas-ft")
+                        "localization's clustering (any method but bas-dagger)")
     for cls in (ModelConfig, LocalizeConfig, TrainConfig, RuntimeConfig, SampleConfig, FineTuneConfig):
         add_config_args(p, cls)
     p.set_defaults(func=run)
