@@ -4,6 +4,7 @@ The run folder grows in stages, each finished stage marked by a file written las
 
     localization.json   localization done (reused by later runs with the same image, model and config)
     checkpoints/        resumable training state (``--resume``)
+    pipeline/           ``method="bas-ft"`` only: the fine-tuned pipeline, written before the manifest
     manifest.json       tokens exported; ``"complete": true`` only once everything is written
 
 so an interrupted run never leaves a folder that looks complete, and ``--resume`` loses nothing finished.
