@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import MISSING, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import (
     METHODS,
+    SUPERVISED_METHODS,
     LocalizeConfig,
     ModelConfig,
     RuntimeConfig,
@@ -108,11 +110,17 @@ def _mismatch(run: Path, image: Path, recorded: str, sha: str, what: str) -> Out
 _METHOD_FORCES: dict[str, dict[str, Any]] = {"bas-dagger": {"split_merge": False, "contrastive": False}}
 
 
+def _with_defaults(name: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    cls = {"LocalizeConfig": LocalizeConfig, "TrainConfig": TrainConfig}[name]
+    return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **recorded}
+
+
 def _config_differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Names of the options a finished run was made with that differ from the ones asked for now."""
     recorded = manifest.get("config", {})
     wanted = {**wanted, "TrainConfig": {**wanted["TrainConfig"], **_METHOD_FORCES.get(wanted["method"], {})}}
-    diffs = [k for k in ("LocalizeConfig", "TrainConfig") if k in recorded and recorded[k] != wanted[k]]
+    # A field added since the run was made counts as its default (the behaviour before the field existed).
+    diffs = [k for k in ("LocalizeConfig", "TrainConfig") if k in recorded and _with_defaults(k, recorded[k]) != wanted[k]]
     if recorded.get("ModelConfig", {}).get("model") not in (None, wanted["ModelConfig"]["model"]):
         diffs.append("model")
     if manifest.get("method", "conceptexpress") != wanted["method"]:
@@ -161,6 +169,11 @@ def extract_dataset(
     # 1. Everything that concerns the whole dataset fails here, before any photo is touched.
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in SUPERVISED_METHODS or train.init_words:
+        raise ConfigError(
+            "a dataset run has no per-photo masks or initializer words: run `extract IMAGE --masks DIR "
+            f"--init-words …` for each photo (got method {method!r}, init_words {train.init_words!r})"
+        )
     if method == "conceptexpress":
         train.check_merge_schedule()
     rank, world_size = _resolve_shard(rank, world_size)

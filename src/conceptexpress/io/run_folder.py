@@ -7,6 +7,7 @@ Layout of one run (one photo)::
     RUN/checkpoints/               resumable training state (``--resume``)
     RUN/concepts/<stem>.safetensors   {"<c1>": (V, D) float32}   diffusers textual-inversion file
     RUN/a1111/<stem>.safetensors      {"emb_params": (V, D)}     A1111 WebUI / ComfyUI file
+    RUN/pipeline/                  ``--method bas-ft`` only: the fine-tuned pipeline (diffusers folder, safetensors)
     RUN/manifest.json              tokens, model, configs, versions; ``"complete": true`` written last
 
 :class:`RunManifest` reads, checks and writes ``manifest.json``; :func:`run_tokens` adds a run's tokens to a
@@ -45,6 +46,7 @@ CONCEPTS_DIR = "concepts"
 A1111_DIR = "a1111"
 A1111_KEY = "emb_params"
 SAMPLES_DIR = "samples"
+PIPELINE_DIR = "pipeline"  # --method bas-ft: the fine-tuned diffusers pipeline (the run's base model)
 
 
 def file_sha256(path: str | Path) -> str:

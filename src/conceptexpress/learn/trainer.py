@@ -47,7 +47,14 @@ from ..errors import ConfigError
 from ..io.images import image_to_tensor
 from . import losses
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .tokens import Prompt, PromptBuilder, init_from_vocabulary, spliced_tokens
+from .tokens import (
+    Prompt,
+    PromptBuilder,
+    init_from_vocabulary,
+    init_from_words,
+    spliced_tokens,
+    word_token_ids,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -132,13 +139,11 @@ class TokenTrainer:
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction_type = self.scheduler.config.prediction_type
 
-        # 2. Token vectors (Eq. 9): g·N rows, initialized from random vocabulary rows (seeded).
+        # 2. Token vectors (Eq. 9): g·N rows, initialized from random vocabulary rows (seeded) or the user's words.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         base = pipe.text_encoder.get_input_embeddings()
         tok = pipe.tokenizer
-        special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-        init = init_from_vocabulary(base, self.n * self.g, self.generator, exclude=special)
-        self.vectors = torch.nn.Parameter(init.to(self.device))  # (g·N, D) float32
+        self.vectors = torch.nn.Parameter(self._initial_vectors(base, tok).to(self.device))  # (g·N, D) float32
         self.optimizer = torch.optim.AdamW(
             [self.vectors], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
         )
@@ -158,6 +163,20 @@ class TokenTrainer:
         self._last_scale = self.scaler.get_scale()
         self.skipped_steps = 0
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _initial_vectors(self, base: torch.nn.Embedding, tok) -> torch.Tensor:
+        """(g·N, D) float32 starting vectors: random vocabulary rows (paper §3.3), or each concept's initializer
+        word (``TrainConfig.init_words``) for all of its g rows."""
+        words = self.config.init_word_list
+        if words:
+            if len(words) != self.n:
+                raise ConfigError(
+                    f"`init_words` names {len(words)} words ({','.join(words)}) but there are {self.n} concepts; "
+                    "give one word per concept, in concept order"
+                )
+            return init_from_words(base, word_token_ids(tok, words), self.g)
+        special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+        return init_from_vocabulary(base, self.n * self.g, self.generator, exclude=special)
 
     # ------------------------------------------------------------------ prompts
     def _split_prompts(self) -> list[Prompt]:
@@ -474,7 +493,10 @@ class TokenTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, image: Image.Image) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps(asdict(self.config), sort_keys=True, default=str).encode())
+        config = asdict(self.config)
+        if config["init_words"] is None:
+            del config["init_words"]  # random initialization: the fingerprint of runs made before the option existed
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         h.update(self.masks.numpy().tobytes())
         h.update(self.centroids.numpy().tobytes())
         h.update(image.tobytes())
