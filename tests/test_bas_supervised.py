@@ -194,7 +194,7 @@ def test_init_words_count_is_checked_after_automatic_localization(tiny_sd2_dir, 
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="but there are \\d+ concepts"):
         extract_mod.extract(EXAMPLE, out, model=_model(tiny_sd2_dir), sample=NO_SAMPLES,
-                            train=TrainConfig(steps=1, init_words=",".join("abcdefghijklmnopqrst")))
+                            train=TrainConfig(steps=1, split_merge=False, init_words=",".join("abcdefghijklmnopqrst")))
     assert (out / "localization.json").is_file()
 
 
