@@ -157,7 +157,7 @@ def test_supervised_runs_get_their_own_table_rows():
 # ---------------------------------------------------------------------------------------- initializer words
 @pytest.mark.parametrize("split_merge", [True, False])
 def test_init_words_initialize_every_row_of_their_concept(pipe, image, split_merge):
-    from conceptexpress.learn.bas import BaSTrainer
+    from conceptexpress.baselines.bas import BaSTrainer
     from conceptexpress.learn.trainer import TokenTrainer
 
     masks = torch.zeros(2, 11, 16, dtype=torch.bool)

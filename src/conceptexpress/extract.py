@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .baselines.bas import BaSTrainer
+from .baselines.bas_ft import BaSFineTuner, training_copy
 from .config import (
     METHODS,
     FineTuneConfig,
@@ -56,8 +58,6 @@ from .io.run_folder import (
     token_names,
     versions,
 )
-from .learn.bas import BaSTrainer
-from .learn.finetune import BaSFineTuner, training_copy
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
 from .localizer import ConceptLocalizer
 from .models import load_pipeline
@@ -303,7 +303,7 @@ def _localization(pipe, image, image_path, image_sha: str, out: Path, model: Mod
 
 def _finetune(pipe, image, loc_manifest, tensors, train: TrainConfig, runtime, finetune: FineTuneConfig, result,
               out: Path, progress: bool, callbacks):
-    """Break-A-Scene's phase 2 (:mod:`conceptexpress.learn.finetune`) after the token phase's ``result``.
+    """Break-A-Scene's phase 2 (:mod:`conceptexpress.baselines.bas_ft`) after the token phase's ``result``.
 
     Returns (fine-tuned pipeline, combined TrainResult, manifest entries). The pipeline is written to
     ``RUN/pipeline/`` (safetensors) through a staging folder, so a crash never leaves a half-written model there.

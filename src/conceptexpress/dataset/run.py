@@ -105,7 +105,7 @@ def _mismatch(run: Path, image: Path, recorded: str, sha: str, what: str) -> Out
     )
 
 
-# Training options a method forces whatever was asked (learn/bas.py: BaS† has no split-and-merge and no
+# Training options a method forces whatever was asked (baselines/bas.py: BaS† has no split-and-merge and no
 # contrastive loss); a manifest records the config actually used, so these are compared as forced.
 _METHOD_FORCES: dict[str, dict[str, Any]] = {"bas-dagger": {"split_merge": False, "contrastive": False}}
 

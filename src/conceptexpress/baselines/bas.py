@@ -14,7 +14,7 @@ and removes the supervision ConceptExpress does not have:
 The same trainer runs ``--method bas`` / ``bas-ft`` (paper Table 1 grey rows, Fig. 8): Break-A-Scene's token phase
 with the user's masks and/or initializer words (``TrainConfig.init_words``, which replaces the random draw); the
 deviations below hold for it too, except initialization. ``bas-ft``'s second phase is
-:mod:`conceptexpress.learn.finetune`.
+:mod:`conceptexpress.baselines.bas_ft`.
 
 One step, in order (Break-A-Scene's ``train.py``, ``DreamBoothDataset.__getitem__`` and the training loop):
 
@@ -62,8 +62,8 @@ from PIL import Image
 
 from ..config import RuntimeConfig, TrainConfig
 from ..errors import ConfigError
-from .tokens import Prompt
-from .trainer import TokenTrainer
+from ..learn.tokens import Prompt
+from ..learn.trainer import TokenTrainer
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

@@ -1,6 +1,6 @@
 """Break-A-Scene's second phase (``--method bas-ft``; paper Table 1 "BaS f.t.", Fig. 8): UNet + text encoder.
 
-After the token phase (:class:`~conceptexpress.learn.bas.BaSTrainer` with the user's masks and initializer
+After the token phase (:class:`~conceptexpress.baselines.bas.BaSTrainer` with the user's masks and initializer
 words), Break-A-Scene's ``train.py`` builds one new AdamW optimizer over the UNet and the whole text encoder —
 its token embedding table, hence the new tokens, included — at ``--learning_rate 2e-6`` (constant) and trains
 ``--phase2_train_steps 400`` more steps with the same loss: union sampling, masked ε-MSE, λ·cross-attention MSE.
