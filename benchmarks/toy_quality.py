@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 from conceptexpress import LocalizeConfig, ModelConfig, TrainConfig, load_pipeline
+from conceptexpress.baselines.clustering import finch_fixed_concepts, kmeans_concepts
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localizer import ConceptLocalizer
-from conceptexpress.locbench.baselines import finch_fixed_concepts, kmeans_concepts
 from conceptexpress.locbench.matching import aggregate, match_masks
 from conceptexpress.toy import COLORS, SHAPES, render_scene, toy_pipeline_path
 from conceptexpress.toy.reader import read_objects

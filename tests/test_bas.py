@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conceptexpress.baselines.bas import LAMBDA_ATTENTION, BaSTrainer, attention_mse, sample_union
 from conceptexpress.config import TrainConfig
 from conceptexpress.learn import losses
-from conceptexpress.learn.bas import LAMBDA_ATTENTION, BaSTrainer, attention_mse, sample_union
 from conceptexpress.learn.trainer import TokenTrainer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"

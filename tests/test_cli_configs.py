@@ -70,7 +70,7 @@ def test_sample_count_zero_fails_on_the_command_line_before_any_work(capsys):
     from conceptexpress.cli import main
 
     assert main(["extract", "does-not-exist.png", "--sample-count", "0"]) == ConfigError.exit_code
-    assert "sample_count" in capsys.readouterr().err
+    assert "`--sample-count`" in capsys.readouterr().err
 
 
 def test_config_error_is_a_value_error():
@@ -95,5 +95,5 @@ def test_non_finite_or_out_of_range_training_options_fail_before_any_work(tmp_pa
     photo = Path(__file__).resolve().parent.parent / "examples" / "coffee.jpg"
     code = main(["extract", str(photo), "--out", str(out), "--model", str(tmp_path / "none"), flag, value])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and f"`{name}`" in err[0], err
+    assert code == 2 and len(err) == 1 and f"`{flag}`" in err[0], err
     assert not out.exists()

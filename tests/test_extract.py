@@ -65,7 +65,7 @@ def test_rerun_reuses_localization_and_resume_continues(run, tiny_sd2_dir, capsy
 def test_bad_training_option_is_one_line(capsys, tmp_path):
     code = main(["extract", str(EXAMPLE), "--out", str(tmp_path / "o"), "--steps", "0"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "`steps`" in err
+    assert code == 2 and err.count("\n") == 1 and "`--steps`" in err
     assert not (tmp_path / "o").exists()
 
 

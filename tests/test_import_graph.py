@@ -19,14 +19,14 @@ ALLOWED_LAZY = {
     "conceptexpress.attention": {"conceptexpress.attention", "conceptexpress.attention.capture"},  # keeps aggregate diffusers-free
     "conceptexpress.cli.ui": {"gradio", "conceptexpress.ui.app"},  # the `ui` extra: only `conceptexpress ui` needs it
     "conceptexpress.ui.app": {"pandas"},  # gradio's LinePlot data, only when a loss plot is drawn
-    "conceptexpress.evaluate._loading": {"transformers", "transformers.utils"},  # evaluation encoders
+    "conceptexpress.hf_loading": {"transformers", "transformers.utils"},  # evaluation encoders
     "conceptexpress.evaluate.encoders": {"transformers"},
     "conceptexpress.evaluate.sam": {"transformers"},
     "conceptexpress.evaluate.testing": {"transformers"},
     "conceptexpress.io.lock": {"fcntl", "msvcrt"},  # one of the two exists, per platform
     "conceptexpress.learn.losses": {"ot", "ot.batch"},  # POT takes seconds to import; only the EMD term needs it
-    "conceptexpress.locbench.baselines": {"sklearn.cluster"},  # the `eval` extra
-    "conceptexpress.locbench.maskcut": {"transformers"},
+    "conceptexpress.baselines.clustering": {"sklearn.cluster"},  # the `eval` extra
+    "conceptexpress.baselines.maskcut": {"transformers"},
 }
 
 
@@ -60,12 +60,13 @@ def test_imports_sit_at_the_top_except_the_allowed_lazy_ones():
 
 
 def test_layers_point_one_way():
-    # errors/config -> io -> models, attention, localize, learn -> extract, generate, export
+    # errors/config -> io -> models, attention, localize, learn -> baselines -> extract, generate, export
     # -> dataset, evaluate, locbench -> cli
     order = [
         ("errors", "config"),
         ("io", "viz"),
-        ("models", "attention", "localize", "learn", "localizer", "sampler"),
+        ("models", "attention", "localize", "learn", "localizer", "sampler", "hf_loading"),
+        ("baselines",),
         ("extract", "generate", "export", "learned", "run_edit"),
         ("dataset", "evaluate", "locbench", "ui"),
         ("cli", "__main__"),

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conceptexpress.localize import cluster_concepts, eot_filter, finch, pairwise_symmetric_kl
-from conceptexpress.locbench.baselines import (
+from conceptexpress.baselines.clustering import (
     finch_fixed_concepts,
     finch_fixed_labels,
     finch_levels,
     kmeans_concepts,
 )
+from conceptexpress.localize import cluster_concepts, eot_filter, finch, pairwise_symmetric_kl
 from conceptexpress.locbench.matching import match_masks
 
 

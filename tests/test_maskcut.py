@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conceptexpress.baselines.maskcut import MaskCut, affinity_graph, maskcut_masks, normalized_cut
 from conceptexpress.errors import ConfigError, ModelLoadError
-from conceptexpress.locbench.maskcut import MaskCut, affinity_graph, maskcut_masks, normalized_cut
 from conceptexpress.locbench.report import format_table
 from conceptexpress.locbench.run import BenchConfig, bench_localize
 from conceptexpress.locbench.scenes import write_synthetic_dataset
@@ -186,7 +186,7 @@ def test_maskcut_load_errors(tiny_dino8, tmp_path):
 
 
 def test_maskcut_module_does_not_import_transformers():
-    code = "import sys, conceptexpress.locbench.maskcut; print('transformers' in sys.modules)"
+    code = "import sys, conceptexpress.baselines.maskcut; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -324,6 +324,13 @@ def test_resume_redraws_the_samples_without_leaving_old_ones(run, tiny_sd2_dir):
     assert listed == present and read_manifest(run)["steps"] == 4
 
 
+def test_run_options_beside_nothing_trained_do_not_block(run, tiny_sd2_dir):
+    """A run that stopped before training (e.g. its model did not load) holds only run.json: no run to protect."""
+    for name in ("manifest.json", "checkpoints", "concepts", "a1111", "samples", "history.json", "loss.png"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    assert _extract(tiny_sd2_dir, run, fast=OTHER) == 0
+
+
 def test_damaged_run_options_need_overwrite(run, tiny_sd2_dir, capsys):
     (run / "run.json").write_text("{garbled")
     code = _extract(tiny_sd2_dir, run, "--resume", "--no-samples")

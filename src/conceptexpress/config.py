@@ -13,6 +13,7 @@ memory).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
@@ -28,7 +29,10 @@ ENCODER_NAMES = ("clip", "dino")
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_SAM = "facebook/sam-vit-huge"
-METHODS = ("conceptexpress", "bas-dagger")  # token learning: ours, or the BaS† baseline (paper §4.1)
+# Token learning: ours; the BaS† baseline (paper §4.1); Break-A-Scene with the user's masks (and initializer words),
+# tokens only ("bas") or then UNet + text encoder ("bas-ft") — the supervised grey rows of paper Table 1 and Fig. 8.
+METHODS = ("conceptexpress", "bas-dagger", "bas", "bas-ft")
+SUPERVISED_METHODS = ("bas", "bas-ft")  # take the user's masks / words; not for a whole dataset (``extract-dataset``)
 _MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; seed + i must stay in range
 
 
@@ -73,8 +77,7 @@ class ModelConfig:
             raise ConfigError("`model` must name a hub id, a folder or a .safetensors file, got an empty string")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise ConfigError(f"`dtype` must be one of auto, fp32, fp16, bf16, got {self.dtype!r}")
-        dev = self.device.split(":")[0]
-        if dev not in ("auto", "cuda", "mps", "cpu"):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
             raise ConfigError(f"`device` must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
 
 
@@ -176,6 +179,14 @@ class TrainConfig:
         default=1.0, metadata=_help("clip the token gradient of each optimizer step to this L2 norm (0 = off)")
     )
     seed: int = field(default=0, metadata=_help("seed of token initialization, noise, timesteps and flips"))
+    # None = random vocabulary rows (paper §3.3). Break-A-Scene's --initializer_tokens; paper Fig. 8 "+ initializer".
+    init_words: str | None = field(
+        default=None,
+        metadata=_help(
+            "comma-separated initializer words, one per concept in concept order (e.g. cup,saucer); each must be one "
+            "token of the tokenizer; replaces random initialization (all split tokens of a concept start from its word)"
+        ),
+    )
     emd_method: str = field(
         default="auto",
         metadata=_help("EMD solver: exact (POT emd2), sinkhorn (batched), auto = exact on CPU, sinkhorn on GPU",
@@ -211,6 +222,21 @@ class TrainConfig:
         need(self.contrastive_form in ("released", "paper"), "contrastive_form", "'released' or 'paper'")
         need(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 = no clipping)")
         need(self.emd_method in ("auto", "exact", "sinkhorn"), "emd_method", "auto, exact or sinkhorn")
+        object.__setattr__(self, "init_words", _parse_words(self.init_words))
+
+    @property
+    def init_word_list(self) -> tuple[str, ...]:
+        """The initializer words in concept order (empty: random initialization)."""
+        return tuple(self.init_words.split(",")) if self.init_words else ()
+
+    def check_merge_schedule(self) -> None:
+        """Refuse a split-and-merge schedule that never merges (``merge_step >= steps``): its split tokens would
+        be exported unmerged. Checked by ConceptExpress before any work (BaS† ignores split-and-merge)."""
+        if self.split_merge and self.merge_step >= self.steps:
+            raise ConfigError(
+                f"`merge_step` must be smaller than `steps` ({self.steps}) when split-and-merge is on, or the split "
+                f"tokens are never merged (turn `split_merge` off for one token per concept), got {self.merge_step!r}"
+            )
 
     @property
     def tokens_per_concept(self) -> int:
@@ -247,6 +273,47 @@ class RuntimeConfig:
         _need(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "true or false")
         _need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), self, "mixed_precision", "auto, no, fp16 or bf16")
         _need(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, self, "checkpoint_every", "an integer >= 0")
+
+
+def _parse_words(words: str | list[str] | tuple[str, ...] | None) -> str | None:
+    """``init_words`` normalized to "cup,saucer" (a list or tuple is accepted from Python); None stays None."""
+    if words is None:
+        return None
+    if isinstance(words, list | tuple) and all(isinstance(w, str) for w in words):
+        words = ",".join(words)
+    if not isinstance(words, str):
+        raise ConfigError(f"`init_words` must be comma-separated words such as 'cup,saucer', got {words!r}")
+    parts = [w.strip() for w in words.split(",")]
+    if not parts or any(not w or any(c.isspace() for c in w) for w in parts):
+        raise ConfigError(
+            f"`init_words` must be comma-separated single words such as 'cup,saucer' (no empty or multi-word entry), "
+            f"got {words!r}"
+        )
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Break-A-Scene's second phase (``--method bas-ft``): UNet and text encoder trained with the tokens.
+
+    Defaults are Break-A-Scene's ``train.py`` (``--phase2_train_steps 400``, ``--learning_rate 2e-6``, text
+    encoder trained); AdamW betas, epsilon, weight decay and gradient clipping are those of :class:`TrainConfig`
+    (Break-A-Scene's are the same: 0.9/0.999, 1e-8, 1e-2, norm 1.0).
+    """
+
+    finetune_steps: int = field(default=400, metadata=_help("steps of the UNet + text encoder phase (Break-A-Scene: 400)"))
+    finetune_lr: float = field(
+        default=2e-6, metadata=_help("AdamW learning rate of that phase, constant (Break-A-Scene: 2e-6)")
+    )
+    finetune_text_encoder: bool = field(
+        default=True, metadata=_help("train the whole text encoder too, token table included (Break-A-Scene: on)")
+    )
+
+    def __post_init__(self) -> None:
+        _need(_is_int(self.finetune_steps) and self.finetune_steps >= 1, self, "finetune_steps", "an integer >= 1")
+        _need(isinstance(self.finetune_lr, int | float) and not isinstance(self.finetune_lr, bool)
+              and math.isfinite(self.finetune_lr) and self.finetune_lr > 0, self, "finetune_lr", "a finite number > 0")
+        _need(isinstance(self.finetune_text_encoder, bool), self, "finetune_text_encoder", "true or false")
 
 
 # ----------------------------------------------------------------------------- generation and samples

@@ -4,6 +4,7 @@ The run folder grows in stages, each finished stage marked by a file written las
 
     localization.json   localization done (reused by later runs with the same image, model and config)
     checkpoints/        resumable training state (``--resume``)
+    pipeline/           ``method="bas-ft"`` only: the fine-tuned pipeline, written before the manifest
     manifest.json       tokens exported; ``"complete": true`` only once everything is written
 
 so an interrupted run never leaves a folder that looks complete, and ``--resume`` loses nothing finished.
@@ -12,7 +13,9 @@ so an interrupted run never leaves a folder that looks complete, and ``--resume`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .baselines.bas import BaSTrainer
+from .baselines.bas_ft import BaSFineTuner, training_copy
 from .config import (
     METHODS,
+    FineTuneConfig,
     GenerateConfig,
     LocalizeConfig,
     ModelConfig,
@@ -37,11 +43,14 @@ from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 from .io.images import load_image
 from .io.localization_files import read_localization, save_localization
 from .io.lock import run_lock
+from .io.masks import MaskFolder, read_mask_folder
 from .io.run_folder import (
     CHECKPOINTS_DIR,
     LOCALIZATION_MANIFEST,
+    PIPELINE_DIR,
     RUN_FORMAT,
     RUN_MANIFEST,
+    RUN_OPTIONS,
     SAMPLES_DIR,
     TRAINED_OUTPUTS,
     RunManifest,
@@ -58,7 +67,6 @@ from .io.run_options import (
     run_options,
     write_run_options,
 )
-from .learn.bas import BaSTrainer
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
 from .localizer import ConceptLocalizer
 from .models import load_pipeline
@@ -68,7 +76,9 @@ __all__ = ["METHODS", "SampleConfig", "extract", "localize_to_folder"]
 logger = logging.getLogger(__name__)
 
 
-def _localization_matches(out: Path, image_sha: str, model: str, loc_cfg: LocalizeConfig) -> bool:
+def _localization_matches(
+    out: Path, image_sha: str, model: str, loc_cfg: LocalizeConfig, masks_sha: str | None = None
+) -> bool:
     path = out / LOCALIZATION_MANIFEST
     if not path.is_file():
         return False
@@ -83,17 +93,34 @@ def _localization_matches(out: Path, image_sha: str, model: str, loc_cfg: Locali
         and meta.get("model") == model
         and isinstance(config, dict)
         and config.get("LocalizeConfig") == config_dict(loc_cfg)["LocalizeConfig"]
+        and meta.get("masks_sha256") == masks_sha  # user masks: the same files; automatic: none
     )
 
 
-def localize_to_folder(pipe, image, image_path, out: Path, model: ModelConfig, localize: LocalizeConfig, *, image_sha: str | None = None):
+def localize_to_folder(
+    pipe, image, image_path, out: Path, model: ModelConfig, localize: LocalizeConfig, *, image_sha: str | None = None,
+    user_masks: MaskFolder | None = None,
+):
     """Localize ``image`` and write the localization folder (what `localize` and `extract` share).
 
     Returns (manifest, Localization). The manifest records the image path and SHA-256, the model and the
     resolved configs, which is what lets `extract` reuse a localization instead of recomputing it.
+    With ``user_masks`` (:func:`~conceptexpress.io.masks.read_mask_folder`) the concepts are the user's masks and
+    clustering is skipped (:meth:`ConceptLocalizer.from_masks`); the manifest records ``"source": "user masks"``,
+    the files and their SHA-256.
     """
-    loc = ConceptLocalizer(pipe, localize)(image)
+    localizer = ConceptLocalizer(pipe, localize)
+    loc = localizer.from_masks(image, user_masks.masks) if user_masks is not None else localizer(image)
+    source: dict[str, Any] = {"source": "localization"}
+    if user_masks is not None:
+        source = {
+            "source": "user masks",
+            "masks_dir": str(user_masks.folder.resolve()),
+            "mask_files": list(user_masks.files),
+            "masks_sha256": user_masks.sha256,
+        }
     meta = {
+        **source,
         "image": str(Path(image_path).resolve()),
         "image_sha256": image_sha or file_sha256(image_path),
         "model": model.model,
@@ -118,9 +145,22 @@ def extract(
     callbacks: Sequence[Callable[[Any, dict[str, Any]], None]] = (),
     lock: bool = True,
     wait: bool = False,
+    masks: str | Path | None = None,
+    finetune: FineTuneConfig | None = None,
     overwrite: bool = False,
 ) -> RunManifest:
     """Run the whole method on one photo and return the written run manifest (see module docstring).
+
+    ``method``: ``"conceptexpress"``; ``"bas-dagger"`` (BaS†, paper §4.1); ``"bas"`` — Break-A-Scene's token
+    phase with the user's ``masks`` and ``train.init_words`` (paper Table 1 grey row "BaS", Fig. 8); ``"bas-ft"`` —
+    then its UNet + text encoder phase (``finetune``, :class:`~conceptexpress.config.FineTuneConfig`), which writes
+    the fine-tuned pipeline to ``RUN/pipeline/``, the run's base model for ``generate`` and ``evaluate``.
+
+    ``masks``: a folder with one mask image per concept (:func:`~conceptexpress.io.masks.read_mask_folder`); the
+    concepts are those masks, in file-name order, and localization's clustering is skipped. Accepted by every
+    method except ``"bas-dagger"``. ``train.init_words`` (one word per concept) replaces random token
+    initialization likewise. ``"bas"`` needs at least one of the two (paper Fig. 8: "+ initializer" uses the
+    localization's masks, "+ mask" random initialization, both = Table 1's "BaS").
 
     ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel).
 
@@ -132,7 +172,8 @@ def extract(
     so ``resume=True`` accepts a different one.
 
     A folder holds one run (:mod:`~conceptexpress.io.run_options`). When it holds a run made with other options
-    (image, model, method, ``LocalizeConfig``, ``TrainConfig``), the call refuses with
+    (image, model, method, user masks, ``LocalizeConfig``, ``TrainConfig``, ``FineTuneConfig`` for ``"bas-ft"``),
+    the call refuses with
     :class:`~conceptexpress.errors.OutputError`, unless ``overwrite=True``: then the old run's outputs are
     removed first and a new run starts (also with ``resume=True``, which then only resumes a run of the same
     options). Without ``resume``, a rerun with the same options is a new run too: the old run's trained outputs
@@ -150,22 +191,52 @@ def extract(
     # 1. Cheap checks first (method, image, output folder), then the model.
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "conceptexpress":
+        train.check_merge_schedule()
     image = load_image(image_path)
+    user_masks = read_mask_folder(masks, image.size) if masks is not None else None
+    _check_supervision(method, user_masks, train)
+    finetune = finetune or FineTuneConfig()
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)
     with run_lock(out, wait=wait) if lock else contextlib.nullcontext():
-        resume = _start_run(out, image_sha, model, method, localize, train, resume=resume, overwrite=overwrite)
+        resume = _start_run(out, image_sha, model, method, localize, train, finetune, user_masks, resume=resume,
+                            overwrite=overwrite)
         return _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume,
-                               pipe, progress, method, callbacks)
+                               pipe, progress, method, callbacks, user_masks, finetune)
+
+
+def _check_supervision(method: str, user_masks: MaskFolder | None, train: TrainConfig) -> None:
+    """Masks and initializer words against the method, before anything is loaded (exit 2)."""
+    words = train.init_word_list
+    if method == "bas" and user_masks is None and not words:
+        raise ConfigError(
+            "`method` 'bas' is Break-A-Scene with your supervision: give `masks` (--masks DIR, one mask image per "
+            "concept) and/or `init_words`; without either it is the BaS† baseline (--method bas-dagger)"
+        )
+    if method == "bas-dagger" and (user_masks is not None or words):
+        raise ConfigError(
+            "`method` 'bas-dagger' is the unsupervised BaS† baseline (random initialization, localized masks); "
+            "with `masks` or `init_words` use --method bas"
+        )
+    if user_masks is not None and words and len(words) != user_masks.num_concepts:
+        raise ConfigError(
+            f"`init_words` names {len(words)} words ({','.join(words)}) but `masks` {str(user_masks.folder)!r} holds "
+            f"{user_masks.num_concepts} masks ({', '.join(user_masks.files)}); give one word per mask, in that order"
+        )
 
 
 def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, localize: LocalizeConfig,
-               train: TrainConfig, *, resume: bool, overwrite: bool) -> bool:
+               train: TrainConfig, finetune: FineTuneConfig, user_masks: MaskFolder | None, *, resume: bool,
+               overwrite: bool) -> bool:
     """Make ``out`` hold this run only (a resume of it, or a new one); returns whether to resume."""
+    configs = config_dict(localize, train, *([finetune] if method == "bas-ft" else []))
     options = run_options(image_sha256=image_sha, model=_model_record(model), single_file_config=model.single_file_config,
-                          method=method, configs=config_dict(localize, train))
+                          method=method, configs=configs, masks_sha256=user_masks.sha256 if user_masks else None)
+    # A run.json beside nothing trained (the model did not load, say) is no run yet: nothing could be mixed.
+    trained = any((out / name).exists() for name in TRAINED_OUTPUTS if name != RUN_OPTIONS)
     try:
-        old = read_run_options(out)
+        old = read_run_options(out) if trained else None
     except RunFolderError as exc:
         if not overwrite:
             raise RunFolderError(f"{exc}; pass --overwrite (overwrite=True) to replace the run in '{out}'") from None
@@ -192,25 +263,34 @@ def _model_record(model: ModelConfig) -> str:
 
 
 def _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume, pipe,
-                    progress, method, callbacks) -> RunManifest:
+                    progress, method, callbacks, user_masks=None, finetune=None) -> RunManifest:
     """:func:`extract` once the inputs are checked, the run folder is locked and holds this run only."""
     (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
+    if method != "bas-ft":
+        shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)  # a previous bas-ft run's model, no longer referenced
     if pipe is None:
         pipe = load_pipeline(model)
 
-    # 2. Localization, once per image (reused when image, model and config match).
-    loc_manifest, tensors = _localization(pipe, image, image_path, image_sha, out, model, localize)
+    # 2. Localization, once per image (reused when image, model, config and user masks match).
+    loc_manifest, tensors = _localization(pipe, image, image_path, image_sha, out, model, localize, user_masks)
     n = int(loc_manifest["num_concepts"])
     if n == 0:
         raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
 
     # 3. Token learning (resumable). BaS† (paper §4.1) trains on the same masks with Break-A-Scene's token phase.
-    trainer_cls = BaSTrainer if method == "bas-dagger" else TokenTrainer
+    # bas / bas-ft: the same token phase with the user's masks and initializer words (Break-A-Scene's phase 1).
+    trainer_cls = TokenTrainer if method == "conceptexpress" else BaSTrainer
     trainer = trainer_cls(
         pipe, image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"], train,
         runtime=runtime,
     )
     result = _train(trainer, out / CHECKPOINTS_DIR, resume, progress, callbacks)
+    sample_pipe, fine_tune = pipe, None
+    if method == "bas-ft":
+        # 3b. Break-A-Scene's phase 2 on fp32 copies of the UNet and text encoder, saved as RUN/pipeline/.
+        sample_pipe, result, fine_tune = _finetune(
+            pipe, image, loc_manifest, tensors, trainer.config, runtime, finetune, result, out, progress, callbacks
+        )
 
     # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, samples, manifest.
     tokens = token_names(n)
@@ -220,16 +300,26 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
     atomic_write_json(out / "history.json", result.history)
     atomic_save_image(loss_curve_image(result.history), out / "loss.png")
     sample_files, sampler = (
-        _write_samples(pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else ({}, None)
+        _write_samples(sample_pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else ({}, None)
     )
+    base_model = _model_record(model)
+    if fine_tune is not None:
+        fine_tune = {"base_model": base_model, "single_file_config": model.single_file_config, **fine_tune}
 
     manifest = {
         "format": RUN_FORMAT,
         "method": method,
         "image": str(Path(image_path).resolve()),
         "image_sha256": image_sha,
-        "base_model": _model_record(model),
-        "single_file_config": model.single_file_config,
+        # A local model is recorded by absolute path so `generate` finds it from any working directory; a bas-ft
+        # run's is its own RUN/pipeline/, relative to the run folder (``generate.run_model_config`` resolves it).
+        "base_model": PIPELINE_DIR if fine_tune is not None else base_model,
+        "single_file_config": None if fine_tune is not None else model.single_file_config,
+        "fine_tune": fine_tune,  # bas-ft: the model it started from, the phase's settings and cost
+        # --masks: the user's mask files (None: the localization's masks); init words are in TrainConfig.
+        "user_masks": None if user_masks is None else {
+            "folder": str(user_masks.folder.resolve()), "files": list(user_masks.files), "sha256": user_masks.sha256,
+        },
         "tokens": entries,
         "num_concepts": n,
         "num_vectors": 1,
@@ -247,7 +337,8 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         "history": "history.json",
         "samples": sample_files,
         "sampler": sampler,  # scheduler, its config, steps, guidance, size of the samples (None: no samples)
-        "config": config_dict(model, localize, trainer.config, runtime, sample),  # the config actually used
+        # The config actually used (FineTuneConfig only where it was).
+        "config": config_dict(model, localize, trainer.config, runtime, sample, *([finetune] if fine_tune else [])),
         "versions": versions(),
         "complete": True,
     }
@@ -256,13 +347,15 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
     return run_manifest
 
 
-def _localization(pipe, image, image_path, image_sha: str, out: Path, model: ModelConfig, localize: LocalizeConfig):
-    """(localization manifest, tensors) of ``out``: read back when image, model and config match, else computed.
+def _localization(pipe, image, image_path, image_sha: str, out: Path, model: ModelConfig, localize: LocalizeConfig,
+                  user_masks: MaskFolder | None = None):
+    """(localization manifest, tensors) of ``out``: read back when image, model, config and user masks match, else
+    computed (from ``user_masks`` when given).
 
     A damaged localization (a file truncated, garbled, of another SHA-256 or shape) is derived state: it is
     recomputed, with a warning naming the file.
     """
-    if _localization_matches(out, image_sha, model.model, localize):
+    if _localization_matches(out, image_sha, model.model, localize, user_masks.sha256 if user_masks else None):
         try:
             found = read_localization(out)
         except RunFolderError as exc:
@@ -270,8 +363,46 @@ def _localization(pipe, image, image_path, image_sha: str, out: Path, model: Mod
         else:
             logger.info("reusing the localization in %s", out)
             return found
-    localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
+    localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha, user_masks=user_masks)
     return read_localization(out)
+
+
+def _finetune(pipe, image, loc_manifest, tensors, train: TrainConfig, runtime, finetune: FineTuneConfig, result,
+              out: Path, progress: bool, callbacks):
+    """Break-A-Scene's phase 2 (:mod:`conceptexpress.baselines.bas_ft`) after the token phase's ``result``.
+
+    Returns (fine-tuned pipeline, combined TrainResult, manifest entries). The pipeline is written to
+    ``RUN/pipeline/`` (safetensors) through a staging folder, so a crash never leaves a half-written model there.
+    """
+    ft_pipe = training_copy(pipe, text_encoder=finetune.finetune_text_encoder)
+    tuner = BaSFineTuner(
+        ft_pipe, image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"], train,
+        vectors=result.embeddings, finetune=finetune, runtime=runtime,
+    )
+    phase2 = _train(tuner, None, False, progress, callbacks)
+    staging = out / f".{PIPELINE_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    ft_pipe.save_pretrained(staging, safe_serialization=True)
+    shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)
+    staging.rename(out / PIPELINE_DIR)
+    history = [*result.history, *({**r, "step": result.steps + r["step"]} for r in phase2.history)]
+    combined = dataclasses.replace(
+        phase2,
+        history=history,
+        sample_passes=result.sample_passes + phase2.sample_passes,
+        optimizer_steps=result.optimizer_steps + phase2.optimizer_steps,
+        steps=result.steps,
+        skipped_steps=result.skipped_steps + phase2.skipped_steps,
+    )
+    entries = {
+        "pipeline": PIPELINE_DIR,
+        "steps": phase2.steps,
+        "lr": finetune.finetune_lr,
+        "text_encoder": finetune.finetune_text_encoder,
+        "sample_passes": phase2.sample_passes,
+        "final_loss": phase2.history[-1]["loss"] if phase2.history else None,
+    }
+    return ft_pipe, combined, entries
 
 
 def _train(trainer: TokenTrainer, checkpoint_dir: Path, resume: bool, progress: bool, callbacks=()):

@@ -26,7 +26,7 @@ from PIL import Image
 
 from . import __version__
 from .config import GenerateConfig, ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
 from .io.run_folder import RunManifest, read_manifest, run_tokens
 from .models import load_pipeline
@@ -237,7 +237,7 @@ def generate_from_run(
     tokens = manifest.token_list
     expanded = list(dict.fromkeys(expand_prompt(p, tokens) for p in prompts))  # duplicates would redo work
     root = ensure_output_dir(out_dir if out_dir is not None else run / GENERATED_DIR)
-    model_cfg = run_model_config(manifest, model_options)
+    model_cfg = run_model_config(manifest, model_options, run)
 
     # 2. Model and tokens.
     model_name = manifest.base_model  # what a passed pipeline is assumed to be
@@ -270,12 +270,19 @@ def _sample_and_write(pipe, run: Path, expanded: list[str], root: Path, config: 
         )
 
 
-def run_model_config(manifest: RunManifest, options: Mapping[str, Any] | None = None) -> ModelConfig:
+def run_model_config(
+    manifest: RunManifest, options: Mapping[str, Any] | None = None, run_dir: str | Path | None = None
+) -> ModelConfig:
     """The run's base model (``base_model`` / ``single_file_config`` of its manifest) with ``options``
     (:class:`~conceptexpress.config.ModelConfig` fields, None = unset) overriding it.
 
+    A ``--method bas-ft`` run (manifest ``"fine_tune"``) records its own fine-tuned pipeline as ``base_model``,
+    relative to the run folder: it is resolved against ``run_dir``, which such a run needs (unless ``options``
+    names another model).
+
     Raises:
-        ConfigError: ``options`` has a key that is not a ModelConfig field, or a bad value.
+        ConfigError: ``options`` has a key that is not a ModelConfig field, or a bad value; a bas-ft run without
+            ``run_dir``. InputError: a bas-ft run whose pipeline folder is missing.
     """
     allowed = [f.name for f in fields(ModelConfig)]
     unknown = sorted(set(options or {}) - set(allowed))
@@ -283,4 +290,11 @@ def run_model_config(manifest: RunManifest, options: Mapping[str, Any] | None = 
         raise ConfigError(f"`model_options` has unknown keys {unknown}; allowed: {allowed}")
     given = {k: v for k, v in (options or {}).items() if v is not None}
     recorded = {"model": manifest.base_model, "single_file_config": manifest.single_file_config}
+    if manifest.get("fine_tune") and manifest.base_model and "model" not in given:
+        if run_dir is None:
+            raise ConfigError("this run fine-tuned its own model (bas-ft): pass `run_dir` to find its pipeline folder")
+        folder = Path(run_dir) / manifest.base_model
+        if not folder.is_dir():
+            raise InputError(f"the run's fine-tuned pipeline {str(folder)!r} is missing; the run folder is damaged")
+        recorded = {"model": str(folder.resolve()), "single_file_config": None}
     return ModelConfig(**{**{k: v for k, v in recorded.items() if v is not None}, **given})

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .baselines.bas import BaSTrainer
 from .config import METHODS, GenerateConfig, RuntimeConfig, TrainConfig, config_dict
 from .errors import ConfigError, NoConceptError
 from .export import write_token_files
 from .generate import generate
 from .io.atomic import ensure_output_dir
 from .io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
-from .learn.bas import BaSTrainer
 from .learn.trainer import TokenTrainer
 from .localizer import Localization
 
@@ -119,6 +119,8 @@ def learn_tokens(
     config = config or TrainConfig()
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "conceptexpress":
+        config.check_merge_schedule()
     if loc.num_concepts == 0:
         raise NoConceptError("the localization has no concept to learn a token for")
     image = image or loc.image

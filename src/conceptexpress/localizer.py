@@ -23,7 +23,7 @@ from .attention.capture import capture_attention
 from .config import LocalizeConfig
 from .errors import ConfigError
 from .io.images import image_to_tensor, load_image, model_input_size, upsample_masks
-from .localize import ConceptClusters, cluster_concepts
+from .localize import ConceptClusters, cluster_concepts, eot_filter
 from .models import load_pipeline
 from .models.text import encode_prompt, eot_index
 
@@ -208,6 +208,81 @@ class ConceptLocalizer:
         return Localization(
             clusters=clusters,
             masks=masks,
+            eot=maps.eot,
+            source_size=image.size,
+            work_size=maps.work_size,
+            latent_hw=maps.latent_hw,
+            self_attention_layers=maps.self_attention_layers,
+            cross_attention_layers=maps.cross_attention_layers,
+            timings={**maps.timings, **clock.laps},
+            image=image,
+        )
+
+    def from_masks(self, image: Image.Image | str | Path, masks: np.ndarray, *, threshold: float = 0.5) -> Localization:
+        """The user's masks as a Localization, clustering skipped (``extract --masks DIR``).
+
+        The same attention pass as :meth:`__call__` gives the [EOT] map and the centroids, which ConceptExpress's
+        attention alignment needs: f_i = m_i·A / |m_i|, the mean self-attention row over the latent mask (Eq. 6).
+        A latent pixel belongs to mask i when more than ``threshold`` of its area is covered (area averaging of
+        the source-size mask); concepts keep the masks' order. The source-size masks are the user's, unchanged.
+
+        Args:
+            image: the photo.
+            masks: (N, H, W) bool at the photo's size ``(W, H)``, non-empty, pairwise disjoint
+                (:func:`conceptexpress.io.masks.read_mask_folder` gives them so).
+
+        Raises:
+            ConfigError: ``masks`` is not (N, H, W) at the photo's size, or a mask covers no latent pixel.
+        """
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        image = image.convert("RGB")
+        masks = np.asarray(masks).astype(bool, copy=False)
+        w, h = image.size
+        if masks.ndim != 3 or masks.shape[0] < 1 or masks.shape[1:] != (h, w):
+            raise ConfigError(f"`masks` must be (N, H, W) = (N, {h}, {w}) for a {w}x{h} photo, got {masks.shape}")
+        maps = self.attention(image)
+        clock = _Clock(self.pipe.unet.device)
+        lh, lw = maps.latent_hw
+        n = masks.shape[0]
+        cover = torch.nn.functional.interpolate(
+            torch.from_numpy(masks).float()[:, None], size=(lh, lw), mode="area"
+        )[:, 0]  # (N, h, w) covered fraction of each latent pixel
+        latent = cover > threshold  # disjoint: two disjoint masks cannot both cover more than half of a pixel
+        for i in range(n):
+            if not bool(latent[i].any()):
+                raise ConfigError(
+                    f"mask {i + 1} covers no latent pixel more than half (one latent pixel is {w / lw:.0f}x{h / lh:.0f} "
+                    "source pixels); draw it larger"
+                )
+        post = torch.full((lh, lw), -1, dtype=torch.long)
+        for i in range(n):
+            post[latent[i]] = i
+        # One region per mask and one for the background: the stages picture shows them as "pre-clusters".
+        pre = torch.where(post >= 0, post, torch.full_like(post, n))
+        regions = n + int(bool((post < 0).any()))
+        rows = maps.attn.float()  # (h·w, h·w)
+        centroids = torch.stack([rows[latent[i].reshape(-1)].mean(0) for i in range(n)])  # (N, h·w), Eq. 6
+        filt = eot_filter(pre, maps.eot, regions)
+        clusters = ConceptClusters(
+            masks=latent,
+            centroids=centroids.float(),
+            pre_labels=pre,
+            kept=torch.arange(regions) < n,
+            post_labels=post,
+            scores=filt.scores.float(),
+            threshold=filt.threshold,
+            eot=filt.eot.reshape(lh, lw).float(),
+            delta=None,
+            pre_level=0,
+            levels=(regions,),
+            messages=(f"user masks: {n} concepts given, clustering skipped",),
+            clustering="paper",
+        )
+        clock.lap("masks")
+        return Localization(
+            clusters=clusters,
+            masks=masks.copy(),
             eot=maps.eot,
             source_size=image.size,
             work_size=maps.work_size,

@@ -107,19 +107,41 @@ class CapturingAttnProcessor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape4d = hidden_states.shape if hidden_states.ndim == 4 else None
+        if shape4d is not None:
+            b, c, h, w = shape4d
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
 
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        query, key, value, attention_mask = self._heads(attn, hidden_states, encoder_hidden_states, attention_mask)
+        capture = self.enabled is None or self.enabled()
+        hw = self._checked_hw(query.shape[2]) if capture else None
+        hidden_states = self._attend(attn, query, key, value, attention_mask, hw)  # (B, heads, q, d)
 
+        batch_size, heads, _, head_dim = hidden_states.shape
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)  # linear proj
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if shape4d is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(shape4d)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    @staticmethod
+    def _heads(
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Query, key and value as ``(B, heads, tokens, d)`` and the mask as ``(B, heads, 1 or q, k)``, as
+        ``AttnProcessor2_0`` prepares them (mask, group norm, ``norm_cross``, ``norm_q/k``)."""
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -131,61 +153,61 @@ class CapturingAttnProcessor:
         key = attn.to_k(encoder_hidden_states)  # (B, k, inner)
         value = attn.to_v(encoder_hidden_states)  # (B, k, inner)
 
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, q, d)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, k, d)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, k, d)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        return query, key, value, attention_mask
 
-        capture = self.enabled is None or self.enabled()
-        hw = layer_hw(self.latent_hw, query.shape[2]) if capture else None
-        if capture and self.expected_hw is not None and hw != tuple(self.expected_hw):
+    def _checked_hw(self, num_queries: int) -> tuple[int, int]:
+        """The layer's spatial shape, checked against ``expected_hw`` and ``require_grad``."""
+        hw = layer_hw(self.latent_hw, num_queries)
+        if self.expected_hw is not None and hw != tuple(self.expected_hw):
             raise RuntimeError(
                 f"capturing processor expected a layer of shape {self.expected_hw} but got {hw} "
-                f"({query.shape[2]} tokens, latent {self.latent_hw})"
+                f"({num_queries} tokens, latent {self.latent_hw})"
             )
-        if capture and self.require_grad is not None and self.require_grad() and not torch.is_grad_enabled():
+        if self.require_grad is not None and self.require_grad() and not torch.is_grad_enabled():
             raise RuntimeError(
                 "cross-attention probabilities are captured with keep_grad=True but this layer runs without "
                 "autograd although the UNet was called with grad enabled: a reentrant gradient checkpoint "
                 "(use_reentrant=True) would silently drop their gradient; use unet.enable_gradient_checkpointing() "
                 "without a custom function (non-reentrant)"
             )
+        return hw
 
+    def _attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        hw: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """Attention output ``(B, heads, q, d)``, ``head_chunk`` heads at a time; the probabilities go to the
+        sink when ``hw`` is given (all heads, or their mean when chunked)."""
         heads = attn.heads
         chunk = heads if self.head_chunk is None else min(self.head_chunk, heads)
         outs = []
         head_sum = None
         for start in range(0, heads, chunk):
             sl = slice(start, start + chunk)
-            mask = None
-            if attention_mask is not None:
-                mask = attention_mask[:, sl]  # (B, c, 1 or q, k)
+            mask = None if attention_mask is None else attention_mask[:, sl]  # (B, c, 1 or q, k)
             probs = self._probs(attn, query[:, sl], key[:, sl], mask)  # (B, c, q, k)
             outs.append(probs.to(value.dtype) @ value[:, sl])  # (B, c, q, d)
-            if capture:
-                if chunk == heads:
-                    self._to_sink(probs, hw)
-                else:
-                    s = probs.sum(dim=1, keepdim=True)  # (B, 1, q, k)
-                    head_sum = s if head_sum is None else head_sum + s
-        if capture and head_sum is not None:
+            if hw is None:
+                continue
+            if chunk == heads:
+                self._to_sink(probs, hw)
+            else:
+                s = probs.sum(dim=1, keepdim=True)  # (B, 1, q, k)
+                head_sum = s if head_sum is None else head_sum + s
+        if head_sum is not None:
             self._to_sink(head_sum / heads, hw)
-        hidden_states = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, heads, q, d)
-
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)  # linear proj
-        hidden_states = attn.to_out[1](hidden_states)  # dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     @staticmethod
     def _probs(
@@ -273,6 +295,19 @@ class _ForwardGate:
         return False
 
 
+def _cross_layers_at(unet, modules: dict, latent_hw: tuple[int, int], target: tuple[int, int], downsample: int) -> list[str]:
+    """Processor names of the cross-attention layers at spatial shape ``target``; raises if there are none."""
+    levels = attention_levels(unet)
+    at = {k: _halve(latent_hw, levels[k]) for k, m in modules.items() if m.is_cross_attention and k in levels}
+    chosen = [k for k, hw in at.items() if hw == target]
+    if not chosen:
+        raise ValueError(
+            f"no cross-attention layer at latent/{downsample} = {target} for `latent_hw`={latent_hw}; "
+            f"the UNet has cross-attention at {sorted(set(at.values()))}"
+        )
+    return chosen
+
+
 @contextmanager
 def capture_attention(
     unet: torch.nn.Module,
@@ -315,40 +350,14 @@ def capture_attention(
 
     installed: dict[str, CapturingAttnProcessor] = {}
     if self_attention is not None:
-        for key, m in modules.items():
-            if not m.is_cross_attention:
-                installed[key] = CapturingAttnProcessor(
-                    self_attention.add, latent_hw, head_chunk=head_chunk, enabled=gate.open
-                )
+        for key in (k for k, m in modules.items() if not m.is_cross_attention):
+            installed[key] = CapturingAttnProcessor(self_attention.add, latent_hw, head_chunk=head_chunk, enabled=gate.open)
     if cross_attention is not None:
-        halvings = int(math.log2(cross_downsample))
-        target = _halve(latent_hw, halvings)
-        levels = attention_levels(unet)
-        chosen = [
-            k
-            for k, m in modules.items()
-            if m.is_cross_attention and k in levels and _halve(latent_hw, levels[k]) == target
-        ]
-        if not chosen:
-            found = sorted(
-                {
-                    _halve(latent_hw, levels[k])
-                    for k, m in modules.items()
-                    if m.is_cross_attention and k in levels
-                }
-            )
-            raise ValueError(
-                f"no cross-attention layer at latent/{cross_downsample} = {target} for `latent_hw`={latent_hw}; "
-                f"the UNet has cross-attention at {found}"
-            )
+        target = _halve(latent_hw, int(math.log2(cross_downsample)))
         require = (lambda: gate.grad_at_entry) if cross_attention.keep_grad else None
-        for key in chosen:
+        for key in _cross_layers_at(unet, modules, latent_hw, target, cross_downsample):
             installed[key] = CapturingAttnProcessor(
-                cross_attention.add,
-                latent_hw,
-                head_chunk=head_chunk,
-                enabled=gate.open,
-                expected_hw=target,
+                cross_attention.add, latent_hw, head_chunk=head_chunk, enabled=gate.open, expected_hw=target,
                 require_grad=require,
             )
     for key in installed:

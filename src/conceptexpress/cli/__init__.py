@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import warnings
 
@@ -55,8 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
         known = set(sub.choices)
         command.add_parser(sub)
         for name in set(sub.choices) - known:  # the parser(s) the module added run its `run`
-            sub.choices[name].set_defaults(func=command.run)
+            sub.choices[name].set_defaults(func=command.run, flags=_option_strings(sub.choices[name]))
     return parser
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> frozenset[str]:
+    return frozenset(s for action in parser._actions for s in action.option_strings)
+
+
+def name_flags(message: str, flags: frozenset[str]) -> str:
+    """A library message as the command line's user reads it: each `field` that is a flag of the command
+    becomes `--field` (``"`merge_step` must be …"`` → ``"`--merge-step` must be …"``)."""
+
+    def flag(match: re.Match) -> str:
+        option = "--" + match.group(1).replace("_", "-")
+        return f"`{option}`" if option in flags else match.group(0)
+
+    return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
 def _quiet_libraries() -> None:
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConceptExpressError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {name_flags(str(exc), getattr(args, 'flags', frozenset()))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; finished files are kept, the run's manifest is only written at the end",

@@ -13,14 +13,13 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..config import LocalizeConfig, ModelConfig
 from ..errors import ConfigError, InputError
 from ..io.images import load_image
 from ..io.lock import run_lock
+from ..io.masks import read_mask
 from ..io.run_folder import file_sha256
 from ..localize.edit import apply_edits
 from ..localizer import ConceptLocalizer
@@ -74,22 +73,6 @@ def model_config(args: argparse.Namespace, base: dict | None = None):
 
     given = {f.name: getattr(args, f"model_{f.name}") for f in fields(ModelConfig)}
     return ModelConfig(**{**(base or {}), **{k: v for k, v in given.items() if v is not None}})
-
-
-def read_mask(path: str | Path) -> np.ndarray:
-    """A user's mask file as (H, W) bool: non-zero luminance inside, and where it has alpha, opaque pixels only."""
-
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            alpha = np.asarray(im.getchannel("A")) > 0 if "A" in im.getbands() else None
-            inside = np.asarray(im.convert("L")) > 0
-    except FileNotFoundError:
-        raise InputError(f"mask '{path}': no such file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"mask '{path}': not a readable image ({' '.join(str(e).split())})") from None
-    return inside & alpha if alpha is not None else inside
 
 
 def run(args: argparse.Namespace) -> int:

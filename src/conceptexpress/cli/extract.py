@@ -5,19 +5,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import METHODS, LocalizeConfig, ModelConfig, RuntimeConfig, SampleConfig, TrainConfig
+from ..config import (
+    METHODS,
+    SUPERVISED_METHODS,
+    FineTuneConfig,
+    LocalizeConfig,
+    ModelConfig,
+    RuntimeConfig,
+    SampleConfig,
+    TrainConfig,
+)
 from ..extract import extract
 from .args import add_config_args, config_from_args
 
 
-def add_method_arg(p: argparse.ArgumentParser) -> None:
-    """``--method conceptexpress|bas-dagger`` (shared with ``extract-dataset``)."""
-    p.add_argument(
-        "--method",
-        choices=METHODS,
-        default="conceptexpress",
-        help="token learning: ConceptExpress (default) or the BaS† baseline of paper §4.1 on the same masks",
-    )
+def add_method_arg(p: argparse.ArgumentParser, *, supervised: bool = True) -> None:
+    """``--method conceptexpress|bas-dagger|bas|bas-ft`` (``extract-dataset``: without the supervised ones)."""
+    methods = METHODS if supervised else tuple(m for m in METHODS if m not in SUPERVISED_METHODS)
+    text = "token learning: ConceptExpress (default) or the BaS† baseline of paper §4.1 on the same masks"
+    if supervised:
+        text += ("; bas: Break-A-Scene's token phase with your --masks and --init-words (paper Table 1 grey rows, "
+                 "Fig. 8); bas-ft: then its UNet + text encoder phase, saved as RUN/pipeline/")
+    p.add_argument("--method", choices=methods, default="conceptexpress", help=text)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +41,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="if another process is using the run folder, wait for it instead of stopping (exit 5)")
     add_method_arg(p)
-    for cls in (ModelConfig, LocalizeConfig, TrainConfig, RuntimeConfig, SampleConfig):
+    p.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                   help="folder with one mask image per concept (file-name order; non-zero = inside): skips "
+                        "localization's clustering (any method but bas-dagger)")
+    for cls in (ModelConfig, LocalizeConfig, TrainConfig, RuntimeConfig, SampleConfig, FineTuneConfig):
         add_config_args(p, cls)
     p.set_defaults(func=run)
     return p
@@ -52,9 +64,13 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         method=args.method,
         wait=args.wait,
+        masks=args.masks,
+        finetune=config_from_args(args, FineTuneConfig),
         overwrite=args.overwrite,
     )
     tokens = " ".join(manifest.token_list)
+    if manifest.get("fine_tune"):
+        print(f"fine-tuned pipeline -> {out}/{manifest['fine_tune']['pipeline']}/ (`generate {out}` loads it)")
     print(f"learned {manifest['num_concepts']} tokens ({tokens}) -> {out}/ "
           f"({manifest['sample_passes']} UNet sample-passes); try: conceptexpress generate {out} \"a photo of <c1>\"")
     return 0

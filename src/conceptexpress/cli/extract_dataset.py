@@ -29,7 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("folder", help="folder of photos (not searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="runs folder: one run folder per photo, summaries, failures")
-    add_method_arg(p)
+    add_method_arg(p, supervised=False)  # bas / bas-ft need one mask folder per photo: `extract` them one by one
     p.add_argument("--overwrite", action="store_true",
                    help="replace a photo's run folder holding a run of another image or of other options (finished "
                    "or not) instead of skipping it (finished) or failing it")
@@ -38,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None,
                    help="number of shards (default: WORLD_SIZE or SLURM_NTASKS from the launcher, else 1)")
     for cls in (ModelConfig, LocalizeConfig, TrainConfig, RuntimeConfig, SampleConfig):
-        add_config_args(p, cls)
+        add_config_args(p, cls, skip=("init_words",) if cls is TrainConfig else ())  # words are per photo
     p.set_defaults(func=run)
     return p
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     # Flags first, then the run: both fail in a second, before the model loads.
     gen_cfg = config_from_args(args, GenerateConfig)
     manifest = read_manifest(args.run_dir)
-    model_cfg = run_model_config(manifest, given_options(args, ModelConfig))
+    model_cfg = run_model_config(manifest, given_options(args, ModelConfig), args.run_dir)
     root = generate_from_run(args.run_dir, args.prompts, gen_cfg, out_dir=args.out, model_options=asdict(model_cfg))
     expanded = list(dict.fromkeys(expand_prompt(p, manifest.token_list) for p in args.prompts))
     for prompt, folder in zip(expanded, prompt_folders(root, expanded)):

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import MISSING, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import (
     METHODS,
+    SUPERVISED_METHODS,
     LocalizeConfig,
     ModelConfig,
     RuntimeConfig,
@@ -103,16 +105,22 @@ def _mismatch(run: Path, image: Path, recorded: str, sha: str, what: str) -> Out
     )
 
 
-# Training options a method forces whatever was asked (learn/bas.py: BaS† has no split-and-merge and no
+# Training options a method forces whatever was asked (baselines/bas.py: BaS† has no split-and-merge and no
 # contrastive loss); a manifest records the config actually used, so these are compared as forced.
 _METHOD_FORCES: dict[str, dict[str, Any]] = {"bas-dagger": {"split_merge": False, "contrastive": False}}
+
+
+def _with_defaults(name: str, recorded: dict[str, Any]) -> dict[str, Any]:
+    cls = {"LocalizeConfig": LocalizeConfig, "TrainConfig": TrainConfig}[name]
+    return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **recorded}
 
 
 def _config_differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Names of the options a finished run was made with that differ from the ones asked for now."""
     recorded = manifest.get("config", {})
     wanted = {**wanted, "TrainConfig": {**wanted["TrainConfig"], **_METHOD_FORCES.get(wanted["method"], {})}}
-    diffs = [k for k in ("LocalizeConfig", "TrainConfig") if k in recorded and recorded[k] != wanted[k]]
+    # A field added since the run was made counts as its default (the behaviour before the field existed).
+    diffs = [k for k in ("LocalizeConfig", "TrainConfig") if k in recorded and _with_defaults(k, recorded[k]) != wanted[k]]
     if recorded.get("ModelConfig", {}).get("model") not in (None, wanted["ModelConfig"]["model"]):
         diffs.append("model")
     if manifest.get("method", "conceptexpress") != wanted["method"]:
@@ -146,8 +154,8 @@ def extract_dataset(
 
     Per photo: a finished run of the same image bytes is skipped; a half-finished one is continued
     (``resume=True``); a run folder holding another image's run is a failure; with ``overwrite=True`` a run of
-    another image or of other options (finished or not) is replaced instead (``extract(overwrite=True)``); any error of the photo is
-    recorded in ``runs_dir/failures-rank<r>.json`` (rewritten after each failure) and the next photo starts.
+    another image or of other options (finished or not) is replaced instead (``extract(overwrite=True)``); any
+    error of the photo is recorded in ``runs_dir/failures-rank<r>.json`` (rewritten after each failure) and the next photo starts.
     Errors that concern every photo (no photo, colliding stems, bad option, model that does not load,
     unwritable ``runs_dir``) are raised before or instead of per-photo work. ``KeyboardInterrupt`` writes the
     summary (``interrupted``) and propagates.
@@ -155,8 +163,6 @@ def extract_dataset(
     Returns:
         The :class:`DatasetSummary`, also written atomically to ``runs_dir/summary-rank<r>.json``.
     """
-    started_at = time.perf_counter()
-    started = datetime.now(UTC).isoformat(timespec="seconds")
     model = model or ModelConfig()
     localize = localize or LocalizeConfig()
     train = train or TrainConfig()
@@ -165,6 +171,51 @@ def extract_dataset(
     # 1. Everything that concerns the whole dataset fails here, before any photo is touched.
     if method not in METHODS:
         raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in SUPERVISED_METHODS or train.init_words:
+        raise ConfigError(
+            "a dataset run has no per-photo masks or initializer words: run `extract IMAGE --masks DIR "
+            f"--init-words …` for each photo (got method {method!r}, init_words {train.init_words!r})"
+        )
+    if method == "conceptexpress":
+        train.check_merge_schedule()
+    rank, world_size = _resolve_shard(rank, world_size)
+    images = list_images(folder)
+    check_unique_stems(images)  # over all photos, not the shard: every process reaches the same verdict
+    mine = shard(images, rank, world_size)
+    runs = ensure_output_dir(runs_dir)
+    who = f"rank {rank}/{world_size}: " if world_size > 1 else ""
+    logger.info("%s%d of %d images in '%s' -> '%s'", who, len(mine), len(images), folder, runs)
+
+    tally = _Tally(str(folder), runs, rank, world_size, method, len(mine))
+    worker = _ShardWorker(model, localize, train, sample, runtime, method, world_size, progress, pipe, tally, overwrite)
+    tally.write_failures()  # once at the start: a rerun that fixes a photo does not keep its old failure
+    bar = _bar(len(mine), rank, world_size, progress)
+    # Log lines go through tqdm.write while the bar is shown, so they do not tear it apart.
+    logs = _redirect_logs(bar)
+    try:
+        for image in mine:
+            try:
+                worker.photo(image, runs / image.stem)
+            finally:
+                _bar_update(bar, tally.done, tally.skipped, tally.failed)
+    except KeyboardInterrupt:
+        # Not swallowed: the dataset stops. The summary says how far it got; finished runs stay, and the
+        # same command skips them next time.
+        _close(bar, logs)
+        stopped = tally.summary(interrupted=True)
+        atomic_write_json(summary_path(runs, rank), stopped.to_json())
+        logger.warning("%s", stopped.line())
+        raise
+    _close(bar, logs)
+    result = tally.summary(interrupted=False)
+    atomic_write_json(summary_path(runs, rank), result.to_json())
+    # Tagged so the command line, which prints this line itself, can leave it out of its log.
+    logger.log(logging.WARNING if tally.failed else logging.INFO, "%s", result.line(), extra={"dataset_summary": True})
+    return result
+
+
+def _resolve_shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size) as given, else from the launcher's environment, else (0, 1); checked."""
     if (rank is None) != (world_size is None):
         raise ConfigError(
             f"give both `rank` and `world_size` or neither, got rank={rank!r}, world_size={world_size!r}"
@@ -176,118 +227,114 @@ def extract_dataset(
             logger.info("shard from the launcher: %s=%d, %s=%d", names[0], rank, names[1], world_size)
     assert world_size is not None
     _check_rank(rank, world_size, "rank", "world_size")
-    images = list_images(folder)
-    check_unique_stems(images)  # over all photos, not the shard: every process reaches the same verdict
-    mine = shard(images, rank, world_size)
-    runs = ensure_output_dir(runs_dir)
-    fail_file = failures_path(runs, rank)
-    wanted = {**config_dict(model, localize, train), "method": method}
-    who = f"rank {rank}/{world_size}: " if world_size > 1 else ""
-    logger.info("%s%d of %d images in '%s' -> '%s'", who, len(mine), len(images), folder, runs)
+    return rank, world_size
 
-    done: list[str] = []
-    skipped: list[str] = []
-    failed: list[str] = []
-    resumed: list[str] = []
-    failures: list[dict[str, str]] = []
-    passes = {"done": 0, "skipped": 0}
-    text_side: _TextSide | None = None
 
-    def write_failures() -> None:
-        # Rewritten in full after each failure (and once at the start), so a crash loses none and a rerun
-        # that fixes a photo does not leave its old failure behind.
-        atomic_write_json(fail_file, {"rank": rank, "world_size": world_size, "failures": failures})
+class _Tally:
+    """What one shard has done so far: photos by outcome, their failures and UNet sample-passes."""
 
-    def summary(interrupted: bool) -> DatasetSummary:
+    def __init__(self, folder: str, runs: Path, rank: int, world_size: int, method: str, images: int) -> None:
+        self.folder, self.runs, self.rank, self.world_size, self.method, self.images = (
+            folder, runs, rank, world_size, method, images
+        )
+        self.fail_file = failures_path(runs, rank)
+        self.started_at = time.perf_counter()
+        self.started = datetime.now(UTC).isoformat(timespec="seconds")
+        self.done: list[str] = []
+        self.skipped: list[str] = []
+        self.failed: list[str] = []
+        self.resumed: list[str] = []
+        self.failures: list[dict[str, str]] = []
+        self.passes = {"done": 0, "skipped": 0}
+
+    def write_failures(self) -> None:
+        # Rewritten in full after each failure, so a crash loses none.
+        atomic_write_json(self.fail_file, {"rank": self.rank, "world_size": self.world_size, "failures": self.failures})
+
+    def fail(self, image: Path, run: Path, exc: BaseException) -> None:
+        _record(self.failures, self.failed, image, run, exc)
+        self.write_failures()
+
+    def summary(self, interrupted: bool) -> DatasetSummary:
         return DatasetSummary(
-            folder=str(folder), runs_dir=str(runs), rank=rank, world_size=world_size, method=method,
-            images=len(mine), done=tuple(done), skipped=tuple(skipped), failed=tuple(failed),
-            resumed=tuple(resumed), sample_passes=passes["done"],
-            sample_passes_total=passes["done"] + passes["skipped"],
-            wall_s=round(time.perf_counter() - started_at, 3), failures_file=str(fail_file),
-            interrupted=interrupted, started=started,
+            folder=self.folder, runs_dir=str(self.runs), rank=self.rank, world_size=self.world_size,
+            method=self.method, images=self.images, done=tuple(self.done), skipped=tuple(self.skipped),
+            failed=tuple(self.failed), resumed=tuple(self.resumed), sample_passes=self.passes["done"],
+            sample_passes_total=self.passes["done"] + self.passes["skipped"],
+            wall_s=round(time.perf_counter() - self.started_at, 3), failures_file=str(self.fail_file),
+            interrupted=interrupted, started=self.started,
             finished=datetime.now(UTC).isoformat(timespec="seconds"),
         )
 
-    write_failures()
-    bar = _bar(len(mine), rank, world_size, progress)
-    # Log lines go through tqdm.write while the bar is shown, so they do not tear it apart.
-    logs = _redirect_logs(bar)
-    try:
-        for image in mine:
-            run = runs / image.stem
+
+class _ShardWorker:
+    """Runs the photos of a shard one by one with one pipeline, loaded when the first photo needs it."""
+
+    def __init__(self, model, localize, train, sample, runtime, method, world_size, progress, pipe, tally,
+                 overwrite=False) -> None:
+        self.model, self.localize, self.train, self.sample, self.runtime = model, localize, train, sample, runtime
+        self.method, self.world_size, self.progress, self.pipe, self.tally = method, world_size, progress, pipe, tally
+        self.overwrite = overwrite
+        self.wanted = {**config_dict(model, localize, train), "method": method}
+        self.text_side: _TextSide | None = None
+
+    def photo(self, image: Path, run: Path) -> None:
+        """Skip, resume or run one photo; its failure is recorded and does not stop the shard."""
+        tally = self.tally
+        # 2. Finished, half-finished, or another image's? Decided from the files each stage writes last.
+        try:
             try:
-                # 2. Finished, half-finished, or another image's? Decided from the files each stage writes last.
-                try:
-                    try:
-                        status, manifest = _run_status(run, image, file_sha256(image))
-                    except OutputError:
-                        if not overwrite:
-                            raise
-                        status, manifest = "replace", {}  # another image's run: extract removes it
-                    if status == "finished" and overwrite and _config_differences(manifest, wanted):
-                        status = "replace"
-                    if status != "finished":
-                        # Decoding is cheap next to training: a broken photo fails here, and a rerun that
-                        # finds only broken photos left never loads the model.
-                        load_image(image)
-                except Exception as exc:  # a bad photo or a foreign run folder: this photo only
-                    _record(failures, failed, image, run, exc)
-                    write_failures()
-                    continue
-                if status == "finished":
-                    diffs = _config_differences(manifest, wanted)
-                    if diffs:
-                        logger.warning("%s: skipped, finished with other options (%s); delete '%s' or pass "
-                                       "--overwrite to redo it", image.name, ", ".join(diffs), run)
-                    skipped.append(image.name)
-                    passes["skipped"] += int(manifest.get("sample_passes") or 0)
-                    continue
+                status, manifest = _run_status(run, image, file_sha256(image))
+            except OutputError:
+                if not self.overwrite:
+                    raise
+                status, manifest = "replace", {}  # another image's run: extract removes it
+            if status == "finished" and self.overwrite and _config_differences(manifest, self.wanted):
+                status = "replace"
+            if status != "finished":
+                # Decoding is cheap next to training: a broken photo fails here, and a rerun that finds only
+                # broken photos left never loads the model.
+                load_image(image)
+        except Exception as exc:  # a bad photo or a foreign run folder: this photo only
+            tally.fail(image, run, exc)
+            return
+        if status == "finished":
+            diffs = _config_differences(manifest, self.wanted)
+            if diffs:
+                logger.warning("%s: skipped, finished with other options (%s); delete '%s' or pass --overwrite "
+                               "to redo it", image.name, ", ".join(diffs), run)
+            tally.skipped.append(image.name)
+            tally.passes["skipped"] += int(manifest.get("sample_passes") or 0)
+            return
 
-                # 3. The model, once per process and only when a photo needs it. A model that does not load
-                # concerns every photo: raised, not recorded.
-                if pipe is None:
-                    model = process_model_config(model, world_size, local_rank_from_env())
-                    pipe = load_pipeline(model)
-                if text_side is None:
-                    text_side = _TextSide(pipe)
+        # 3. The model, once per process and only when a photo needs it. A model that does not load concerns
+        # every photo: raised, not recorded.
+        if self.pipe is None:
+            self.model = process_model_config(self.model, self.world_size, local_rank_from_env())
+            self.pipe = load_pipeline(self.model)
+        if self.text_side is None:
+            self.text_side = _TextSide(self.pipe)
 
-                # 4. The photo. Any failure is recorded and the next photo starts; Ctrl-C is no Exception.
-                try:
-                    out = extract(
-                        image, run, model=model, localize=localize, train=train, sample=sample, runtime=runtime,
-                        resume=status == "partial", overwrite=overwrite, pipe=pipe, method=method,
-                        progress=progress and world_size == 1,  # one process: its training bar nests below
-                    )
-                except Exception as exc:
-                    logger.debug("%s failed", image, exc_info=True)
-                    _record(failures, failed, image, run, exc)
-                    write_failures()
-                    _free_accelerator_memory()
-                else:
-                    done.append(image.name)
-                    if status == "partial":
-                        resumed.append(image.name)
-                    passes["done"] += int(out.get("sample_passes") or 0)
-                    logger.info("%s: %d concepts -> %s", image.name, out.get("num_concepts", 0), run)
-                finally:
-                    text_side.restore()
-            finally:
-                _bar_update(bar, done, skipped, failed)
-    except KeyboardInterrupt:
-        # Not swallowed: the dataset stops. The summary says how far it got; finished runs stay, and the
-        # same command skips them next time.
-        _close(bar, logs)
-        stopped = summary(interrupted=True)
-        atomic_write_json(summary_path(runs, rank), stopped.to_json())
-        logger.warning("%s", stopped.line())
-        raise
-    _close(bar, logs)
-    result = summary(interrupted=False)
-    atomic_write_json(summary_path(runs, rank), result.to_json())
-    # Tagged so the command line, which prints this line itself, can leave it out of its log.
-    logger.log(logging.WARNING if failed else logging.INFO, "%s", result.line(), extra={"dataset_summary": True})
-    return result
+        # 4. The photo. Any failure is recorded and the next photo starts; Ctrl-C is no Exception.
+        try:
+            out = extract(
+                image, run, model=self.model, localize=self.localize, train=self.train, sample=self.sample,
+                runtime=self.runtime, resume=status == "partial", overwrite=self.overwrite, pipe=self.pipe,
+                method=self.method,
+                progress=self.progress and self.world_size == 1,  # one process: its training bar nests below
+            )
+        except Exception as exc:
+            logger.debug("%s failed", image, exc_info=True)
+            tally.fail(image, run, exc)
+            _free_accelerator_memory()
+        else:
+            tally.done.append(image.name)
+            if status == "partial":
+                tally.resumed.append(image.name)
+            tally.passes["done"] += int(out.get("sample_passes") or 0)
+            logger.info("%s: %d concepts -> %s", image.name, out.get("num_concepts", 0), run)
+        finally:
+            self.text_side.restore()
 
 
 def _run_status(run: Path, image: Path, sha: str) -> tuple[str, dict[str, Any]]:

@@ -73,7 +73,7 @@ def generate_all(runs, config: EvalConfig, options: dict[str, Any], pipe_loader:
     """
     plans = []
     for run in runs:
-        model = run_model_config(run.manifest, options)
+        model = run_model_config(run.manifest, options, run.path)
         cache = _generation_cache(run, model, config)
         todo = [(name, prompt, n, cache.available(name, prompt)) for name, prompt, n in _prompts(run, config)]
         plans.append((run, model, cache, todo))

@@ -21,9 +21,9 @@ __all__ = ["METRICS", "format_table", "method_name", "write_report"]
 
 # (key in summary.json, column title of paper Table 1)
 METRICS = (("sim_i", "SIM^I"), ("sim_c", "SIM^C"), ("acc1", "ACC^1"), ("acc3", "ACC^3"))
-_METHOD_NAMES = {"bas-dagger": "BaS†", "conceptexpress": "ConceptExpress"}
-# Paper Table 1 lists the baseline first and "Ours" last.
-_METHOD_ORDER = ("bas-dagger", "conceptexpress")
+_METHOD_NAMES = {"bas": "BaS", "bas-ft": "BaS f.t.", "bas-dagger": "BaS†", "conceptexpress": "ConceptExpress"}
+# Paper Table 1 lists the supervised references (grey), then the baseline, and "Ours" last.
+_METHOD_ORDER = ("bas", "bas-ft", "bas-dagger", "conceptexpress")
 _ENCODER_NAMES = {"clip": "CLIP", "dino": "DINO"}
 _SCHEDULER_NAMES = {
     "ddim": "DDIM (released sampler)", "pipeline": "the model's own scheduler", "pndm": "PNDM",
@@ -45,13 +45,19 @@ def method_name(method: str) -> str:
 
 
 def method_order(methods) -> list[str]:
-    # Baseline first, ablations (most switched off first, as paper Table 2) before the full method.
-    known = [m for m in _METHOD_ORDER if m in methods]
-    ablations = sorted((m for m in methods if m not in _METHOD_ORDER and m.startswith("conceptexpress ")),
-                       key=lambda m: (-m.count("-"), m))
-    others = sorted(m for m in methods if m not in _METHOD_ORDER and not m.startswith("conceptexpress "))
-    head = [m for m in known if m != "conceptexpress"]
-    return head + others + ablations + (["conceptexpress"] if "conceptexpress" in known else [])
+    # Paper Table 1's order of base methods (supervised references, baseline, ours; unknown methods before ours);
+    # within ConceptExpress, ablations (most switched off first, as paper Table 2) and supervised runs before the
+    # full method.
+    rank = {m: float(i) for i, m in enumerate(_METHOD_ORDER)}
+
+    def key(label: str):
+        base, _, rest = label.partition(" ")
+        r = rank.get(base, rank["conceptexpress"] - 0.5)
+        if base == "conceptexpress":
+            return (r, rest == "", -rest.count("-"), rest)
+        return (r, False, 0, rest)
+
+    return sorted(methods, key=key)
 
 
 def _csv(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:

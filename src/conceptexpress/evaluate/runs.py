@@ -80,16 +80,21 @@ def method_label(manifest: dict) -> str:
 
     ConceptExpress runs trained with ``--no-split-merge`` / ``--no-attn-reg`` / ``--no-contrastive`` get their own
     rows (``conceptexpress -SnM -Reg`` …), so the ablation switches reproduce Table 2 with one `evaluate` call.
-    The contrastive loss only exists with split-and-merge, so ``-Con`` is not shown when ``-SnM`` is.
+    The contrastive loss only exists with split-and-merge, so ``-Con`` is not shown when ``-SnM`` is. Runs given
+    the user's masks or initializer words get ``+masks`` / ``+words`` (``bas-ft +masks +words`` is Table 1's
+    "BaS f.t.").
     """
     method = str(manifest.get("method") or DEFAULT_METHOD)
-    if method != DEFAULT_METHOD:
-        return method
     train = (manifest.get("config") or {}).get("TrainConfig") or {}
+    # Supervision (user masks, initializer words) makes its own rows: paper Fig. 8's "+ mask", "+ initializer".
+    given = [name for name, on in (("masks", manifest.get("user_masks")), ("words", train.get("init_words"))) if on]
+    supervision = [f"+{name}" for name in given]
+    if method != DEFAULT_METHOD:
+        return " ".join([method, *supervision])
     off = [name for key, name in (("split_merge", "SnM"), ("attn_reg", "Reg"), ("contrastive", "Con")) if train.get(key) is False]
     if "SnM" in off and "Con" in off:
         off.remove("Con")
-    return " ".join([method, *(f"-{name}" for name in off)])
+    return " ".join([method, *supervision, *(f"-{name}" for name in off)])
 
 
 def discover_runs(

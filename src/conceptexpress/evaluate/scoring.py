@@ -161,7 +161,7 @@ def build_summary(runs, skipped, concept_rows, image_rows, config: EvalConfig, o
         methods[method] = {
             "runs": len(mruns),
             "concepts": sum(len(r.tokens) for r in mruns),
-            "base_models": sorted({run_model_config(r.manifest, options).model for r in mruns}),
+            "base_models": sorted({run_model_config(r.manifest, options, r.path).model for r in mruns}),
             "metrics": metrics,
         }
     return {

@@ -7,6 +7,7 @@ Layout of one run (one photo)::
     RUN/checkpoints/               resumable training state (``--resume``)
     RUN/concepts/<stem>.safetensors   {"<c1>": (V, D) float32}   diffusers textual-inversion file
     RUN/a1111/<stem>.safetensors      {"emb_params": (V, D)}     A1111 WebUI / ComfyUI file
+    RUN/pipeline/                  ``--method bas-ft`` only: the fine-tuned pipeline (diffusers folder, safetensors)
     RUN/manifest.json              tokens, model, configs, versions; ``"complete": true`` written last
     RUN/run.json                   the run's options (image, model, method, method configs), written first
 
@@ -50,12 +51,13 @@ CONCEPTS_DIR = "concepts"
 A1111_DIR = "a1111"
 A1111_KEY = "emb_params"
 SAMPLES_DIR = "samples"
+PIPELINE_DIR = "pipeline"  # --method bas-ft: the fine-tuned diffusers pipeline (the run's base model)
 RUN_OPTIONS = "run.json"
 RUN_OPTIONS_FORMAT = "conceptexpress-run-options-1"
 GENERATED_DIR = "generated"
 # What a run trained: removed (renamed away first) before a new run starts in the same folder.
 TRAINED_OUTPUTS = (RUN_MANIFEST, RUN_OPTIONS, CHECKPOINTS_DIR, CONCEPTS_DIR, A1111_DIR, SAMPLES_DIR, GENERATED_DIR,
-                   "history.json", "loss.png")
+                   "history.json", "loss.png", PIPELINE_DIR)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -3,7 +3,8 @@
 A rerun of ``extract`` into a folder is either a resume of the run there or a new run, never a mix: its options
 (:func:`run_options`) are compared with the ones the folder's run was started with (``run.json``, written before
 any training; for runs of earlier versions the finished ``manifest.json``). Options are the image bytes, the base
-model, the method and the method's configs (``LocalizeConfig``, ``TrainConfig``); how the work runs
+model, the method, the user's masks (``--masks``, by SHA-256) and the method's configs (``LocalizeConfig``,
+``TrainConfig``, ``FineTuneConfig`` for ``bas-ft``); how the work runs
 (``RuntimeConfig``) and the samples drawn after training (``SampleConfig``) are not part of them.
 
 A new run removes what the previous run trained (:data:`~.run_folder.TRAINED_OUTPUTS`) with
@@ -29,21 +30,24 @@ from .run_folder import RUN_MANIFEST, RUN_OPTIONS, RUN_OPTIONS_FORMAT, RunManife
 __all__ = ["clear_outputs", "option_differences", "read_run_options", "run_options", "write_run_options"]
 
 _OLD_PREFIX = ".old-run-"
-_COMPARED = ("LocalizeConfig", "TrainConfig")
+_COMPARED = ("LocalizeConfig", "TrainConfig", "FineTuneConfig")  # the ones a run records (FineTune: bas-ft)
 
 
 def run_options(
-    *, image_sha256: str, model: str, single_file_config: str | None, method: str, configs: Mapping[str, Any]
+    *, image_sha256: str, model: str, single_file_config: str | None, method: str, configs: Mapping[str, Any],
+    masks_sha256: str | None = None,
 ) -> dict[str, Any]:
     """The JSON object of ``run.json``. ``model`` as recorded in the manifest (a local path made absolute);
-    ``configs`` is ``config_dict(localize, train)`` of the options asked for."""
+    ``configs`` is ``config_dict(localize, train[, finetune])`` of the options asked for; ``masks_sha256`` the
+    user's mask folder's (None: the localization's masks)."""
     return {
         "format": RUN_OPTIONS_FORMAT,
         "image_sha256": image_sha256,
         "model": model,
         "single_file_config": single_file_config,
         "method": method,
-        "config": {name: dict(configs[name]) for name in _COMPARED},
+        "masks_sha256": masks_sha256,
+        "config": {name: dict(configs[name]) for name in _COMPARED if name in configs},
     }
 
 
@@ -65,7 +69,7 @@ def read_run_options(run_dir: str | Path) -> dict[str, Any] | None:
         data = read_json_checked(path)
         config = data.get("config")
         if data.get("format") != RUN_OPTIONS_FORMAT or not isinstance(config, dict) or not all(
-            isinstance(config.get(k), dict) for k in _COMPARED
+            isinstance(config.get(k), dict) for k in _COMPARED[:2]
         ) or not all(isinstance(data.get(k), str) for k in ("image_sha256", "model", "method")):
             raise RunFolderError(f"{str(path)!r} is damaged: not a {RUN_OPTIONS_FORMAT} object")
         return data
@@ -78,12 +82,16 @@ def read_run_options(run_dir: str | Path) -> dict[str, Any] | None:
         # Older manifests record the training config a method forced (BaS†: no split-and-merge), not the one
         # asked for; only the method is compared then.
         recorded.pop("TrainConfig", None)
+    fine_tune = manifest.get("fine_tune")
+    origin = fine_tune if isinstance(fine_tune, dict) else {}  # bas-ft: base_model is its own RUN/pipeline/
+    user_masks = manifest.get("user_masks")
     return {
         "format": RUN_OPTIONS_FORMAT,
         "image_sha256": manifest.image_sha256,
-        "model": manifest.base_model,
-        "single_file_config": manifest.single_file_config,
+        "model": origin.get("base_model", manifest.base_model),
+        "single_file_config": origin.get("single_file_config", manifest.single_file_config),
         "method": manifest.method,
+        "masks_sha256": user_masks.get("sha256") if isinstance(user_masks, dict) else None,
         "config": recorded,
     }
 
@@ -96,6 +104,8 @@ def option_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
     diffs = []
     if old.get("image_sha256") != new.get("image_sha256"):
         diffs.append("another image")
+    if old.get("masks_sha256") != new.get("masks_sha256"):
+        diffs.append("other masks (--masks)")
     for key in ("model", "single_file_config", "method"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key} {old.get(key)!r} → {new.get(key)!r}")

@@ -89,6 +89,36 @@ def init_from_vocabulary(base: nn.Embedding, count: int, generator: torch.Genera
     return base.weight.detach()[pick.to(base.weight.device)].float().clone()
 
 
+def word_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
+    """The vocabulary id of each initializer word; every word must be exactly one token of ``tokenizer``.
+
+    Textual inversion (diffusers' ``train_textual_inversion.py``) refuses a multi-token initializer; Break-A-Scene
+    silently takes its first piece. Here it is an error that shows the pieces, so "saucer" never quietly becomes
+    "sau".
+    """
+    ids = []
+    for word in words:
+        pieces = tokenizer(word, add_special_tokens=False).input_ids
+        if len(pieces) != 1:
+            shown = " ".join(tokenizer.convert_ids_to_tokens(pieces))
+            raise ConfigError(
+                f"`init_words`: {word!r} is {len(pieces)} tokens of this model's tokenizer ({shown}); "
+                "choose a word that is a single token (a more common synonym)"
+            )
+        ids.append(int(pieces[0]))
+    return ids
+
+
+def init_from_words(base: nn.Embedding, word_ids: Sequence[int], rows_per_word: int = 1) -> torch.Tensor:
+    """Rows copied from the embeddings of ``word_ids`` (Break-A-Scene's / textual inversion's initializer tokens).
+
+    Row ``j·N + i`` (N = ``len(word_ids)``) is word i's embedding for every j < ``rows_per_word``: the trainer's
+    layout of split token j of concept i. Returns float32 ``(rows_per_word·N, D)`` on the embedding's device.
+    """
+    ids = torch.as_tensor(list(word_ids) * rows_per_word, dtype=torch.long, device=base.weight.device)
+    return base.weight.detach()[ids].float().clone()
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One training prompt: token ids with virtual ids for the learnable tokens.

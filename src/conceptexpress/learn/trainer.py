@@ -47,7 +47,14 @@ from ..errors import ConfigError
 from ..io.images import image_to_tensor
 from . import losses
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .tokens import Prompt, PromptBuilder, init_from_vocabulary, spliced_tokens
+from .tokens import (
+    Prompt,
+    PromptBuilder,
+    init_from_vocabulary,
+    init_from_words,
+    spliced_tokens,
+    word_token_ids,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -132,13 +139,11 @@ class TokenTrainer:
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction_type = self.scheduler.config.prediction_type
 
-        # 2. Token vectors (Eq. 9): g·N rows, initialized from random vocabulary rows (seeded).
+        # 2. Token vectors (Eq. 9): g·N rows, initialized from random vocabulary rows (seeded) or the user's words.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         base = pipe.text_encoder.get_input_embeddings()
         tok = pipe.tokenizer
-        special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-        init = init_from_vocabulary(base, self.n * self.g, self.generator, exclude=special)
-        self.vectors = torch.nn.Parameter(init.to(self.device))  # (g·N, D) float32
+        self.vectors = torch.nn.Parameter(self._initial_vectors(base, tok).to(self.device))  # (g·N, D) float32
         self.optimizer = torch.optim.AdamW(
             [self.vectors], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
         )
@@ -158,6 +163,20 @@ class TokenTrainer:
         self._last_scale = self.scaler.get_scale()
         self.skipped_steps = 0
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _initial_vectors(self, base: torch.nn.Embedding, tok) -> torch.Tensor:
+        """(g·N, D) float32 starting vectors: random vocabulary rows (paper §3.3), or each concept's initializer
+        word (``TrainConfig.init_words``) for all of its g rows."""
+        words = self.config.init_word_list
+        if words:
+            if len(words) != self.n:
+                raise ConfigError(
+                    f"`init_words` names {len(words)} words ({','.join(words)}) but there are {self.n} concepts; "
+                    "give one word per concept, in concept order"
+                )
+            return init_from_words(base, word_token_ids(tok, words), self.g)
+        special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
+        return init_from_vocabulary(base, self.n * self.g, self.generator, exclude=special)
 
     # ------------------------------------------------------------------ prompts
     def _split_prompts(self) -> list[Prompt]:
@@ -236,13 +255,24 @@ class TokenTrainer:
         v[: self.n] = merged
 
     def train_step(self) -> dict[str, Any]:
-        cfg = self.config
         prompts = self.prompts()
-        b_total = len(prompts)
-        gen = self.generator
+        batch = self._draw_step(len(prompts))  # 2. the step's randomness
+        per_prompt, stats = self._token_gradients(prompts, *batch)  # 3. UNet passes
+        skip = self._unscale(per_prompt)
+        stats.update(self._optimizer_steps(per_prompt, skip))  # 4. contrastive term and AdamW step(s)
+        stats["loss"] = stats["mse"] + self.attention_weight * stats["reg"] + self.config.alpha * stats["con"]
+        if self.scaler.is_enabled():
+            stats["loss_scale"] = self._last_scale
+            stats["skipped"] = skip
+        stats["phase"] = "merged" if self.merged else "split"
+        stats["prompts"] = len(prompts)
+        return stats
 
-        # 2. Randomness of the step, all from the CPU generator in a fixed order.
-        flip = bool(torch.rand((), generator=gen) < cfg.flip_p)
+    def _draw_step(self, b_total: int) -> tuple[torch.Tensor, ...]:
+        """Flip, latents, noise, timesteps, masks and centroids of one step, drawn from the CPU generator in a
+        fixed order (so a step is the same on any device and micro-batch)."""
+        gen = self.generator
+        flip = bool(torch.rand((), generator=gen) < self.config.flip_p)
         shape = (b_total, *self.post_mean.shape[1:])
         z_noise = torch.randn(shape, generator=gen)
         noise = torch.randn(shape, generator=gen)
@@ -250,13 +280,14 @@ class TokenTrainer:
 
         side = 1 if flip else 0
         latents = self.post_mean[side] + self.post_std[side] * z_noise.to(self.device)  # (B, 4, h, w)
-        noise = noise.to(self.device)
-        timesteps = timesteps.to(self.device)
         masks = self.masks.flip(-1) if flip else self.masks  # (N, h, w)
         centroids = self.centroids.flip(-1) if flip else self.centroids
+        return latents, noise.to(self.device), timesteps.to(self.device), masks, centroids
 
-        # 3. Per-prompt copies of the vectors collect per-prompt gradients in one backward per micro-batch
-        #    (multiplied by the loss scale in fp16).
+    def _token_gradients(self, prompts, latents, noise, timesteps, masks, centroids) -> tuple[torch.Tensor, dict]:
+        """Per-prompt token gradients (B, K, D) of (1/B)(L_b + β R_b), Eq. 12/13, one backward per micro-batch
+        (multiplied by the loss scale in fp16), and the step's mean ε-MSE and attention term."""
+        b_total = len(prompts)
         per_prompt = torch.zeros(b_total, *self.vectors.shape, device=self.device)  # (B, K, D)
         stats = {"mse": 0.0, "reg": 0.0}
         micro = self.runtime.micro_batch or b_total
@@ -270,41 +301,39 @@ class TokenTrainer:
             stats["mse"] += float(mse.sum()) / b_total
             stats["reg"] += float(reg.sum()) / b_total
         self.sample_passes += b_total
-        skip = self._unscale(per_prompt)
+        return per_prompt, stats
 
-        # 4. Contrastive term (split phase) and the optimizer step(s).
+    def _optimizer_steps(self, per_prompt: torch.Tensor, skip: bool) -> dict[str, Any]:
+        """The contrastive term (split phase) and the AdamW step(s) of the update rule; ``{"con", "grad_norm"}``.
+
+        ``batched``: one step on the mean gradient. ``released``: each prompt's own loss (unweighted, as the
+        released code steps on it) in prompt order, with the contrastive term re-evaluated at the current vectors
+        before each step. A skipped fp16 step (overflow) only records the contrastive value.
+        """
+        cfg = self.config
+        b_total = per_prompt.shape[0]
         use_con = not self.merged and cfg.contrastive and cfg.alpha > 0 and self.g > 1
-        stats["con"] = 0.0
+        paper = cfg.contrastive_form == "paper"
+        con = 0.0
         norms = []
         if skip:
             if use_con:
-                stats["con"] = self._contrastive_grad(paper=cfg.contrastive_form == "paper")[1]
+                con = self._contrastive_grad(paper=paper)[1]
         elif cfg.update_rule == "batched":
             grad = per_prompt.sum(0)  # (K, D): ∇ of (1/B)Σ_b (L_b + β R_b)
             if use_con:
-                con_grad, con = self._contrastive_grad(paper=cfg.contrastive_form == "paper")
+                con_grad, con = self._contrastive_grad(paper=paper)
                 grad += con_grad
-                stats["con"] = con
             norms.append(self._apply(grad))
         else:
-            # Replay: each prompt's own loss (unweighted, as the released code steps on it) in prompt order,
-            # with the released contrastive term re-evaluated at the current vectors before each step.
             for b in range(b_total):
                 grad = per_prompt[b] * b_total
                 if use_con:
-                    con_grad, con = self._contrastive_grad(paper=cfg.contrastive_form == "paper")
+                    con_grad, con = self._contrastive_grad(paper=paper)
                     grad = grad + con_grad
-                    stats["con"] = con
                 norms.append(self._apply(grad))
-        stats["loss"] = stats["mse"] + self.attention_weight * stats["reg"] + cfg.alpha * stats["con"]
         # Token-gradient norm before clipping (the largest of the step's optimizer steps).
-        stats["grad_norm"] = max(norms) if norms else None
-        if self.scaler.is_enabled():
-            stats["loss_scale"] = self._last_scale
-            stats["skipped"] = skip
-        stats["phase"] = "merged" if self.merged else "split"
-        stats["prompts"] = b_total
-        return stats
+        return {"con": con, "grad_norm": max(norms) if norms else None}
 
     def _apply(self, grad: torch.Tensor) -> float:
         """One AdamW step on the token gradient ``grad`` (K, D), clipped to ``max_grad_norm``; returns its norm."""
@@ -464,7 +493,10 @@ class TokenTrainer:
     # ------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, image: Image.Image) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps(asdict(self.config), sort_keys=True, default=str).encode())
+        config = asdict(self.config)
+        if config["init_words"] is None:
+            del config["init_words"]  # random initialization: the fingerprint of runs made before the option existed
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         h.update(self.masks.numpy().tobytes())
         h.update(self.centroids.numpy().tobytes())
         h.update(image.tobytes())

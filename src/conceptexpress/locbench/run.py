@@ -40,9 +40,9 @@ from conceptexpress.io.run_folder import versions
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localizer import ConceptLocalizer
 
-from .baselines import finch_fixed_concepts, finch_levels, kmeans_concepts
+from ..baselines.clustering import finch_fixed_concepts, finch_levels, kmeans_concepts
+from ..baselines.maskcut import MaskCut
 from .dataset import BenchSample, load_dataset
-from .maskcut import MaskCut
 from .matching import ImageMatch, aggregate, match_masks
 from .report import bench_figure, format_table, method_names
 

@@ -39,6 +39,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     kind = name.split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if kind == "cuda" and ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s) "
+            f"(cuda:0 … cuda:{torch.cuda.device_count() - 1})"
+        )
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ModelLoadError(f"device {name!r} requested but MPS is not available here; use --device cpu")
     return torch.device(name)

@@ -1,4 +1,4 @@
-"""The toy world: procedural scenes with known answers and a small Stable Diffusion trained on them (DESIGN §8)."""
+"""The toy world: procedural scenes with known answers and a small Stable Diffusion trained on them (docs/toy-world.md)."""
 
 from .reader import read_objects
 from .shipped import toy_pipeline_path

@@ -1,4 +1,4 @@
-"""The toy world: procedural scenes with known objects, masks and captions (DESIGN §8).
+"""The toy world: procedural scenes with known objects, masks and captions (docs/toy-world.md).
 
 A scene is a light-grey background (a faint vertical gradient and sensor-like noise: not an object) with 1–4
 non-overlapping flat shapes, each of a different colour. Everything is exact by construction: the picture is

@@ -11,6 +11,11 @@ and removes the supervision ConceptExpress does not have:
 * **same schedule** — ``TrainConfig.steps``, ``lr``, AdamW settings, flip and seed as ConceptExpress; one
   token per concept from the start (no split-and-merge, no contrastive loss, no EMD alignment).
 
+The same trainer runs ``--method bas`` / ``bas-ft`` (paper Table 1 grey rows, Fig. 8): Break-A-Scene's token phase
+with the user's masks and/or initializer words (``TrainConfig.init_words``, which replaces the random draw); the
+deviations below hold for it too, except initialization. ``bas-ft``'s second phase is
+:mod:`conceptexpress.baselines.bas_ft`.
+
 One step, in order (Break-A-Scene's ``train.py``, ``DreamBoothDataset.__getitem__`` and the training loop):
 
 1. **union sampling** — draw k uniformly in 1..N, then k distinct concepts in random order
@@ -57,8 +62,8 @@ from PIL import Image
 
 from ..config import RuntimeConfig, TrainConfig
 from ..errors import ConfigError
-from .tokens import Prompt
-from .trainer import TokenTrainer
+from ..learn.tokens import Prompt
+from ..learn.trainer import TokenTrainer
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline

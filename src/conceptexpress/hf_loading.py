@@ -1,4 +1,4 @@
-"""Loading transformers models for evaluation: quiet, PIL image processors, one-line ModelLoadError."""
+"""Loading transformers models (evaluation encoders, SAM, DINO for MaskCut): quiet, PIL image processors, one-line ModelLoadError."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import ModelLoadError
+from .errors import ModelLoadError
 
 T = TypeVar("T")
 
