@@ -273,6 +273,16 @@ def test_evaluate_skips_a_run_whose_mask_leads_outside(run):
         _check_run(run, "run")
 
 
+def test_fine_tuned_pipeline_outside_the_folder_is_refused(run, tiny_sd2_dir):
+    """A bas-ft manifest names its own pipeline relative to the run; `../model` must not load another model."""
+    from conceptexpress.generate import run_model_config
+
+    shutil.copytree(tiny_sd2_dir, run.parent / "other-model")
+    _edit_json(run / "manifest.json", lambda m: m.update(base_model="../other-model", fine_tune={"steps": 1}))
+    with pytest.raises(RunFolderError, match="outside the run folder"):
+        run_model_config(read_manifest(run), run_dir=run)
+
+
 # ----------------------------------------------------------------------------- a rerun: resume or new, never a mix
 OTHER = ["--steps", "2", "--merge-step", "1", "--split-tokens", "2", "--checkpoint-every", "2", "--no-samples"]
 

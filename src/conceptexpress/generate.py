@@ -28,7 +28,7 @@ from . import __version__
 from .config import GenerateConfig, ModelConfig
 from .errors import ConfigError, InputError
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
-from .io.run_folder import RunManifest, read_manifest, run_tokens
+from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside, run_tokens
 from .models import load_pipeline
 from .sampler import build_scheduler, describe, using_scheduler
 
@@ -282,7 +282,8 @@ def run_model_config(
 
     Raises:
         ConfigError: ``options`` has a key that is not a ModelConfig field, or a bad value; a bas-ft run without
-            ``run_dir``. InputError: a bas-ft run whose pipeline folder is missing.
+            ``run_dir``. InputError: a bas-ft run whose pipeline folder is missing (RunFolderError: or named
+            outside the run folder).
     """
     allowed = [f.name for f in fields(ModelConfig)]
     unknown = sorted(set(options or {}) - set(allowed))
@@ -293,7 +294,8 @@ def run_model_config(
     if manifest.get("fine_tune") and manifest.base_model and "model" not in given:
         if run_dir is None:
             raise ConfigError("this run fine-tuned its own model (bas-ft): pass `run_dir` to find its pipeline folder")
-        folder = Path(run_dir) / manifest.base_model
+        # relative to the run folder and never outside it (a tampered manifest must not load another model)
+        folder = resolve_inside(run_dir, manifest.base_model, source=Path(run_dir) / RUN_MANIFEST)
         if not folder.is_dir():
             raise InputError(f"the run's fine-tuned pipeline {str(folder)!r} is missing; the run folder is damaged")
         recorded = {"model": str(folder.resolve()), "single_file_config": None}
