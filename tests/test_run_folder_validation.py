@@ -352,3 +352,36 @@ def test_legacy_run_without_run_json_is_compared_by_its_manifest(run, tiny_sd2_d
     (run / "run.json").unlink()
     code = _extract(tiny_sd2_dir, run, fast=OTHER)
     _one_line_error(capsys, code, exit_code=OutputError.exit_code, names="TrainConfig.steps 4 → 2")
+
+
+def _localize(model_dir, out, *extra: str) -> int:
+    return main(["-q", "localize", str(EXAMPLE), "--model", str(model_dir), "--out", str(out), "--device", "cpu",
+                 "--n-max", "4", *extra])
+
+
+def test_localize_under_a_trained_run_refuses(run, tiny_sd2_dir, capsys):
+    """`localize` into a run folder would put new masks under the old tokens: refused (exit 5), nothing touched."""
+    def files():  # the lock file is touched by taking the lock; everything else must be as it was
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    code = _localize(tiny_sd2_dir, run)
+    _one_line_error(capsys, code, exit_code=OutputError.exit_code, names="--overwrite")
+    assert files() == before
+
+
+def test_localize_overwrite_replaces_the_trained_run(run, tiny_sd2_dir):
+    assert _localize(tiny_sd2_dir, run, "--overwrite") == 0
+    assert not any((run / name).exists() for name in ("manifest.json", "run.json", "concepts", "checkpoints", "samples"))
+    assert json.loads((run / "localization.json").read_text())["config"]["LocalizeConfig"]["n_max"] == 4
+    assert not list(run.glob(".old-run-*"))
+
+
+def test_localize_on_a_locked_folder_is_refused(tmp_path, tiny_sd2_dir, capsys):
+    from conceptexpress.io.lock import run_lock
+
+    out = tmp_path / "loc"
+    with run_lock(out):
+        code = _localize(tiny_sd2_dir, out)
+    _one_line_error(capsys, code, exit_code=5, names=str(out))
+    assert not (out / "localization.json").exists()

@@ -71,7 +71,7 @@ from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passe
 from .localizer import ConceptLocalizer
 from .models import load_pipeline
 
-__all__ = ["METHODS", "SampleConfig", "extract", "localize_to_folder"]
+__all__ = ["METHODS", "SampleConfig", "extract", "localize_run", "localize_to_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,40 @@ def localize_to_folder(
         "config": config_dict(model, localize),
     }
     return save_localization(loc, image, out, meta=meta), loc
+
+
+def localize_run(
+    image_path: str | Path,
+    out_dir: str | Path,
+    *,
+    model: ModelConfig | None = None,
+    localize: LocalizeConfig | None = None,
+    pipe=None,
+    overwrite: bool = False,
+    wait: bool = False,
+):
+    """``conceptexpress localize``: localize one photo into ``out_dir`` (locked, as :func:`extract` locks it).
+
+    A folder that holds a trained run keeps it consistent: a new localization under its tokens would make a mix,
+    so it is refused (:class:`~conceptexpress.errors.OutputError`) unless ``overwrite=True``, which clears the
+    run's trained outputs first. Returns ``(manifest, Localization)`` like :func:`localize_to_folder`.
+    """
+    model = model or ModelConfig()
+    localize = localize or LocalizeConfig()
+    image = load_image(image_path)
+    image_sha = file_sha256(image_path)
+    out = ensure_output_dir(out_dir)
+    with run_lock(out, wait=wait):
+        trained = [name for name in TRAINED_OUTPUTS if name != RUN_OPTIONS and (out / name).exists()]
+        if trained and not overwrite:
+            raise OutputError(
+                f"run folder '{out}' holds a trained run ({', '.join(trained)}); a new localization would not match "
+                "its tokens: pass --overwrite (overwrite=True) to replace the run, or choose another --out"
+            )
+        clear_outputs(out, TRAINED_OUTPUTS)
+        if pipe is None:
+            pipe = load_pipeline(model)
+        return localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha)
 
 
 def extract(

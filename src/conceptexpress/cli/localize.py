@@ -7,10 +7,7 @@ from pathlib import Path
 
 from ..config import LocalizeConfig, ModelConfig
 from ..errors import NoConceptError
-from ..extract import localize_to_folder
-from ..io.atomic import ensure_output_dir
-from ..io.images import load_image
-from ..models import load_pipeline
+from ..extract import localize_run
 from .args import add_config_args, config_from_args
 
 
@@ -18,6 +15,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("localize", help="find the concepts of one photo (paper §3.2) and write their masks")
     p.add_argument("image", help="the photo (PNG, JPEG, WebP, …)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: outputs/<image name>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="the folder holds a trained run: replace it (its tokens, samples, checkpoints are removed)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another process is using the folder, wait for it instead of stopping (exit 5)")
     add_config_args(p, ModelConfig)
     add_config_args(p, LocalizeConfig)
     p.set_defaults(func=run)
@@ -28,11 +29,9 @@ def run(args: argparse.Namespace) -> int:
     # Cheap checks first: a bad option, image or output folder fails before the model loads.
     model_cfg = config_from_args(args, ModelConfig)
     loc_cfg = config_from_args(args, LocalizeConfig)
-    image = load_image(args.image)
-    out = ensure_output_dir(args.out or Path("outputs") / Path(args.image).stem)
-
-    pipe = load_pipeline(model_cfg)
-    manifest, loc = localize_to_folder(pipe, image, args.image, out, model_cfg, loc_cfg)
+    out = args.out or Path("outputs") / Path(args.image).stem
+    manifest, loc = localize_run(args.image, out, model=model_cfg, localize=loc_cfg, overwrite=args.overwrite,
+                                 wait=args.wait)
     if loc.num_concepts == 0:
         raise NoConceptError(
             f"no salient concept found in {args.image!r} (every cluster failed the [EOT] filter); "
