@@ -1,6 +1,6 @@
 """One-off: shrink the browser test's section screenshots into the small PNGs the README shows.
 
-    python3 -m pytest -q tests/test_ui_browser.py      # writes test-artifacts/ui/*-section.png
+    python3 -m pytest -q tests/ui/test_ui_browser.py      # writes test-artifacts/ui/*-section.png
     python3 docs/ui/make_figures.py                    # writes docs/ui/NN-stage.png (≤ 640 px wide, 64 colours)
 """
 

@@ -113,7 +113,7 @@ def finch(
         ensure_early_exit=False)``. Adding ``max_link_distance`` = the largest link distance of the first round
         gives what ``ensure_early_exit=True`` (its ``min_sim``) intends; in finch-clust 0.2.3 that option has no
         effect, because the links it zeroes stay in the CSR graph as explicit zeros, which scipy's
-        ``connected_components`` still follows (tests/test_finch.py checks against a corrected copy).
+        ``connected_components`` still follows (tests/localize/test_finch.py checks against a corrected copy).
     """
     if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
         raise ValueError(f"`x` must be a 2-D floating-point tensor (n, d), got {_describe(x)}")

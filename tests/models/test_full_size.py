@@ -12,7 +12,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ import pytest
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "coffee.jpg"
 CHROMIUM = Path("/usr/bin/chromium")
 TIMEOUT_MS = 240_000  # one stage on a busy 2-core CI runner

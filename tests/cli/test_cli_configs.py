@@ -92,7 +92,7 @@ def test_non_finite_or_out_of_range_training_options_fail_before_any_work(tmp_pa
     from conceptexpress.cli import main
 
     out = tmp_path / "run"
-    photo = Path(__file__).resolve().parent.parent / "examples" / "coffee.jpg"
+    photo = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
     code = main(["extract", str(photo), "--out", str(out), "--model", str(tmp_path / "none"), flag, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"`{flag}`" in err[0], err

@@ -16,7 +16,7 @@ from conceptexpress.config import ModelConfig, TrainConfig
 from conceptexpress.errors import ConfigError, InputError
 from conceptexpress.ui.session import Studio, StudioConfig
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 FAST = TrainConfig(steps=4, merge_step=2, split_tokens=2, checkpoint_every=2)
 
 

@@ -14,7 +14,7 @@ from conceptexpress.config import TrainConfig
 from conceptexpress.learn import losses
 from conceptexpress.learn.trainer import TokenTrainer
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 WORK = (128, 88)  # the tiny model's working size for the 600×400 example
 LATENT = (11, 16)
 

@@ -15,7 +15,7 @@ from conceptexpress.config import FineTuneConfig, GenerateConfig, SampleConfig, 
 from conceptexpress.errors import ConfigError, OutputError
 from conceptexpress.io.masks import read_mask_folder
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"  # 600×400
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"  # 600×400
 W, H = 600, 400
 NO_SAMPLES = SampleConfig(samples=False)
 

@@ -13,7 +13,7 @@ import pytest
 from conceptexpress import ModelConfig, TrainConfig
 from conceptexpress.cli import main, name_flags
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 UNLOADABLE = "nobody/nothing"  # loading it fails with exit 4: exit 2 proves the option was refused first
 
 

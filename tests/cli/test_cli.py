@@ -11,7 +11,7 @@ from PIL import Image
 
 from conceptexpress.cli import main
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 
 
 def _run(capsys, *argv):

@@ -29,7 +29,7 @@ from conceptexpress.io.run_folder import (
 )
 from conceptexpress.learn.checkpoint import load_checkpoint
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 FAST = ["--steps", "4", "--merge-step", "2", "--split-tokens", "2", "--checkpoint-every", "2",
         "--sample-count", "1", "--sample-steps", "1"]
 

@@ -15,7 +15,7 @@ from conceptexpress.config import LocalizeConfig
 from conceptexpress.localize import edit
 from conceptexpress.localize.edit import EditError
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "coffee.jpg"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "coffee.jpg"
 FAST = ["--steps", "4", "--merge-step", "2", "--split-tokens", "2", "--no-samples", "--checkpoint-every", "2"]
 
 
