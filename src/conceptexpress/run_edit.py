@@ -16,7 +16,6 @@ refuses them (their fingerprint covers masks and centroids).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -122,9 +121,3 @@ def rewrite_localization(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return backup
-
-
-def read_edits(run_dir: str | Path) -> list[str]:
-    """The edits recorded in RUN's localization (empty for an unedited one)."""
-    path = Path(run_dir) / MANIFEST
-    return list(json.loads(path.read_text(encoding="utf-8")).get("edits", [])) if path.is_file() else []

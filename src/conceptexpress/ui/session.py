@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -31,7 +30,7 @@ from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_
 from ..io.atomic import ensure_output_dir
 from ..io.images import load_image
 from ..io.lock import run_lock
-from ..io.run_folder import read_manifest
+from ..io.run_folder import LOCALIZATION_MANIFEST, read_json_checked, read_manifest
 from ..learn.checkpoint import save_checkpoint
 from ..localize.edit import apply_edits
 from ..localizer import ConceptLocalizer
@@ -219,7 +218,7 @@ class Session:
             rewrite_localization(self.run, edited, image, self.loc_manifest, done)
             shutil.rmtree(self.run / "checkpoints", ignore_errors=True)  # trained on the old concepts
         self.loc = edited
-        self.loc_manifest = json.loads((self.run / "localization.json").read_text(encoding="utf-8"))
+        self.loc_manifest = read_json_checked(self.run / LOCALIZATION_MANIFEST)
         self.train_config = None
         return done
 
