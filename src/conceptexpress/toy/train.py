@@ -386,13 +386,17 @@ def _save_pipeline(path: Path, unet, text_encoder, vae, tokenizer, params, ema) 
 def train(out: str | Path, cfg: ToyTrainConfig | None = None, log=print) -> Path:
     """Run both stages into ``out``; the final pipeline is ``out/step-<steps>``. Returns its path."""
     cfg = cfg or ToyTrainConfig()
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if not (out / "vae" / "config.json").exists():
-        train_vae(out, cfg, log)
-    stats = train_unet(out, cfg, log)
+    try:
+        if not (out / "vae" / "config.json").exists():
+            train_vae(out, cfg, log)
+        stats = train_unet(out, cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # the caller's setting, as it was
     stats.update(total_seconds=round(time.time() - t0, 1), config=asdict(cfg))
     (out / "train_log.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
     log(json.dumps(stats))
