@@ -50,31 +50,6 @@ def image():
     return load_image(EXAMPLE)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread_for_the_session():
-    """Torch runs on one intra-op thread for the suite: the models here are tiny, and on a 2-core machine two
-    OpenMP threads cost more in barriers than they gain (see ``one_torch_thread``). The full-size (``slow``) tests
-    get the default number back while they run (:func:`_default_threads_when_slow`)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield threads
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _default_threads_when_slow(request, _one_torch_thread_for_the_session):
-    import torch
-
-    if not request.node.get_closest_marker("slow"):
-        yield
-        return
-    torch.set_num_threads(_one_torch_thread_for_the_session)
-    yield
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for tiny models: on a busy 2-core runner, OpenMP threads spinning at barriers made the
