@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import shutil
 from collections.abc import Callable, Sequence
@@ -36,10 +37,10 @@ from .config import (
     TrainConfig,
     config_dict,
 )
-from .errors import ConfigError, NoConceptError, OutputError, RunFolderError
+from .errors import ConfigError, InputError, NoConceptError, OutputError, RunFolderError
 from .export import write_token_files
 from .generate import generate, sampler_record
-from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
+from .io.atomic import atomic_save_image, atomic_write_bytes, atomic_write_json, ensure_output_dir
 from .io.images import load_image
 from .io.localization_files import read_localization, save_localization
 from .io.lock import run_lock
@@ -52,11 +53,13 @@ from .io.run_folder import (
     RUN_MANIFEST,
     RUN_OPTIONS,
     SAMPLES_DIR,
+    SOURCE_STEM,
     TRAINED_OUTPUTS,
     RunManifest,
     file_sha256,
     read_json_checked,
     run_tokens,
+    source_copy_name,
     token_names,
     versions,
 )
@@ -291,6 +294,20 @@ def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, local
     return resume
 
 
+def _copy_source(image_path, image_sha: str, out: Path) -> str:
+    """Copy the photo's bytes to ``RUN/source.<ext>`` (a run folder is self-contained: evaluation never reads a
+    path outside it); returns the name. Raises InputError if the photo changed since the run started."""
+    data = Path(image_path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != image_sha:
+        raise InputError(f"the photo {str(image_path)!r} changed while the run was working on it; run again")
+    name = source_copy_name(image_path)
+    for stale in out.glob(f"{SOURCE_STEM}.*"):
+        if stale.name != name:
+            stale.unlink()
+    atomic_write_bytes(out / name, data)
+    return name
+
+
 def _model_record(model: ModelConfig) -> str:
     # A local model is recorded by absolute path so `generate` finds it from any working directory.
     return str(Path(model.model).resolve()) if Path(model.model).exists() else model.model
@@ -333,6 +350,7 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         entry["mask"] = mask
     atomic_write_json(out / "history.json", result.history)
     atomic_save_image(loss_curve_image(result.history), out / "loss.png")
+    source_image = _copy_source(image_path, image_sha, out)
     sample_files, sampler = (
         _write_samples(sample_pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else ({}, None)
     )
@@ -345,6 +363,7 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         "method": method,
         "image": str(Path(image_path).resolve()),
         "image_sha256": image_sha,
+        "source_image": source_image,  # the photo's bytes inside the run: what evaluate reads
         # A local model is recorded by absolute path so `generate` finds it from any working directory; a bas-ft
         # run's is its own RUN/pipeline/, relative to the run folder (``generate.run_model_config`` resolves it).
         "base_model": PIPELINE_DIR if fine_tune is not None else base_model,

@@ -273,6 +273,38 @@ def test_evaluate_skips_a_run_whose_mask_leads_outside(run):
         _check_run(run, "run")
 
 
+def test_the_run_holds_its_source_photo_and_evaluate_reads_that_copy(run, tmp_path):
+    """The photo's bytes are copied into the run (``source.jpg``); evaluation reads the copy, so it works with the
+    original gone and never reads the path ``"image"`` names."""
+    from conceptexpress.evaluate.runs import _check_run, load_source
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["source_image"] == "source.jpg"
+    assert file_sha256(run / "source.jpg") == manifest["image_sha256"] == file_sha256(EXAMPLE)
+    _edit_json(run / "manifest.json", lambda m: m.update(image=str(tmp_path / "gone.jpg")))  # the original moved
+    checked = _check_run(run, "run")
+    assert checked.image == (run / "source.jpg").resolve()
+    assert load_source(checked).size == (600, 400)
+
+
+@pytest.mark.parametrize("rel", ["../source.jpg", "/etc/hostname"])
+def test_a_source_copy_outside_the_folder_is_refused(run, rel):
+    from conceptexpress.evaluate.runs import _check_run
+
+    shutil.copy(EXAMPLE, run.parent / "source.jpg")
+    _edit_json(run / "manifest.json", lambda m: m.update(source_image=rel))
+    with pytest.raises(InputError, match="outside the run folder|absolute"):
+        _check_run(run, "run")
+
+
+def test_a_changed_source_copy_is_refused(run):
+    from conceptexpress.evaluate.runs import _check_run
+
+    _garble(run / "source.jpg")
+    with pytest.raises(InputError, match="changed since extraction"):
+        _check_run(run, "run")
+
+
 def test_fine_tuned_pipeline_outside_the_folder_is_refused(run, tiny_sd2_dir):
     """A bas-ft manifest names its own pipeline relative to the run; `../model` must not load another model."""
     from conceptexpress.generate import run_model_config

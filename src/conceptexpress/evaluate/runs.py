@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..io.images import load_image
-from ..io.run_folder import RUN_MANIFEST, RunManifest, file_sha256, read_manifest
+from ..io.run_folder import RUN_MANIFEST, RunManifest, file_sha256, read_manifest, resolve_inside
 
 __all__ = ["DEFAULT_METHOD", "EvalRun", "discover_runs", "load_masks", "load_source"]
 
@@ -53,8 +53,12 @@ def _sha256(path: Path) -> str:
 def _check_run(run: Path, label: str) -> EvalRun:
     """The run at ``run`` if it can be evaluated; InputError (one line) saying why not otherwise."""
     manifest = read_manifest(run)
-    image = Path(str(manifest.get("image", "")))
-    if not manifest.get("image") or not image.is_file():
+    if isinstance(manifest.get("source_image"), str):
+        # The photo's bytes inside the run folder (runs since the run-folder hardening): nothing outside is read.
+        image = resolve_inside(run, manifest["source_image"], source=run / RUN_MANIFEST)
+    else:  # a run of an earlier version: the photo at its recorded path, used only if its SHA-256 still matches
+        image = Path(str(manifest.get("image", "")))
+    if not manifest.get("image") and not manifest.get("source_image") or not image.is_file():
         raise InputError(f"run {str(run)!r}: its source photo {str(image)!r} is missing")
     sha = _sha256(image)
     if manifest.get("image_sha256") and manifest["image_sha256"] != sha:

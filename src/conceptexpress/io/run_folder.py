@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,8 +57,15 @@ RUN_OPTIONS = "run.json"
 RUN_OPTIONS_FORMAT = "conceptexpress-run-options-1"
 GENERATED_DIR = "generated"
 # What a run trained: removed (renamed away first) before a new run starts in the same folder.
+SOURCE_STEM = "source"  # RUN/source.<ext>: the source photo's bytes, so a run never reads outside its folder
 TRAINED_OUTPUTS = (RUN_MANIFEST, RUN_OPTIONS, CHECKPOINTS_DIR, CONCEPTS_DIR, A1111_DIR, SAMPLES_DIR, GENERATED_DIR,
                    "history.json", "loss.png", PIPELINE_DIR)
+
+
+def source_copy_name(image_path: str | Path) -> str:
+    """``source.<ext>`` for a photo (its extension lower-cased, ``.img`` when it has none)."""
+    suffix = Path(image_path).suffix.lower()
+    return SOURCE_STEM + (suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ".img")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -278,7 +286,8 @@ class RunManifest(Mapping):
         """Every file the manifest names inside its run folder (relative paths, as written)."""
         out = [e[k] for e in self.tokens for k in ("file", "a1111_file", "mask") if isinstance(e.get(k), str)]
         out += [f for files in (self.data.get("samples") or {}).values() for f in files]
-        out += [self.data[k] for k in ("localization", "overlay", "loss_curve", "history") if isinstance(self.data.get(k), str)]
+        out += [self.data[k] for k in ("localization", "overlay", "loss_curve", "history", "source_image")
+                if isinstance(self.data.get(k), str)]
         return out
 
     @classmethod
