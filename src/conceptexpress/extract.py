@@ -239,8 +239,31 @@ def extract(
     with run_lock(out, wait=wait) if lock else contextlib.nullcontext():
         resume = _start_run(out, image_sha, model, method, localize, train, finetune, user_masks, resume=resume,
                             overwrite=overwrite)
+        _keep_edits(out, image_sha, model, localize, user_masks, overwrite=overwrite)
         return _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume,
                                pipe, progress, method, callbacks, user_masks, finetune)
+
+
+def _keep_edits(out: Path, image_sha: str, model: ModelConfig, localize: LocalizeConfig,
+                user_masks: MaskFolder | None, *, overwrite: bool) -> None:
+    """An edited localization (``conceptexpress edit``) is the user's work: options that would recompute it (another
+    image, model, LocalizeConfig or masks) are refused unless ``overwrite``, before the model loads."""
+    path = out / LOCALIZATION_MANIFEST
+    if not path.is_file():
+        return
+    try:
+        edits = read_json_checked(path).get("edits")
+    except RunFolderError:
+        return  # damaged: recomputed with a warning (_localization)
+    if not edits or _localization_matches(out, image_sha, model.model, localize, user_masks.sha256 if user_masks else None):
+        return
+    if not overwrite:
+        raise OutputError(
+            f"'{out}' holds an edited localization ({len(edits)} edits) made with other options; these options would "
+            "recompute it and lose the edits: rerun with the options it was made with (its localization.json), or "
+            "pass --overwrite to recompute it"
+        )
+    logger.warning("recomputing the edited localization in %s with other options (--overwrite): its edits are dropped", out)
 
 
 def _check_supervision(method: str, user_masks: MaskFolder | None, train: TrainConfig) -> None:

@@ -216,3 +216,21 @@ def test_cli_edit_refuses_a_locked_run(run, capsys):
     with run_lock(run):
         assert main(["edit", str(run), "--drop", "1"]) == 5
     assert "in use" in capsys.readouterr().err
+
+
+def test_extract_with_other_options_keeps_an_edited_localization(tiny_sd2_dir, tmp_path, capsys):
+    """Edits are the user's work: an `extract` whose options would recompute the localization is refused (exit 5,
+    before the model loads) unless --overwrite, which recomputes it without the edits."""
+    import json
+
+    out = tmp_path / "run"
+    base = ["-q", "localize", str(EXAMPLE), "--model", str(tiny_sd2_dir), "--out", str(out), "--device", "cpu"]
+    assert main(base) == 0
+    assert main(["edit", str(out), "--merge", "1,2"]) == 0
+    capsys.readouterr()
+    extract = ["-q", "extract", str(EXAMPLE), "--model", str(tiny_sd2_dir), "--out", str(out), "--device", "cpu", *FAST]
+    assert main([*extract, "--n-max", "5"]) == 5  # another LocalizeConfig would recompute the localization
+    assert "edited localization" in capsys.readouterr().err
+    assert json.loads((out / "localization.json").read_text())["edits"]
+    assert main([*extract, "--n-max", "5", "--overwrite"]) == 0
+    assert not json.loads((out / "localization.json").read_text()).get("edits")
