@@ -154,7 +154,7 @@ def localize_run(
     image_sha = file_sha256(image_path)
     out = ensure_output_dir(out_dir)
     with run_lock(out, wait=wait):
-        trained = [name for name in TRAINED_OUTPUTS if name != RUN_OPTIONS and (out / name).exists()]
+        trained = _trained_outputs(out)
         if trained and not overwrite:
             raise OutputError(
                 f"run folder '{out}' holds a trained run ({', '.join(trained)}); a new localization would not match "
@@ -294,7 +294,7 @@ def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, local
     options = run_options(image_sha256=image_sha, model=_model_record(model), single_file_config=model.single_file_config,
                           method=method, configs=configs, masks_sha256=user_masks.sha256 if user_masks else None)
     # A run.json beside nothing trained (the model did not load, say) is no run yet: nothing could be mixed.
-    trained = any((out / name).exists() for name in TRAINED_OUTPUTS if name != RUN_OPTIONS)
+    trained = bool(_trained_outputs(out))
     try:
         old = read_run_options(out) if trained else None
     except RunFolderError as exc:
@@ -329,6 +329,11 @@ def _copy_source(image_path, image_sha: str, out: Path) -> str:
             stale.unlink()
     atomic_write_bytes(out / name, data)
     return name
+
+
+def _trained_outputs(out: Path) -> list[str]:
+    """What a run trained that is present in ``out`` (``run.json`` alone is no run yet: nothing could be mixed)."""
+    return [name for name in TRAINED_OUTPUTS if name != RUN_OPTIONS and (out / name).exists()]
 
 
 def _model_record(model: ModelConfig) -> str:

@@ -205,18 +205,7 @@ class ConceptLocalizer:
         clock.lap("cluster")
         masks = upsample_masks(clusters.masks.numpy(), image.size)
         clock.lap("upsample")
-        return Localization(
-            clusters=clusters,
-            masks=masks,
-            eot=maps.eot,
-            source_size=image.size,
-            work_size=maps.work_size,
-            latent_hw=maps.latent_hw,
-            self_attention_layers=maps.self_attention_layers,
-            cross_attention_layers=maps.cross_attention_layers,
-            timings={**maps.timings, **clock.laps},
-            image=image,
-        )
+        return _localization(maps, clusters, masks, image, clock)
 
     def from_masks(self, image: Image.Image | str | Path, masks: np.ndarray, *, threshold: float = 0.5) -> Localization:
         """The user's masks as a Localization, clustering skipped (``extract --masks DIR``).
@@ -280,18 +269,7 @@ class ConceptLocalizer:
             clustering="paper",
         )
         clock.lap("masks")
-        return Localization(
-            clusters=clusters,
-            masks=masks.copy(),
-            eot=maps.eot,
-            source_size=image.size,
-            work_size=maps.work_size,
-            latent_hw=maps.latent_hw,
-            self_attention_layers=maps.self_attention_layers,
-            cross_attention_layers=maps.cross_attention_layers,
-            timings={**maps.timings, **clock.laps},
-            image=image,
-        )
+        return _localization(maps, clusters, masks.copy(), image, clock)
 
 
 class _Clock:
@@ -308,6 +286,22 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = round(now - self._t, 4)
         self._t = now
+
+
+def _localization(maps: AttentionMaps, clusters, masks: np.ndarray, image: Image.Image, clock) -> Localization:
+    """The result of one localization pass: ``clusters`` and their full-size ``masks``, with the pass's maps."""
+    return Localization(
+        clusters=clusters,
+        masks=masks,
+        eot=maps.eot,
+        source_size=image.size,
+        work_size=maps.work_size,
+        latent_hw=maps.latent_hw,
+        self_attention_layers=maps.self_attention_layers,
+        cross_attention_layers=maps.cross_attention_layers,
+        timings={**maps.timings, **clock.laps},
+        image=image,
+    )
 
 
 def localize_concepts(
