@@ -60,3 +60,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Import-purity checks: one fresh interpreter imports these in order and reports, after each step, which heavy
+# libraries are loaded (cumulative: a step is charged with everything loaded so far, so a check can only err
+# towards failing). The pure cores come first; the shell (which pulls diffusers) last. One subprocess instead of
+# one per check saves ~1 s of interpreter + torch start-up per check.
+IMPORT_STEPS = {
+    "conceptexpress": "import conceptexpress",
+    "conceptexpress.localize": "import conceptexpress.localize",
+    "conceptexpress.learn.losses": "import conceptexpress.learn.losses",
+    "conceptexpress.attention.aggregate": "import conceptexpress.attention.aggregate",
+    "conceptexpress.attention": "import conceptexpress.attention as a; a.SelfAttentionAccumulator",
+    "conceptexpress.evaluate.metrics": "import conceptexpress.evaluate.metrics",
+    "conceptexpress.baselines.maskcut": "import conceptexpress.baselines.maskcut",
+    "ui and cli": ("import conceptexpress.ui, conceptexpress.ui.session, conceptexpress.cli; "
+                   "conceptexpress.cli.build_parser()"),
+}
+_IMPORT_PROBE = """
+import json, sys
+steps, report = json.loads(sys.argv[1]), {}
+for name, code in steps.items():
+    exec(code, {})
+    report[name] = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "gradio"})
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="session")
+def heavy_imports() -> dict[str, list[str]]:
+    """{step of IMPORT_STEPS: heavy libraries (diffusers, transformers, gradio) loaded once it has run}."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, json.dumps(IMPORT_STEPS)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -92,10 +92,11 @@ def test_name_flags_only_renames_fields_that_are_flags():
     assert name_flags("`merge_step` must be < `steps`, see `pipe`", flags) == "`--merge-step` must be < `--steps`, see `pipe`"
 
 
-def _cli(*argv: str) -> subprocess.CompletedProcess:
+def _cli(*argv: str) -> subprocess.Popen:
+    """`python -m conceptexpress ARGV` started in the background (``.communicate()`` waits for it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "conceptexpress", *argv], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.Popen([sys.executable, "-m", "conceptexpress", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_a_refused_model_is_one_line_without_library_warnings(tmp_path):
@@ -106,8 +107,11 @@ def test_a_refused_model_is_one_line_without_library_warnings(tmp_path):
     (bad / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "X"]}')
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(os.urandom(512))
-    for model in (bad, garbage):
-        proc = _cli("extract", str(EXAMPLE), "--out", str(tmp_path / "run"), "--model", str(model), "--device", "cpu")
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 4, proc.stderr
-        assert len(lines) == 1 and lines[0].startswith("error: ") and str(model) in lines[0], proc.stderr
+    models = (bad, garbage)  # both commands run side by side: each is mostly interpreter and library start-up
+    procs = [_cli("extract", str(EXAMPLE), "--out", str(tmp_path / f"run{i}"), "--model", str(m), "--device", "cpu")
+             for i, m in enumerate(models)]
+    for model, proc in zip(models, procs):
+        _, stderr = proc.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 4, stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and str(model) in lines[0], stderr
