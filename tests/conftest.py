@@ -62,10 +62,10 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-# Import-purity checks: one fresh interpreter imports these in order and reports, after each step, which heavy
+# Import-purity checks: one fresh interpreter runs these steps in order and reports, after each step, which heavy
 # libraries are loaded (cumulative: a step is charged with everything loaded so far, so a check can only err
-# towards failing). The pure cores come first; the shell (which pulls diffusers) last. One subprocess instead of
-# one per check saves ~1 s of interpreter + torch start-up per check.
+# towards failing), what the step printed and its exit code. The pure cores come first; the shell (which pulls
+# diffusers) last. One subprocess instead of one per check saves ~1 s of interpreter + torch start-up per check.
 IMPORT_STEPS = {
     "conceptexpress": "import conceptexpress",
     "conceptexpress.localize": "import conceptexpress.localize",
@@ -76,20 +76,30 @@ IMPORT_STEPS = {
     "conceptexpress.baselines.maskcut": "import conceptexpress.baselines.maskcut",
     "ui and cli": ("import conceptexpress.ui, conceptexpress.ui.session, conceptexpress.cli; "
                    "conceptexpress.cli.build_parser()"),
+    # what `python -m conceptexpress --version` runs (runpy is how -m runs a package's __main__)
+    "python -m conceptexpress --version": (
+        "import runpy, sys; sys.argv = ['conceptexpress', '--version']; "
+        "runpy.run_module('conceptexpress', run_name='__main__', alter_sys=True)"),
 }
 _IMPORT_PROBE = """
-import json, sys
+import contextlib, io, json, sys
 steps, report = json.loads(sys.argv[1]), {}
 for name, code in steps.items():
-    exec(code, {})
-    report[name] = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "gradio"})
+    out, code_ = io.StringIO(), 0
+    with contextlib.redirect_stdout(out):
+        try:
+            exec(code, {})
+        except SystemExit as exc:
+            code_ = exc.code if isinstance(exc.code, int) else 1
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers", "gradio"})
+    report[name] = {"heavy": heavy, "stdout": out.getvalue(), "exit": code_}
 print(json.dumps(report))
 """
 
 
 @pytest.fixture(scope="session")
-def heavy_imports() -> dict[str, list[str]]:
-    """{step of IMPORT_STEPS: heavy libraries (diffusers, transformers, gradio) loaded once it has run}."""
+def import_probe() -> dict[str, dict]:
+    """{step of IMPORT_STEPS: {"heavy": libraries loaded once it has run, "stdout": str, "exit": int}}."""
     import json
     import subprocess
     import sys
@@ -98,3 +108,9 @@ def heavy_imports() -> dict[str, list[str]]:
                           text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def heavy_imports(import_probe) -> dict[str, list[str]]:
+    """{step of IMPORT_STEPS: heavy libraries (diffusers, transformers, gradio) loaded once it has run}."""
+    return {name: step["heavy"] for name, step in import_probe.items()}

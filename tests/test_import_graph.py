@@ -7,8 +7,6 @@ Reads the source with ``benchmarks/import_graph.py`` (nothing is imported), plus
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +89,6 @@ def test_import_conceptexpress_pulls_no_diffusers_or_transformers(heavy_imports)
     assert heavy_imports["conceptexpress"] == []
 
 
-def test_python_dash_m_conceptexpress_runs_the_command_line():
-    proc = subprocess.run([sys.executable, "-m", "conceptexpress", "--version"], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.startswith("conceptexpress "), proc.stdout + proc.stderr
+def test_python_dash_m_conceptexpress_runs_the_command_line(import_probe):
+    step = import_probe["python -m conceptexpress --version"]
+    assert step["exit"] == 0 and step["stdout"].startswith("conceptexpress "), step
