@@ -11,6 +11,11 @@ Sections (held-out scenes: seeds < 1e6, never seen in training):
 - extract: `extract` on held-out scenes per row (full, no-split-merge, no-attn-reg, batched update rule,
   BaS†); each concept sampled 4 times ("a photo of <ck>", DDIM 50 / 7.5); a concept is recovered when >= 3 of 4
   images show the colour and shape of the ground-truth object its mask matches (Hungarian, IoU >= 0.5).
+  Scene i has 2 + i mod 3 objects unless --extract-objects says otherwise.
+- recover: one-object scenes, full method; the concept overlapping the object most is sampled 4 times (DDIM 25);
+  counted: samples showing the object's colour / colour and shape, against a control whose learning rate is 1e-12.
+The token learning rate of extract and recover is the paper's 5e-4 scaled by 500 / --steps (the paper's total step
+size over the shorter CPU schedule) unless --lr is given.
 """
 
 from __future__ import annotations
@@ -107,7 +112,9 @@ def localization(pipe, scenes: int, n_max: int) -> dict:
     return out
 
 
-def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path) -> dict:
+def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path,
+               counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr) -> dict:
+    """Scene ``i`` has ``counts[i % len(counts)]`` objects (the default: 2 + i mod 3, as in every table so far)."""
     from conceptexpress.extract import SampleConfig, extract
 
     results = {}
@@ -116,11 +123,11 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
         per_concept = []
         t0 = time.time()
         for i in scenes:
-            scene = render_scene(i, num_objects=2 + i % 3)
+            scene = render_scene(i, num_objects=counts[i % len(counts)])
             src = work / f"scene_{i}.png"
             scene.image.save(src)
             out = work / row / f"scene_{i}"
-            cfg = TrainConfig(steps=steps, merge_step=merge_step, micro_batch=0, checkpoint_every=0, **overrides)
+            cfg = TrainConfig(steps=steps, merge_step=merge_step, lr=lr, micro_batch=0, checkpoint_every=0, **overrides)
             manifest = extract(src, out, model=ModelConfig(model=model), train=cfg, sample=SampleConfig(sample_count=4), pipe=pipe,
                                progress=False, method=method)
             masks = np.stack([np.asarray(Image.open(out / m["mask"])) > 127 for m in manifest["tokens"]])
@@ -131,7 +138,7 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
                 imgs = sorted((out / "samples").glob(f"{stem}_*.png"))
                 target = scene.objects[gt_of[j]] if j in gt_of else None
                 shown = [target in read_objects(Image.open(f)) for f in imgs] if target else [False] * len(imgs)
-                per_concept.append({"scene": i, "concept": concept["token"], "object": target,
+                per_concept.append({"scene": i, "objects": len(scene.objects), "concept": concept["token"], "object": target,
                                     "shown": int(sum(shown)), "images": len(imgs),
                                     "recovered": bool(target) and sum(shown) >= 3})
         n = len(per_concept)
@@ -140,8 +147,51 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
             "matched_to_object": sum(c["object"] is not None for c in per_concept) / max(n, 1),
             "recovered": sum(c["recovered"] for c in per_concept) / max(n, 1),
             "seconds": round(time.time() - t0, 1), "per_concept": per_concept,
+            "by_object_count": {
+                str(k): {"concepts": len(cs), "recovered": sum(c["recovered"] for c in cs) / len(cs)}
+                for k in sorted({c["objects"] for c in per_concept})
+                for cs in [[c for c in per_concept if c["objects"] == k]]
+            },
         }
     return results
+
+
+def token_recovery(pipe, model: str, seeds: list[int], steps: int, merge_step: int, lr: float, work: Path,
+                   sample_steps: int = 25) -> dict:
+    """One-object scenes: ``extract`` (full method), then the concept whose mask overlaps the object most is sampled
+    4 times ("a photo of <ck>"); counted: samples whose objects (read by `read_objects`) include the object's colour,
+    and its colour and shape. The control repeats it with the learning rate at 1e-12 (the tokens stay at their
+    initialization: what the samples show without learning)."""
+    from conceptexpress.extract import SampleConfig, extract
+
+    out: dict = {}
+    for name, rate in (("learned", lr), ("control", 1e-12)):
+        rows, t0 = [], time.time()
+        for i in seeds:
+            scene = render_scene(i, num_objects=1)
+            src = work / f"one_{i}.png"
+            scene.image.save(src)
+            run = work / f"recover-{name}" / f"scene_{i}"
+            cfg = TrainConfig(steps=steps, merge_step=merge_step, lr=rate, micro_batch=0, checkpoint_every=0)
+            manifest = extract(src, run, model=ModelConfig(model=model), train=cfg, pipe=pipe, progress=False,
+                               sample=SampleConfig(sample_count=4, sample_steps=sample_steps))
+            masks = np.stack([np.asarray(Image.open(run / m["mask"])) > 127 for m in manifest["tokens"]])
+            ious = [(m & scene.masks[0]).sum() / max((m | scene.masks[0]).sum(), 1) for m in masks]
+            best = int(np.argmax(ious))
+            stem = manifest["tokens"][best]["token"].strip("<>")
+            read = [read_objects(Image.open(f)) for f in sorted((run / "samples").glob(f"{stem}_*.png"))]
+            colour, shape = scene.objects[0]
+            rows.append({"scene": i, "object": [colour, shape], "concepts": len(masks), "iou": round(float(ious[best]), 3),
+                         "colour_shown": sum(any(c == colour for c, _ in r) for r in read),
+                         "object_shown": sum((colour, shape) in r for r in read), "images": len(read)})
+        out[name] = {
+            "lr": rate, "per_scene": rows, "seconds": round(time.time() - t0, 1),
+            "colour_recovered": sum(r["colour_shown"] >= 3 for r in rows) / len(rows),
+            "object_recovered": sum(r["object_shown"] >= 3 for r in rows) / len(rows),
+            "colour_images": sum(r["colour_shown"] for r in rows) / max(sum(r["images"] for r in rows), 1),
+        }
+    out["schedule"] = {"steps": steps, "merge_step": merge_step, "samples": 4, "sample_steps": sample_steps}
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -165,21 +215,40 @@ def markdown(report: dict) -> str:
         for row, r in report["extract"].items():
             lines.append(f"| {row} | {r['scenes']} | {r['concepts']} | {r['matched_to_object']:.3f} | "
                          f"{r['recovered']:.3f} | {r['seconds']} |")
+        lines += ["", "Recovered by object count of the scene: " + "; ".join(
+            f"{row}: " + ", ".join(f"{k} obj. {v['recovered']:.2f} of {v['concepts']}" for k, v in r["by_object_count"].items())
+            for row, r in report["extract"].items())]
+    if "recover" in report:
+        r = report["recover"]
+        lines += ["", "## One-object token recovery (best-matching concept, 4 samples)", "",
+                  "| tokens | scenes | colour in >= 3 of 4 | object in >= 3 of 4 | images showing the colour |",
+                  "|---|---|---|---|---|"]
+        for name in ("learned", "control"):
+            x = r[name]
+            lines.append(f"| {name} (lr {x['lr']:g}) | {len(x['per_scene'])} | {x['colour_recovered']:.2f} | "
+                         f"{x['object_recovered']:.2f} | {x['colour_images']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped one)")
-    ap.add_argument("--sections", default="caption,localize,extract")
+    ap.add_argument("--sections", default="caption,localize,extract,recover")
     ap.add_argument("--caption-per-pair", type=int, default=5, help="images per (colour, shape) caption")
     ap.add_argument("--scenes", type=int, default=60, help="held-out scenes for localization (1-4 objects, balanced)")
     ap.add_argument("--n-max", type=int, default=10)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--extract-scenes", type=int, default=12)
     ap.add_argument("--extract-first", type=int, default=500, help="seed of the first extraction scene")
+    ap.add_argument("--extract-objects", default="2,3,4",
+                    help="object counts of the extraction scenes, cycled by seed (seed i: counts[i %% len])")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--merge-step", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=None,
+                    help="token learning rate of extract/recover (default: the paper's 5e-4 x 500 / --steps, i.e. the "
+                         "paper's total step size over a shorter schedule)")
+    ap.add_argument("--recover-scenes", type=int, default=8, help="one-object scenes of the recover section")
+    ap.add_argument("--recover-first", type=int, default=920, help="seed of the first recover scene")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="folder for toy_quality.json / .md (and extraction runs)")
     args = ap.parse_args(argv)
@@ -189,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(model, device="cpu", dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
     sections = set(args.sections.split(","))
+    lr = args.lr if args.lr is not None else TrainConfig.lr * 500 / args.steps
     report: dict = {"model": model, "threads": torch.get_num_threads()}
     t0 = time.time()
     if "caption" in sections:
@@ -199,8 +269,16 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-extract-"))
         work.mkdir(parents=True, exist_ok=True)
         scenes = list(range(args.extract_first, args.extract_first + args.extract_scenes))
-        report["extract"] = extraction(pipe, model, args.rows.split(","), scenes, args.steps, args.merge_step, work)
-        report["extract_schedule"] = {"steps": args.steps, "merge_step": args.merge_step, "samples": 4}
+        counts = tuple(int(k) for k in args.extract_objects.split(","))
+        report["extract"] = extraction(pipe, model, args.rows.split(","), scenes, args.steps, args.merge_step, work,
+                                       counts, lr)
+        report["extract_schedule"] = {"steps": args.steps, "merge_step": args.merge_step, "samples": 4, "lr": lr,
+                                      "object_counts": list(counts)}
+    if "recover" in sections:
+        work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-recover-"))
+        work.mkdir(parents=True, exist_ok=True)
+        seeds = list(range(args.recover_first, args.recover_first + args.recover_scenes))
+        report["recover"] = token_recovery(pipe, model, seeds, args.steps, args.merge_step, lr, work)
     report["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=1, default=str)
     print(text)
