@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from conceptexpress.config import TrainConfig
 from conceptexpress.toy import read_objects, render_scene, toy_pipeline_path
 
 # Held-out scenes (seeds < 1e6 are never trained on) with 1, 2, 3 and 4 objects.
@@ -116,3 +117,33 @@ def test_emd_regularizer_is_aligned_with_learned_attention(toy_pipe, flip_p):
     right, swapped = float(np.mean(reg["right"])), float(np.mean(reg["swapped"]))
     print(f"EMD right {right:.3f} swapped {swapped:.3f} ratio {right / swapped:.3f}")
     assert right < MAX_EMD_RATIO * swapped, (right, swapped)
+
+
+# One short extraction regenerates its object (issue 7 item 4). `benchmarks/toy_quality.py --sections recover
+# --steps 60 --merge-step 12` on the shipped weights (8 one-object scenes, 920–927; docs/toy-world.md): the concept
+# matching the object shows its colour in >= 3 of 4 samples for 6 of 8 scenes and the whole object for 5 of 8,
+# against 1 of 8 (the green square, the model's unconditional look) with the learning rate at 1e-12. Scene 927 (a
+# yellow circle): learned 4 of 4 samples show the yellow circle, 0 of 4 without learning (the zero-gradient break).
+RECOVER_SCENE = 927
+RECOVER_LR = TrainConfig.lr * 500 / 60  # the paper's total step size (500 steps at 5e-4) over 60 steps
+
+
+def test_short_extraction_regenerates_its_object(toy_pipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conceptexpress.config import ModelConfig, SampleConfig
+    from conceptexpress.extract import extract
+
+    scene = render_scene(RECOVER_SCENE, num_objects=1)
+    src = tmp_path / "scene.png"
+    scene.image.save(src)
+    cfg = TrainConfig(steps=60, merge_step=12, lr=RECOVER_LR, micro_batch=0, checkpoint_every=0)
+    manifest = extract(src, tmp_path / "run", model=ModelConfig(model=str(toy_pipeline_path())), train=cfg,
+                       sample=SampleConfig(sample_count=4, sample_steps=25), pipe=toy_pipe, progress=False)
+    masks = [np.asarray(Image.open(tmp_path / "run" / t["mask"])) > 127 for t in manifest["tokens"]]
+    ious = [(m & scene.masks[0]).sum() / (m | scene.masks[0]).sum() for m in masks]
+    best = manifest["tokens"][int(np.argmax(ious))]["token"].strip("<>")
+    read = [read_objects(Image.open(f)) for f in sorted((tmp_path / "run" / "samples").glob(f"{best}_*.png"))]
+    assert len(read) == 4
+    assert sum(scene.objects[0] in objects for objects in read) >= 3, (scene.objects[0], read)
