@@ -2,7 +2,7 @@
 
     python docs/make_toy_demo.py [--scene 503] [--out /tmp/toy-demo]
 
-Runs the README's three commands (scene → extract 60 steps, merge at 12 → generate "a photo of <c1>" ×4) through
+Runs the README's three commands (scene → extract 60 steps, merge at 12, lr 4e-3 → generate "a photo of <c1>" ×4) through
 the command line and composes: the photo, the overlay, four samples of <c1> (each 64 px tile drawn ×3).
 """
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     run = out / "run"
     model = str(toy_pipeline_path())
     if cli(["-q", "extract", str(photo), "--model", model, "--out", str(run), "--steps", "60", "--merge-step", "12",
-            "--overwrite"]):
+            "--lr", "4e-3", "--overwrite"]):
         return 1
     if cli(["-q", "generate", str(run), "a photo of <c1>", "-n", "4", "--out", str(out / "generated")]):
         return 1

@@ -10,13 +10,13 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
    supervision* term: at the cross-attention layers, each object's colour and shape tokens and the [EOT] token
    (of the caption and of ``""``) are pushed to spend their spatial attention inside their object (the [EOT]:
    inside the union of objects) — the properties that SD shows at scale and that the method relies on
-   (paper §3.2 Eq. 5 and §3.4); and at the self-attention layers each pixel is pushed to spend its attention
-   inside its own region (its object, or the background) — the property the clustering relies on (§3.2).
-   See docs/toy-world.md for why.
+   (paper §3.2 Eq. 5 and §3.4). See docs/toy-world.md for why.
 
-The scenes of stage 2 come from a pool of ``data_pool`` scenes encoded once by the VAE (encoding every batch
-afresh cost half of each step on a CPU); each step draws its batch from the pool by a seeded permutation.
-The ε loss is weighted by min-SNR-γ (Hang et al. 2023), which converges faster on a small budget.
+Options tried in runs 2 and 4 (docs/toy-world.md), off by default because the shipped run3 did not use them: a
+self-attention term (``self_attn_weight``: each pixel pushed to spend its attention inside its own region, the
+property the clustering relies on, §3.2); min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); and a
+pool of ``data_pool`` scenes encoded once by the VAE (encoding every batch afresh is a large part of a step on a
+CPU), each step drawing its batch from the pool by a seeded permutation.
 
 Deterministic on CPU for a given seed and thread count.
 """
@@ -42,7 +42,7 @@ TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scen
 @dataclass(frozen=True)
 class ToyTrainConfig:
     """Defaults = the recipe of the shipped weights (docs/toy-world.md, run3: run1's recipe, 3,000 steps); the pool,
-    min-SNR and self-attention options are the run2 experiment, off by default."""
+    min-SNR and self-attention options are the run2 / run4 experiments, off by default."""
 
     seed: int = 0
     vae_steps: int = 300  # AutoencoderKL steps
