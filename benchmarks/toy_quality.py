@@ -33,6 +33,7 @@ from PIL import Image
 
 from conceptexpress import LocalizeConfig, ModelConfig, TrainConfig, load_pipeline
 from conceptexpress.baselines.clustering import finch_fixed_concepts, kmeans_concepts
+from conceptexpress.extract import SampleConfig, extract
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localizer import ConceptLocalizer
@@ -112,11 +113,19 @@ def localization(pipe, scenes: int, n_max: int) -> dict:
     return out
 
 
+def _extract_scene(pipe, model: str, scene, src: Path, out: Path, cfg: TrainConfig, method: str = "conceptexpress",
+                   sample_steps: int = SampleConfig.sample_steps) -> list[tuple[str, np.ndarray, list[Path]]]:
+    """``extract`` on ``scene`` (saved to ``src``) into ``out``: per concept (token, mask, its 4 sample files)."""
+    scene.image.save(src)
+    manifest = extract(src, out, model=ModelConfig(model=model), train=cfg, pipe=pipe, progress=False, method=method,
+                       sample=SampleConfig(sample_count=4, sample_steps=sample_steps))
+    return [(t["token"], np.asarray(Image.open(out / t["mask"])) > 127,
+             sorted((out / "samples").glob(f"{t['token'].strip('<>')}_*.png"))) for t in manifest["tokens"]]
+
+
 def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path,
                counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr) -> dict:
     """Scene ``i`` has ``counts[i % len(counts)]`` objects (the default: 2 + i mod 3, as in every table so far)."""
-    from conceptexpress.extract import SampleConfig, extract
-
     results = {}
     for row in rows:
         overrides, method = ROWS[row]
@@ -124,34 +133,27 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
         t0 = time.time()
         for i in scenes:
             scene = render_scene(i, num_objects=counts[i % len(counts)])
-            src = work / f"scene_{i}.png"
-            scene.image.save(src)
-            out = work / row / f"scene_{i}"
             cfg = TrainConfig(steps=steps, merge_step=merge_step, lr=lr, micro_batch=0, checkpoint_every=0, **overrides)
-            manifest = extract(src, out, model=ModelConfig(model=model), train=cfg, sample=SampleConfig(sample_count=4), pipe=pipe,
-                               progress=False, method=method)
-            masks = np.stack([np.asarray(Image.open(out / m["mask"])) > 127 for m in manifest["tokens"]])
-            match = match_masks(masks, scene.masks)
+            concepts = _extract_scene(pipe, model, scene, work / f"scene_{i}.png", work / row / f"scene_{i}", cfg, method)
+            match = match_masks(np.stack([mask for _, mask, _ in concepts]), scene.masks)
             gt_of = {int(p): int(g) for (p, g), iou in zip(match.pairs, match.pair_ious) if iou >= 0.5}
-            for j, concept in enumerate(manifest["tokens"]):
-                stem = concept["token"].strip("<>")
-                imgs = sorted((out / "samples").glob(f"{stem}_*.png"))
+            for j, (token, _, imgs) in enumerate(concepts):
                 target = scene.objects[gt_of[j]] if j in gt_of else None
                 shown = [target in read_objects(Image.open(f)) for f in imgs] if target else [False] * len(imgs)
-                per_concept.append({"scene": i, "objects": len(scene.objects), "concept": concept["token"], "object": target,
+                per_concept.append({"scene": i, "objects": len(scene.objects), "concept": token, "object": target,
                                     "shown": int(sum(shown)), "images": len(imgs),
                                     "recovered": bool(target) and sum(shown) >= 3})
         n = len(per_concept)
+        by_count: dict[str, list[dict]] = {}
+        for c in per_concept:
+            by_count.setdefault(str(c["objects"]), []).append(c)
         results[row] = {
             "scenes": len(scenes), "concepts": n,
             "matched_to_object": sum(c["object"] is not None for c in per_concept) / max(n, 1),
             "recovered": sum(c["recovered"] for c in per_concept) / max(n, 1),
             "seconds": round(time.time() - t0, 1), "per_concept": per_concept,
-            "by_object_count": {
-                str(k): {"concepts": len(cs), "recovered": sum(c["recovered"] for c in cs) / len(cs)}
-                for k in sorted({c["objects"] for c in per_concept})
-                for cs in [[c for c in per_concept if c["objects"] == k]]
-            },
+            "by_object_count": {k: {"concepts": len(cs), "recovered": sum(c["recovered"] for c in cs) / len(cs)}
+                                for k, cs in sorted(by_count.items())},
         }
     return results
 
@@ -162,26 +164,19 @@ def token_recovery(pipe, model: str, seeds: list[int], steps: int, merge_step: i
     4 times ("a photo of <ck>"); counted: samples whose objects (read by `read_objects`) include the object's colour,
     and its colour and shape. The control repeats it with the learning rate at 1e-12 (the tokens stay at their
     initialization: what the samples show without learning)."""
-    from conceptexpress.extract import SampleConfig, extract
-
     out: dict = {}
     for name, rate in (("learned", lr), ("control", 1e-12)):
         rows, t0 = [], time.time()
         for i in seeds:
             scene = render_scene(i, num_objects=1)
-            src = work / f"one_{i}.png"
-            scene.image.save(src)
-            run = work / f"recover-{name}" / f"scene_{i}"
             cfg = TrainConfig(steps=steps, merge_step=merge_step, lr=rate, micro_batch=0, checkpoint_every=0)
-            manifest = extract(src, run, model=ModelConfig(model=model), train=cfg, pipe=pipe, progress=False,
-                               sample=SampleConfig(sample_count=4, sample_steps=sample_steps))
-            masks = np.stack([np.asarray(Image.open(run / m["mask"])) > 127 for m in manifest["tokens"]])
-            ious = [(m & scene.masks[0]).sum() / max((m | scene.masks[0]).sum(), 1) for m in masks]
+            concepts = _extract_scene(pipe, model, scene, work / f"one_{i}.png", work / f"recover-{name}" / f"scene_{i}",
+                                      cfg, sample_steps=sample_steps)
+            ious = [(m & scene.masks[0]).sum() / max((m | scene.masks[0]).sum(), 1) for _, m, _ in concepts]
             best = int(np.argmax(ious))
-            stem = manifest["tokens"][best]["token"].strip("<>")
-            read = [read_objects(Image.open(f)) for f in sorted((run / "samples").glob(f"{stem}_*.png"))]
+            read = [read_objects(Image.open(f)) for f in concepts[best][2]]
             colour, shape = scene.objects[0]
-            rows.append({"scene": i, "object": [colour, shape], "concepts": len(masks), "iou": round(float(ious[best]), 3),
+            rows.append({"scene": i, "object": [colour, shape], "concepts": len(concepts), "iou": round(float(ious[best]), 3),
                          "colour_shown": sum(any(c == colour for c, _ in r) for r in read),
                          "object_shown": sum((colour, shape) in r for r in read), "images": len(read)})
         out[name] = {
