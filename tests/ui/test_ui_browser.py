@@ -197,7 +197,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             x, y = box["x"] + box["width"] / 2 - 100, box["y"] + box["height"] / 2 + 40
             page.mouse.move(x, y)
             page.mouse.down()
-            for dx, dy in ((160, 0), (160, 30)):  # few pointer events: each one redraws the canvas (~1 s headless)
+            for dx, dy in ((160, 0), (160, 30)):  # few events: each redraws the canvas (0.5–1 s headless)
                 page.mouse.move(x + dx, y + dy)
             page.mouse.up()
             page.locator("#draw-section").screenshot(path=str(artifacts / "04a-painted-section.png"))
