@@ -98,3 +98,15 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     pipe = load_pipeline(str(out / "step-3"), device="cpu")
     assert pipe.unet.config.sample_size * 2 == IMAGE_SIZE
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
+
+
+def test_toy_learning_rate_schedule():
+    from conceptexpress.toy.train import ToyTrainConfig, learning_rate
+
+    constant = ToyTrainConfig(steps=1000, warmup=100, lr=1e-3)
+    assert learning_rate(constant, 0) == pytest.approx(1e-5)  # warm-up from lr / warmup
+    assert learning_rate(constant, 99) == learning_rate(constant, 999) == pytest.approx(1e-3)
+    decayed = ToyTrainConfig(steps=1000, warmup=100, lr=1e-3, decay_steps=400)
+    assert learning_rate(decayed, 600) == pytest.approx(1e-3)  # decay starts 400 steps before the end
+    assert learning_rate(decayed, 800) == pytest.approx(0.5e-3)
+    assert learning_rate(decayed, 999) == pytest.approx(1e-3 / 400)  # last step: one decay step above 0
