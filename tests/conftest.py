@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores: torch's default of one
+    intra-op thread per core, in every worker, oversubscribes the machine (measured: `-n 2` with default threads
+    took 382 s where one process took 161 s). Subprocesses the tests start inherit the setting."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -98,16 +112,30 @@ print(json.dumps(report))
 
 
 @pytest.fixture(scope="session")
-def import_probe() -> dict[str, dict]:
+def import_probe(tmp_path_factory) -> dict[str, dict]:
     """{step of IMPORT_STEPS: {"heavy": libraries loaded once it has run, "stdout": str, "exit": int}}."""
     import json
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, json.dumps(IMPORT_STEPS)], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    def probe() -> str:
+        proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE, json.dumps(IMPORT_STEPS)], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().splitlines()[-1]
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return json.loads(probe())
+    # pytest-xdist: the first worker to get here runs the probe, the others read its report (the workers' base
+    # temporary folders share a parent; the pattern of pytest-xdist's docs, "making session-scoped fixtures
+    # execute only once")
+    from filelock import FileLock
+
+    report = tmp_path_factory.getbasetemp().parent / "import-probe.json"
+    with FileLock(str(report) + ".lock"):
+        if not report.is_file():
+            report.write_text(probe(), encoding="utf-8")
+        return json.loads(report.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")
