@@ -42,7 +42,7 @@ TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scen
 @dataclass(frozen=True)
 class ToyTrainConfig:
     """Defaults = the recipe of the shipped weights (docs/toy-world.md, run3: run1's recipe, 3,000 steps); the pool,
-    min-SNR and self-attention options are the run2 / run4 experiments, off by default."""
+    min-SNR, self-attention and decay options are the run2 / run4 / run5 experiments, off by default."""
 
     seed: int = 0
     vae_steps: int = 300  # AutoencoderKL steps
@@ -50,7 +50,7 @@ class ToyTrainConfig:
     vae_lr: float = 2e-3
     steps: int = 3000  # UNet + text-encoder steps (run1 stopped at 1200; run3, shipped, 3000)
     batch: int = 32
-    lr: float = 1e-3  # AdamW, constant after warm-up (so a checkpoint at step k equals a run of k steps)
+    lr: float = 1e-3  # AdamW, constant after warm-up (so, without decay, a checkpoint at step k = a run of k steps)
     warmup: int = 100
     decay_steps: int = 0  # linear decay of lr to 0 over the last N steps (0 = none; run5 tried 900)
     ema: float = 0.995
