@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conceptexpress.toy import COLORS, IMAGE_SIZE, SHAPES, caption_for, read_objects, render_scene
@@ -110,3 +111,33 @@ def test_toy_learning_rate_schedule():
     assert learning_rate(decayed, 600) == pytest.approx(1e-3)  # decay starts 400 steps before the end
     assert learning_rate(decayed, 800) == pytest.approx(0.5e-3)
     assert learning_rate(decayed, 999) == pytest.approx(1e-3 / 400)  # last step: one decay step above 0
+
+
+def test_toy_self_attention_targets_known_answers(capsys):
+    """Left half of the picture one object, right half background; at 4×4 each region is 8 of 16 pixels."""
+    from types import SimpleNamespace
+
+    from conceptexpress.toy.__main__ import main
+    from conceptexpress.toy.train import _self_attention_loss
+
+    masks = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    masks[:, :, : IMAGE_SIZE // 2] = True
+    scene = SimpleNamespace(masks=masks)
+    keep = torch.tensor([True])
+    region = torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(4)  # (16,) row-major: columns 0-1 are the object
+    same = region[:, None] * region[None, :] + (1 - region)[:, None] * (1 - region)[None, :]  # (16, 16)
+    own_region_uniform = (same / 8)[None]
+    everywhere = torch.full((1, 16, 16), 1 / 16)
+    itself = torch.eye(16)[None]
+    loss = lambda probs, target: _self_attention_loss([probs], [scene], keep, target).item()  # noqa: E731
+    assert loss(own_region_uniform, "uniform") == pytest.approx(0.0, abs=1e-6)
+    assert loss(everywhere, "uniform") == pytest.approx(np.log(2), abs=1e-5)  # KL(u_8 ‖ u_16) = log 2
+    assert loss(everywhere, "mass") == pytest.approx(-np.log(0.5 + 1e-4), abs=1e-5)
+    # attending only to itself satisfies "mass" but not "uniform": KL(u_8 ‖ one-hot) is large
+    assert loss(itself, "mass") == pytest.approx(0.0, abs=1e-3)
+    assert loss(itself, "uniform") > 10
+    assert _self_attention_loss([everywhere], [scene], torch.tensor([False]), "uniform").item() == 0.0
+    with pytest.raises(ValueError, match="target"):
+        loss(everywhere, "blob")
+    assert main(["train", "/nonexistent/never", "--self-attn-target", "blob"]) == 2
+    assert "--self-attn-target must be one of mass, uniform" in capsys.readouterr().err

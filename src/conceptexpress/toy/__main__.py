@@ -48,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         scene.image.save(args.png)
         print(scene.caption)
         return 0
-    cfg = ToyTrainConfig(**{f.name: getattr(args, f.name) for f in fields(ToyTrainConfig)})
+    try:
+        cfg = ToyTrainConfig(**{f.name: getattr(args, f.name) for f in fields(ToyTrainConfig)})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     path = train(args.out, cfg, log=lambda m: print(m, flush=True))
     print(f"pipeline: {path}")
     return 0

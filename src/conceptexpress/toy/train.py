@@ -37,12 +37,13 @@ from .tokenizer import write_toy_tokenizer
 from .world import IMAGE_SIZE, render_scene
 
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scenes (benchmarks, tests) are < 1e6
+SELF_ATTN_TARGETS = ("mass", "uniform")  # the self-attention supervision's forms (see _self_attention_loss)
 
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
     """Defaults = the recipe of the shipped weights (docs/toy-world.md, run3: run1's recipe, 3,000 steps); the pool,
-    min-SNR, self-attention and decay options are the run2 / run4 / run5 experiments, off by default."""
+    min-SNR, self-attention and decay options are the run2 / run4 / run5 / run6 experiments, off by default."""
 
     seed: int = 0
     vae_steps: int = 300  # AutoencoderKL steps
@@ -57,11 +58,17 @@ class ToyTrainConfig:
     caption_dropout: float = 0.15  # "" for classifier-free guidance (and the localization prompt)
     attn_weight: float = 0.02  # attention supervision λ
     self_attn_weight: float = 0.0  # self-attention supervision λ_self (0 = off; run2 tried 0.05)
+    self_attn_target: str = "mass"  # "mass": −log(mass inside own region) (run2); "uniform": KL to uniform over it (run6)
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
     data_pool: int = 0  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
     save_every: int = 400
     threads: int = 2
+
+    def __post_init__(self):
+        if self.self_attn_target not in SELF_ATTN_TARGETS:
+            raise ValueError(f"--self-attn-target must be one of {', '.join(SELF_ATTN_TARGETS)}, "
+                             f"not {self.self_attn_target!r}")
 
 
 def learning_rate(cfg: ToyTrainConfig, step: int) -> float:
@@ -232,10 +239,18 @@ def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tens
     return torch.stack(losses).mean()
 
 
-def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor) -> torch.Tensor:
-    """−log(attention mass of a pixel inside its own region) over the pixels that lie ≥ 90 % in one region (an
-    object or the background), averaged per region (so a small object weighs as much as the background), at
-    every self-attention layer: the layout SD's self-attention has."""
+def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, target: str = "mass") -> torch.Tensor:
+    """Self-attention supervision over the pixels that lie ≥ 90 % in one region (an object or the background),
+    averaged per region (so a small object weighs as much as the background), at every self-attention layer.
+
+    ``target="mass"`` (run2): −log(attention mass of the pixel inside its own region) — the pixel attends inside its
+    region, but pixels of one object may still attend to different parts of it. ``target="uniform"`` (run6):
+    KL(u_r ‖ p_i), u_r the area-weighted uniform distribution over the pixel's region r — every pixel of an object
+    attends to the whole object, the object-shaped self-attention maps that SD shows at 16×16 and that DiffSeg and
+    the clustering (KL between maps, paper §3.2) rely on. Zero when every pure pixel's map equals its region's u_r.
+    """
+    if target not in SELF_ATTN_TARGETS:
+        raise ValueError(f"self-attention target must be one of {SELF_ATTN_TARGETS}, not {target!r}")
     losses = []
     idx = [b for b in range(len(scenes)) if keep[b]]
     if not idx:
@@ -249,14 +264,20 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor) 
             f = torch.cat([(1 - m.sum(0, keepdim=True)).clamp(min=0), m])  # (1 + K, N): background first
             fr.append(F.pad(f, (0, 0, 0, 5 - f.shape[0])))  # (5, N)
         fr = torch.stack(fr).transpose(1, 2)  # (b, N, 5) region fractions per pixel
-        mass = probs[idx] @ fr  # (b, N, 5) attention mass of each query in each region
         own, label = fr.max(-1)  # (b, N)
         pure = own >= 0.9
-        m_own = mass.gather(-1, label[..., None])[..., 0]  # (b, N)
+        if target == "mass":
+            mass = probs[idx] @ fr  # (b, N, 5) attention mass of each query in each region
+            per_pixel = -torch.log(mass.gather(-1, label[..., None])[..., 0] + 1e-4)  # (b, N)
+        else:
+            u = fr / fr.sum(1, keepdim=True).clamp(min=1e-8)  # (b, N, 5): u_r over the keys, per region
+            cross = torch.log(probs[idx] + 1e-8) @ u  # (b, N, 5): Σ_j u_r(j) log p_i(j)
+            neg_entropy = (u * torch.log(u.clamp(min=1e-12))).sum(1)  # (b, 5): Σ_j u_r(j) log u_r(j)
+            per_pixel = (neg_entropy[:, None, :] - cross).gather(-1, label[..., None])[..., 0]  # KL(u_r ‖ p_i)
         onehot = F.one_hot(label, 5).float() * pure[..., None]  # (b, N, 5)
         count = onehot.sum(1, keepdim=True)  # (b, 1, 5) pure pixels per region
         w = (onehot / count.clamp(min=1)).sum(-1)  # (b, N): 1 / size of the pixel's region, 0 if not pure
-        losses.append((w * -torch.log(m_own + 1e-4)).sum() / (count > 0).sum().clamp(min=1))
+        losses.append((w * per_pixel).sum() / (count > 0).sum().clamp(min=1))
     return torch.stack(losses).mean()
 
 
@@ -349,7 +370,8 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             eps_loss = mse
         keep = t < cfg.attn_max_t
         attn = _attention_loss(store, scenes, _token_targets(scenes, captions), keep)
-        self_attn = _self_attention_loss(self_store, scenes, keep) if supervise_self else torch.zeros(())
+        self_attn = (_self_attention_loss(self_store, scenes, keep, cfg.self_attn_target) if supervise_self
+                     else torch.zeros(()))
         loss = eps_loss + cfg.attn_weight * attn + cfg.self_attn_weight * self_attn
         opt.zero_grad(set_to_none=True)
         loss.backward()
