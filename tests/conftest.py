@@ -9,14 +9,15 @@ import pytest
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (the README's `-n 2`) each worker gets its share of the cores: torch's default of one
+    """Under pytest-xdist (the README's `-n logical`) each worker gets its share of the cores: torch's default of one
     intra-op thread per core, in every worker, oversubscribes the machine (measured: `-n 2` with default threads
     took 382 s where one process took 161 s). Subprocesses the tests start inherit the setting."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch
 
-        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+        threads = max(1, cores // int(workers))
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 
