@@ -141,3 +141,15 @@ def test_toy_self_attention_targets_known_answers(capsys):
         loss(everywhere, "blob")
     assert main(["train", "/nonexistent/never", "--self-attn-target", "blob"]) == 2
     assert "--self-attn-target must be one of mass, uniform" in capsys.readouterr().err
+
+
+def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
+    from conceptexpress.toy.__main__ import main
+
+    out = tmp_path / "never"
+    assert main(["train", str(out), "--device", "gpu0"]) == 2
+    assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", str(out), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert not out.exists()  # nothing written

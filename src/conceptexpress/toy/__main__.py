@@ -11,7 +11,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from .train import ToyTrainConfig, train
+from .train import ToyTrainConfig, check_device, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = ToyTrainConfig(**{f.name: getattr(args, f.name) for f in fields(ToyTrainConfig)})
+        check_device(cfg)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ property the clustering relies on, §3.2); min-SNR-γ weighting of the ε loss (
 pool of ``data_pool`` scenes encoded once by the VAE (encoding every batch afresh is a large part of a step on a
 CPU), each step drawing its batch from the pool by a seeded permutation.
 
-Deterministic on CPU for a given seed and thread count.
+Deterministic on CPU for a given seed and thread count. ``device="cuda"`` trains on a GPU (every random number is
+still drawn on the CPU, so the scenes, timesteps and noise are a CPU run's; the arithmetic is not bit-identical).
 """
 
 from __future__ import annotations
@@ -64,11 +65,22 @@ class ToyTrainConfig:
     data_pool: int = 0  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
     save_every: int = 400
     threads: int = 2
+    device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
 
     def __post_init__(self):
         if self.self_attn_target not in SELF_ATTN_TARGETS:
             raise ValueError(f"--self-attn-target must be one of {', '.join(SELF_ATTN_TARGETS)}, "
                              f"not {self.self_attn_target!r}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"--device {self.device!r} is not a torch device (cpu, cuda, cuda:1, …)") from None
+
+
+def check_device(cfg: ToyTrainConfig) -> None:
+    """Refuse, before any work, a device this machine does not have (``ValueError``)."""
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {cfg.device}: torch sees no CUDA device here")
 
 
 def learning_rate(cfg: ToyTrainConfig, step: int) -> float:
@@ -153,22 +165,22 @@ def _scheduler():
     )
 
 
-def _images(seeds: list[int]) -> tuple[torch.Tensor, list]:
+def _images(seeds: list[int], device: str = "cpu") -> tuple[torch.Tensor, list]:
     scenes = [render_scene(s) for s in seeds]
     x = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes])  # (B, H, W, 3)
-    return torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0, scenes
+    return (torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0).to(device), scenes
 
 
 def train_vae(out: Path, cfg: ToyTrainConfig, log) -> None:
     torch.manual_seed(cfg.seed)
-    vae = _vae()
+    vae = _vae().to(cfg.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     for step in range(cfg.vae_steps):
-        x, _ = _images([TRAIN_SEED_OFFSET + 10_000_000 + step * cfg.vae_batch + i for i in range(cfg.vae_batch)])
+        x, _ = _images([TRAIN_SEED_OFFSET + 10_000_000 + step * cfg.vae_batch + i for i in range(cfg.vae_batch)], cfg.device)
         post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(cfg.device)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / z[0].numel()
         loss = F.mse_loss(rec, x) + 1e-4 * kl
@@ -179,11 +191,11 @@ def train_vae(out: Path, cfg: ToyTrainConfig, log) -> None:
             log(f"vae step {step} loss {loss.item():.5f} ({time.time() - t0:.0f} s)")
     vae.eval()
     with torch.no_grad():
-        x, _ = _images([TRAIN_SEED_OFFSET + 20_000_000 + i for i in range(64)])
+        x, _ = _images([TRAIN_SEED_OFFSET + 20_000_000 + i for i in range(64)], cfg.device)
         mean = vae.encode(x).latent_dist.mean
         rec = vae.decode(mean).sample
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
-    vae.save_pretrained(out / "vae")
+    vae.to("cpu").save_pretrained(out / "vae")
     log(f"vae done: rec mse {F.mse_loss(rec, x).item():.5f}, scaling_factor {1.0 / mean.std().item():.4f}")
 
 
@@ -228,7 +240,7 @@ def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tens
         for b, (scene, pairs) in enumerate(zip(scenes, targets)):
             if not keep[b]:
                 continue
-            m = torch.from_numpy(scene.masks.astype(np.float32))[:, None]  # (K, 1, H, W)
+            m = torch.from_numpy(scene.masks.astype(np.float32))[:, None].to(probs.device)  # (K, 1, H, W)
             m = F.adaptive_avg_pool2d(m, side).flatten(1)  # (K, N) area fractions
             for pos, k in pairs:
                 target = m.sum(0).clamp(max=1) if k is None else m[k]
@@ -263,7 +275,7 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
             m = F.adaptive_avg_pool2d(m, side).flatten(1)  # (K, N) area fractions
             f = torch.cat([(1 - m.sum(0, keepdim=True)).clamp(min=0), m])  # (1 + K, N): background first
             fr.append(F.pad(f, (0, 0, 0, 5 - f.shape[0])))  # (5, N)
-        fr = torch.stack(fr).transpose(1, 2)  # (b, N, 5) region fractions per pixel
+        fr = torch.stack(fr).transpose(1, 2).to(probs.device)  # (b, N, 5) region fractions per pixel
         own, label = fr.max(-1)  # (b, N)
         pure = own >= 0.9
         if target == "mass":
@@ -287,7 +299,7 @@ def _encode_pool(vae, cfg: ToyTrainConfig, log) -> tuple[torch.Tensor, torch.Ten
     t0 = time.time()
     with torch.no_grad():
         for start in range(0, cfg.data_pool, 64):
-            x, _ = _images([TRAIN_SEED_OFFSET + i for i in range(start, min(start + 64, cfg.data_pool))])
+            x, _ = _images([TRAIN_SEED_OFFSET + i for i in range(start, min(start + 64, cfg.data_pool))], cfg.device)
             post = vae.encode(x).latent_dist
             means.append(post.mean)
             stds.append(post.std)
@@ -313,10 +325,12 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     torch.manual_seed(cfg.seed + 1)
     tok_dir = write_toy_tokenizer(out / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False).to(cfg.device)
     sf = vae.config.scaling_factor
     text_encoder = _text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     unet = UNet2DConditionModel(**unet_config())
+    text_encoder.to(cfg.device)
+    unet.to(cfg.device)
     sched = _scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
@@ -333,7 +347,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     pool = _encode_pool(vae, cfg, log) if cfg.data_pool else None
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 3)
-    alphas = sched.alphas_cumprod
+    alphas = sched.alphas_cumprod.to(cfg.device)
     history = []
     t0 = time.time()
     for step in range(cfg.steps):
@@ -341,20 +355,22 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             g["lr"] = learning_rate(cfg, step)
         idx = _batch_seeds(cfg, step)
         if pool is None:
-            x, scenes = _images([TRAIN_SEED_OFFSET + i for i in idx])
+            x, scenes = _images([TRAIN_SEED_OFFSET + i for i in idx], cfg.device)
             with torch.no_grad():
                 post = vae.encode(x).latent_dist
                 mean, std = post.mean, post.std
         else:
             scenes = [render_scene(TRAIN_SEED_OFFSET + i) for i in idx]
             mean, std = pool[0][idx], pool[1][idx]
-        z = (mean + std * torch.randn(mean.shape, generator=gen)) * sf
+        z = (mean + std * torch.randn(mean.shape, generator=gen).to(cfg.device)) * sf
         drop = rng.random(cfg.batch) < cfg.caption_dropout
         captions = ["" if d else s.caption for d, s in zip(drop, scenes)]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+                        truncation=True, return_tensors="pt").input_ids.to(cfg.device)
         t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
+        noise = torch.randn(z.shape, generator=gen).to(cfg.device)
+        keep = t < cfg.attn_max_t  # on the CPU: read per sample
+        t = t.to(cfg.device)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         store.clear()
@@ -368,7 +384,6 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             eps_loss = (per * snr.clamp(max=cfg.min_snr) / snr).mean()
         else:
             eps_loss = mse
-        keep = t < cfg.attn_max_t
         attn = _attention_loss(store, scenes, _token_targets(scenes, captions), keep)
         self_attn = (_self_attention_loss(self_store, scenes, keep, cfg.self_attn_target) if supervise_self
                      else torch.zeros(()))
@@ -418,6 +433,7 @@ def _save_pipeline(path: Path, unet, text_encoder, vae, tokenizer, params, ema) 
 def train(out: str | Path, cfg: ToyTrainConfig | None = None, log=print) -> Path:
     """Run both stages into ``out``; the final pipeline is ``out/step-<steps>``. Returns its path."""
     cfg = cfg or ToyTrainConfig()
+    check_device(cfg)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     out = Path(out)
