@@ -153,3 +153,39 @@ def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
         assert main(["train", str(out), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
     assert not out.exists()  # nothing written
+
+
+def test_toy_eot_targets_known_answers(capsys):
+    """Two objects of 4 of the 16 pixels each at 4×4; the [EOT] attending to one of them satisfies "mass" (the
+    failure the trained models showed: Eq. 5 then drops the other object) but not "uniform"."""
+    from types import SimpleNamespace
+
+    from conceptexpress.toy.__main__ import main
+    from conceptexpress.toy.train import _attention_loss
+
+    q = IMAGE_SIZE // 2
+    masks = np.zeros((2, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    masks[0, :q, :q] = True  # top-left quadrant
+    masks[1, q:, q:] = True  # bottom-right quadrant
+    scene = SimpleNamespace(masks=masks)
+    first = torch.zeros(16)
+    first[[0, 1, 4, 5]] = 1.0
+    second = torch.zeros(16)
+    second[[10, 11, 14, 15]] = 1.0
+
+    def loss(column: torch.Tensor, target: str) -> float:
+        probs = torch.full((1, 16, 3), 0.1)
+        probs[0, :, 2] = column  # token 2 = [EOT]
+        return _attention_loss([probs], [scene], [[(2, None)]], torch.tensor([True]), target).item()
+
+    both, one = (first + second) / 8, first / 4
+    assert loss(both, "mass") == pytest.approx(-np.log(1 + 1e-4), abs=1e-6)
+    assert loss(both, "uniform") == pytest.approx(0.0, abs=1e-4)
+    assert loss(one, "mass") == pytest.approx(-np.log(1 + 1e-4), abs=1e-6)
+    # KL(u ‖ p): the 4 pixels of the first object 1/8 · log((1/8)/(1/4)) each, the other four 1/8 · log((1/8)/1e-6)
+    expected = 0.5 * np.log(0.5 / (1 + 4e-6)) + 0.5 * np.log(0.125 / 1e-6)
+    assert loss(one, "uniform") == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(ValueError, match="target"):
+        loss(one, "peak")
+    assert main(["train", "/nonexistent/never", "--eot-target", "peak"]) == 2
+    assert "--eot-target must be one of mass, uniform" in capsys.readouterr().err

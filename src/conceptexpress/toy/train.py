@@ -38,7 +38,7 @@ from .tokenizer import write_toy_tokenizer
 from .world import IMAGE_SIZE, render_scene
 
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scenes (benchmarks, tests) are < 1e6
-SELF_ATTN_TARGETS = ("mass", "uniform")  # the self-attention supervision's forms (see _self_attention_loss)
+ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] and self-attention supervision (_attention_loss, …)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class ToyTrainConfig:
     attn_weight: float = 0.02  # attention supervision λ
     self_attn_weight: float = 0.0  # self-attention supervision λ_self (0 = off; run2 tried 0.05)
     self_attn_target: str = "mass"  # "mass": −log(mass inside own region) (run2); "uniform": KL to uniform over it (run6)
+    eot_target: str = "mass"  # [EOT] → union of objects: "mass" (runs 1–6) or "uniform" (KL; run7)
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
     data_pool: int = 0  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
@@ -68,9 +69,11 @@ class ToyTrainConfig:
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
 
     def __post_init__(self):
-        if self.self_attn_target not in SELF_ATTN_TARGETS:
-            raise ValueError(f"--self-attn-target must be one of {', '.join(SELF_ATTN_TARGETS)}, "
+        if self.self_attn_target not in ATTN_TARGETS:
+            raise ValueError(f"--self-attn-target must be one of {', '.join(ATTN_TARGETS)}, "
                              f"not {self.self_attn_target!r}")
+        if self.eot_target not in ATTN_TARGETS:
+            raise ValueError(f"--eot-target must be one of {', '.join(ATTN_TARGETS)}, not {self.eot_target!r}")
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -233,7 +236,16 @@ def _token_targets(scenes, captions: list[str]) -> list[list[tuple[int, int | No
     return out
 
 
-def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tensor) -> torch.Tensor:
+def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tensor, eot_target: str = "mass"
+                    ) -> torch.Tensor:
+    """Cross-attention supervision, averaged over layers, samples and supervised tokens. A word token: −log(share of
+    its spatial attention inside its object). The [EOT] token (target = the union of the objects): the same with
+    ``eot_target="mass"`` (runs 1–6) — satisfied by attending to *one* object, which is what the trained models did
+    (docs/toy-world.md, run7) and what makes Eq. 5's filter drop every other object —, or with ``"uniform"`` (run7)
+    KL(u ‖ p), u the area-weighted uniform distribution over the union and p the token's attention normalized over
+    the pixels: every object gets its share, as SD's [EOT] map covers all salient objects (paper §3.2)."""
+    if eot_target not in ATTN_TARGETS:
+        raise ValueError(f"[EOT] target must be one of {ATTN_TARGETS}, not {eot_target!r}")
     losses = []
     for probs in store:  # (B, N, L)
         side = int(math.isqrt(probs.shape[1]))
@@ -245,7 +257,12 @@ def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tens
             for pos, k in pairs:
                 target = m.sum(0).clamp(max=1) if k is None else m[k]
                 a = probs[b, :, pos]
-                losses.append(-torch.log((a * target).sum() / a.sum() + 1e-4))
+                if k is None and eot_target == "uniform":
+                    u = target / target.sum().clamp(min=1e-8)
+                    p_log = torch.log(a / a.sum() + 1e-6)
+                    losses.append((u * (torch.log(u.clamp(min=1e-12)) - p_log)).sum())
+                else:
+                    losses.append(-torch.log((a * target).sum() / a.sum() + 1e-4))
     if not losses:
         return torch.zeros(())
     return torch.stack(losses).mean()
@@ -261,8 +278,8 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
     attends to the whole object, the object-shaped self-attention maps that SD shows at 16×16 and that DiffSeg and
     the clustering (KL between maps, paper §3.2) rely on. Zero when every pure pixel's map equals its region's u_r.
     """
-    if target not in SELF_ATTN_TARGETS:
-        raise ValueError(f"self-attention target must be one of {SELF_ATTN_TARGETS}, not {target!r}")
+    if target not in ATTN_TARGETS:
+        raise ValueError(f"self-attention target must be one of {ATTN_TARGETS}, not {target!r}")
     losses = []
     idx = [b for b in range(len(scenes)) if keep[b]]
     if not idx:
@@ -384,7 +401,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             eps_loss = (per * snr.clamp(max=cfg.min_snr) / snr).mean()
         else:
             eps_loss = mse
-        attn = _attention_loss(store, scenes, _token_targets(scenes, captions), keep)
+        attn = _attention_loss(store, scenes, _token_targets(scenes, captions), keep, cfg.eot_target)
         self_attn = (_self_attention_loss(self_store, scenes, keep, cfg.self_attn_target) if supervise_self
                      else torch.zeros(()))
         loss = eps_loss + cfg.attn_weight * attn + cfg.self_attn_weight * self_attn
