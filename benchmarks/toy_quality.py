@@ -7,7 +7,9 @@ Sections (held-out scenes: seeds < 1e6, never seen in training):
 - caption: "a photo of a {colour} {shape}" for the 12 pairs × n seeds, DDIM 50 / 7.5; an image is correct when
   `read_objects` sees exactly that one object (and "contains" when the object is among those seen).
 - localize: Hungarian IoU / Recall / Precision (locbench definitions) of ours (released and diffseg weighting),
-  k-means@k and FINCH@k (k = number of objects), split by object count, and a random-weight UNet control.
+  k-means@k and FINCH@k (k = number of objects), split by object count, and a random-weight UNet control; and
+  "objects the [EOT] map keeps": the share of objects whose mean min-max-normalized [EOT] value exceeds the image's
+  (Eq. 5 would keep a cluster equal to the object; what the filter lets through caps recall).
 - extract: `extract` on held-out scenes per row (full, no-split-merge, no-attn-reg, batched update rule,
   BaS†); each concept sampled 4 times ("a photo of <ck>", DDIM 50 / 7.5); a concept is recovered when >= 3 of 4
   images show the colour and shape of the ground-truth object its mask matches (Hungarian, IoU >= 0.5).
@@ -36,6 +38,7 @@ from conceptexpress.baselines.clustering import finch_fixed_concepts, kmeans_con
 from conceptexpress.extract import SampleConfig, extract
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
+from conceptexpress.localize.eot_filter import min_max
 from conceptexpress.localizer import ConceptLocalizer
 from conceptexpress.locbench.matching import aggregate, match_masks
 from conceptexpress.toy import COLORS, SHAPES, render_scene, toy_pipeline_path
@@ -83,9 +86,18 @@ def _random_unet_pipe(pipe):
     return control
 
 
+def _objects_kept_by_eot(eot: torch.Tensor, gt: np.ndarray) -> list[bool]:
+    """Per object: is its mean min-max-normalized [EOT] value above the image mean (Eq. 5 on the object itself)?"""
+    e = min_max(eot).float().flatten()
+    frac = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(gt.astype(np.float32))[:, None], eot.shape)
+    inside = frac[:, 0].flatten(1) > 0.5  # (K, h·w) latent pixels mostly inside the object
+    return [bool(e[m].mean() > e.mean()) for m in inside if m.any()]
+
+
 def localization(pipe, scenes: int, n_max: int) -> dict:
     pipes = {"trained": pipe, "random-unet": _random_unet_pipe(pipe)}
     matches: dict[str, dict[int, list]] = {}
+    kept: dict[int, list[bool]] = {}
     for model_name, p in pipes.items():
         locs = {w: ConceptLocalizer(p, LocalizeConfig(n_max=n_max, weighting=w)) for w in ("released", "diffseg")}
         for i in range(scenes):
@@ -97,6 +109,8 @@ def localization(pipe, scenes: int, n_max: int) -> dict:
                 maps = loc.attention(scene.image)
                 clusters = cluster_concepts(maps.attn, maps.eot, n_max=n_max)
                 preds[f"ours-{w}"] = clusters.masks.numpy()
+                if w == "released" and model_name == "trained":
+                    kept.setdefault(k, []).extend(_objects_kept_by_eot(maps.eot, gt))
                 if w == "released":
                     preds[f"kmeans@k-{w}"] = kmeans_concepts(maps.attn, maps.eot, k).masks
                     preds[f"finch@k-{w}"] = finch_fixed_concepts(maps.attn, maps.eot, k).masks
@@ -110,6 +124,7 @@ def localization(pipe, scenes: int, n_max: int) -> dict:
         row["2-4-object"] = aggregate([m for k, v in by_k.items() if k > 1 for m in v]).to_dict()
         row["all"] = aggregate([m for v in by_k.values() for m in v]).to_dict()
         out[key] = row
+    out["eot_objects_kept"] = {f"{k}-object": float(np.mean(v)) for k, v in sorted(kept.items())}
     return out
 
 
@@ -200,9 +215,14 @@ def markdown(report: dict) -> str:
         lines += ["## Localization (micro averages; IoU / Recall / Precision)", "",
                   "| model / method | 1 object | 2 objects | 3 objects | 4 objects | 2–4 objects |", "|---|---|---|---|---|---|"]
         for key, row in report["localize"].items():
+            if key == "eot_objects_kept":
+                continue
             cells = [f"{row[s]['iou']:.3f} / {row[s]['recall']:.3f} / {row[s]['precision']:.3f}" if s in row else "–"
                      for s in ("1-object", "2-object", "3-object", "4-object", "2-4-object")]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        if "eot_objects_kept" in report["localize"]:
+            lines += ["", "Objects the [EOT] map keeps (Eq. 5 on the object itself), trained model: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in report["localize"]["eot_objects_kept"].items())]
         lines.append("")
     if "extract" in report:
         lines += ["## Extraction (concepts recovered: >= 3 of 4 samples show the object)", "",
