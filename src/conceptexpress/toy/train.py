@@ -7,16 +7,17 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
 2. **Text encoder + UNet** jointly (CLIPTextModel from scratch, UNet2DConditionModel with attention at latent/2
    and latent/4 and the mid block): ε-prediction MSE on DDPM timesteps (SD's scaled-linear schedule), caption
    dropout to ``""`` for classifier-free guidance, an EMA of the UNet and text encoder, and an *attention
-   supervision* term: at the cross-attention layers, each object's colour and shape tokens and the [EOT] token
-   (of the caption and of ``""``) are pushed to spend their spatial attention inside their object (the [EOT]:
-   inside the union of objects) — the properties that SD shows at scale and that the method relies on
-   (paper §3.2 Eq. 5 and §3.4). See docs/toy-world.md for why.
+   supervision* term: at the cross-attention layers, each object's colour and shape tokens are pushed to spend
+   their spatial attention inside their object, and the [EOT] token (of the caption and of ``""``) towards the
+   uniform distribution over the union of the objects; at the self-attention layers, each pixel towards the uniform
+   distribution over its own region (object or background) — the properties that SD shows at scale and that the
+   method relies on (paper §3.2 Eq. 5–6 and §3.4). See docs/toy-world.md for why (run7).
 
-Options tried in runs 2 and 4 (docs/toy-world.md), off by default because the shipped run3 did not use them: a
-self-attention term (``self_attn_weight``: each pixel pushed to spend its attention inside its own region, the
-property the clustering relies on, §3.2); min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); and a
-pool of ``data_pool`` scenes encoded once by the VAE (encoding every batch afresh is a large part of a step on a
-CPU), each step drawing its batch from the pool by a seeded permutation.
+Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run7 did not use them:
+min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); a pool of ``data_pool`` scenes encoded once by the
+VAE (encoding every batch afresh is a large part of a step on a CPU), each step drawing its batch from the pool by a
+seeded permutation; a linear learning-rate decay (``decay_steps``). ``self_attn_target="mass"`` is run2's form of the
+self-attention term and ``eot_target="mass"`` runs 1–6's form of the [EOT] term.
 
 Deterministic on CPU for a given seed and thread count. ``device="cuda"`` trains on a GPU (every random number is
 still drawn on the CPU, so the scenes, timesteps and noise are a CPU run's; the arithmetic is not bit-identical).
@@ -43,8 +44,10 @@ ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] and self-attention supe
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    """Defaults = the recipe of the shipped weights (docs/toy-world.md, run3: run1's recipe, 3,000 steps); the pool,
-    min-SNR, self-attention and decay options are the run2 / run4 / run5 / run6 experiments, off by default."""
+    """Defaults = the recipe of the shipped weights (docs/toy-world.md, run7: run3's recipe — run1's for 3,000 steps —
+    with the self-attention supervised towards each region's uniform distribution and the [EOT] towards the uniform
+    distribution over the objects); the pool, min-SNR and decay options are the run2 / run4 / run5 experiments, off
+    by default. run3's recipe: ``self_attn_weight=0, eot_target="mass"``."""
 
     seed: int = 0
     vae_steps: int = 300  # AutoencoderKL steps
@@ -58,9 +61,9 @@ class ToyTrainConfig:
     ema: float = 0.995
     caption_dropout: float = 0.15  # "" for classifier-free guidance (and the localization prompt)
     attn_weight: float = 0.02  # attention supervision λ
-    self_attn_weight: float = 0.0  # self-attention supervision λ_self (0 = off; run2 tried 0.05)
-    self_attn_target: str = "mass"  # "mass": −log(mass inside own region) (run2); "uniform": KL to uniform over it (run6)
-    eot_target: str = "mass"  # [EOT] → union of objects: "mass" (runs 1–6) or "uniform" (KL; run7)
+    self_attn_weight: float = 0.05  # self-attention supervision λ_self (0 = off, as in runs 1, 3–5)
+    self_attn_target: str = "uniform"  # KL from the uniform over the pixel's region (runs 6, 7); "mass": run2's form
+    eot_target: str = "uniform"  # [EOT] → union of objects: KL from its uniform (run7); "mass" (runs 1–6)
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
     data_pool: int = 0  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
