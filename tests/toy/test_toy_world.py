@@ -137,10 +137,42 @@ def test_toy_self_attention_targets_known_answers(capsys):
     assert loss(itself, "mass") == pytest.approx(0.0, abs=1e-3)
     assert loss(itself, "uniform") > 10
     assert _self_attention_loss([everywhere], [scene], torch.tensor([False]), "uniform").item() == 0.0
+    # every cell pure: "mixture" is "uniform"
+    assert loss(own_region_uniform, "mixture") == pytest.approx(0.0, abs=1e-6)
+    assert loss(everywhere, "mixture") == pytest.approx(np.log(2), abs=1e-5)
+    assert loss(itself, "mixture") > 10
     with pytest.raises(ValueError, match="target"):
         loss(everywhere, "blob")
     assert main(["train", "/nonexistent/never", "--self-attn-target", "blob"]) == 2
-    assert "--self-attn-target must be one of mass, uniform" in capsys.readouterr().err
+    assert "--self-attn-target must be one of mass, uniform, mixture" in capsys.readouterr().err
+
+
+def test_toy_self_attention_mixture_target_supervises_edge_cells():
+    """Object = the left 24 of 64 columns; at 4×4 column 1 is half object, half background. "mixture" asks each
+    edge cell to attend like the regions it is made of: t_i = ½ u_object + ½ u_background (known answer: loss 0);
+    "uniform" does not supervise the edge cells at all (any map there costs nothing)."""
+    from types import SimpleNamespace
+
+    from conceptexpress.toy.train import _self_attention_loss
+
+    masks = np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    masks[:, :, :24] = True
+    scene = SimpleNamespace(masks=masks)
+    keep = torch.tensor([True])
+    f_obj = torch.tensor([1.0, 0.5, 0.0, 0.0]).repeat(4)  # (16,) share of the object in each cell
+    u_obj = f_obj / f_obj.sum()  # area-weighted uniform over the object: 6 cell-areas
+    u_bg = (1 - f_obj) / (1 - f_obj).sum()  # over the background: 10
+    t = f_obj[:, None] * u_obj[None] + (1 - f_obj)[:, None] * u_bg[None]  # (16, 16)
+    loss = lambda probs, target: _self_attention_loss([probs[None]], [scene], keep, target).item()  # noqa: E731
+    assert loss(t, "mixture") == pytest.approx(0.0, abs=1e-5)
+    edge_wrong = t.clone()
+    edge_wrong[1::4] = u_bg  # the edge cells attend to the background only
+    assert loss(edge_wrong, "mixture") > 0.1
+    assert loss(edge_wrong, "uniform") == pytest.approx(loss(t, "uniform"), abs=1e-6)  # blind to the edge
+    # the weights: each region present counts once, whatever its area
+    everywhere = torch.full((16, 16), 1 / 16)
+    expected = (f_obj / 6 + (1 - f_obj) / 10) @ (t * torch.log(t.clamp(min=1e-12) * 16)).sum(-1) / 2
+    assert loss(everywhere, "mixture") == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):

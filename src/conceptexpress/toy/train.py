@@ -39,7 +39,8 @@ from .tokenizer import write_toy_tokenizer
 from .world import IMAGE_SIZE, render_scene
 
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scenes (benchmarks, tests) are < 1e6
-ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] and self-attention supervision (_attention_loss, …)
+ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] supervision (_attention_loss)
+SELF_ATTN_TARGETS = ("mass", "uniform", "mixture")  # forms of the self-attention supervision (_self_attention_loss)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class ToyTrainConfig:
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
 
     def __post_init__(self):
-        if self.self_attn_target not in ATTN_TARGETS:
-            raise ValueError(f"--self-attn-target must be one of {', '.join(ATTN_TARGETS)}, "
+        if self.self_attn_target not in SELF_ATTN_TARGETS:
+            raise ValueError(f"--self-attn-target must be one of {', '.join(SELF_ATTN_TARGETS)}, "
                              f"not {self.self_attn_target!r}")
         if self.eot_target not in ATTN_TARGETS:
             raise ValueError(f"--eot-target must be one of {', '.join(ATTN_TARGETS)}, not {self.eot_target!r}")
@@ -280,9 +281,15 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
     KL(u_r ‖ p_i), u_r the area-weighted uniform distribution over the pixel's region r — every pixel of an object
     attends to the whole object, the object-shaped self-attention maps that SD shows at 16×16 and that DiffSeg and
     the clustering (KL between maps, paper §3.2) rely on. Zero when every pure pixel's map equals its region's u_r.
+
+    ``target="mixture"`` (run8): every pixel, pure or not, towards t_i = Σ_r f_r(i) u_r, f_r(i) the share of region r
+    in the pixel's cell — a cell on an object's edge attends like the regions it is made of. At 8×8 few cells of a
+    small object are pure, so "uniform" leaves most of the object's and its border's self-attention unsupervised;
+    the border cells then form rings of their own that pass Eq. 5. Weighted by Σ_r f_r(i) / area_r, averaged over
+    the regions present; equal to "uniform" (threshold aside) when every cell is pure.
     """
-    if target not in ATTN_TARGETS:
-        raise ValueError(f"self-attention target must be one of {ATTN_TARGETS}, not {target!r}")
+    if target not in SELF_ATTN_TARGETS:
+        raise ValueError(f"self-attention target must be one of {SELF_ATTN_TARGETS}, not {target!r}")
     losses = []
     idx = [b for b in range(len(scenes)) if keep[b]]
     if not idx:
@@ -296,6 +303,14 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
             f = torch.cat([(1 - m.sum(0, keepdim=True)).clamp(min=0), m])  # (1 + K, N): background first
             fr.append(F.pad(f, (0, 0, 0, 5 - f.shape[0])))  # (5, N)
         fr = torch.stack(fr).transpose(1, 2).to(probs.device)  # (b, N, 5) region fractions per pixel
+        if target == "mixture":
+            u = fr / fr.sum(1, keepdim=True).clamp(min=1e-8)  # (b, N, 5): u_r over the keys, per region
+            t = fr @ u.transpose(1, 2)  # (b, N, N): t_i = Σ_r f_r(i) u_r
+            kl = (t * (torch.log(t.clamp(min=1e-12)) - torch.log(probs[idx] + 1e-8))).sum(-1)  # (b, N)
+            area = fr.sum(1, keepdim=True)  # (b, 1, 5)
+            w = (fr / area.clamp(min=1e-8)).sum(-1)  # (b, N): Σ_r f_r(i) / area_r
+            losses.append((w * kl).sum() / (area > 1e-8).sum().clamp(min=1))
+            continue
         own, label = fr.max(-1)  # (b, N)
         pure = own >= 0.9
         if target == "mass":
