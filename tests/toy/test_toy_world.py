@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -99,6 +100,15 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     pipe = load_pipeline(str(out / "step-3"), device="cpu")
     assert pipe.unet.config.sample_size * 2 == IMAGE_SIZE
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
+    assert pipe.unet.config.down_block_types[0] == "DownBlock2D"  # no attention at the latent resolution
+    # --latent-attention (a boolean flag): attention at 32×32 too, supervised there; the finished VAE stage is reused
+    shutil.copytree(out / "vae", tmp_path / "toy9" / "vae")
+    assert main(["train", str(tmp_path / "toy9"), "--latent-attention", "--steps", "1", "--batch", "2",
+                 "--threads", "1"]) == 0
+    unet = load_pipeline(str(tmp_path / "toy9" / "step-1"), device="cpu").unet
+    assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    assert json.loads((tmp_path / "toy9" / "train_log.json").read_text())["config"]["latent_attention"] is True
 
 
 def test_toy_learning_rate_schedule():

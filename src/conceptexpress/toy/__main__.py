@@ -20,7 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train the toy text-to-image model from scratch into OUT")
     p.add_argument("out")
     for f in fields(ToyTrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        if isinstance(f.default, bool):  # --latent-attention / --no-latent-attention
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     sub.add_parser("path", help="print the folder of the shipped toy model")
     sc = sub.add_parser("scene", help="render toy scene SEED to a PNG and print its caption")
     sc.add_argument("seed", type=int)
