@@ -10,6 +10,10 @@ Sections (held-out scenes: seeds < 1e6, never seen in training):
   k-means@k and FINCH@k (k = number of objects), split by object count, and a random-weight UNet control; and
   "objects the [EOT] map keeps": the share of objects whose mean min-max-normalized [EOT] value exceeds the image's
   (Eq. 5 would keep a cluster equal to the object; what the filter lets through caps recall).
+- partition: where the localization loses IoU, on the localize section's scenes (trained model): the best IoU a
+  union of pre-clusters could give (each object gets the pre-clusters lying mostly inside it; 1 = the selected
+  pre-clustering level cuts along the objects' edges), the IoU of the concepts, pre-clusters and concepts per scene,
+  and the Hungarian IoU with post-clustering's δ constraint on and off, in both clustering modes.
 - extract: `extract` on held-out scenes per row (full, no-split-merge, no-attn-reg, batched update rule,
   BaS†); each concept sampled 4 times ("a photo of <ck>", DDIM 50 / 7.5); a concept is recovered when >= 3 of 4
   images show the colour and shape of the ground-truth object its mask matches (Hungarian, IoU >= 0.5).
@@ -73,6 +77,47 @@ def caption_accuracy(pipe, per_pair: int) -> dict:
     n = len(prompts) * per_pair
     return {"images": n, "accuracy": exact / n, "contains": contains / n, "colour": colour_ok / n,
             "shape": shape_ok / n, "per_prompt": per_prompt}
+
+
+def _pre_cluster_oracle(pre_labels: np.ndarray, gt: np.ndarray) -> list[float]:
+    """Per object: IoU of the union of the pre-clusters lying mostly (> 50 % of their pixels) inside it."""
+    pre = upsample_masks(pre_labels[None] == np.arange(pre_labels.max() + 1)[:, None, None], gt.shape[1:])
+    inside = np.einsum("phw,khw->pk", pre.astype(np.float32), gt.astype(np.float32)) / pre.sum((1, 2))[:, None]
+    out = []
+    for k, g in enumerate(gt):
+        u = pre[inside[:, k] > 0.5].any(0)
+        out.append(float((u & g).sum() / (u | g).sum()))
+    return out
+
+
+def partition(pipe, scenes: int, n_max: int) -> dict:
+    out: dict = {}
+    for w in ("released", "diffseg"):
+        loc = ConceptLocalizer(pipe, LocalizeConfig(n_max=n_max, weighting=w))
+        oracle: dict[str, list[float]] = {}
+        counts: dict[str, list[tuple[int, int]]] = {}
+        matches: dict[str, dict[str, list]] = {}
+        for i in range(scenes):
+            scene = render_scene(i, num_objects=1 + i % 4)
+            group = "1-object" if len(scene.objects) == 1 else "2-4-object"
+            maps = loc.attention(scene.image)
+            for mode in ("released", "paper"):
+                for delta in (True, False):
+                    c = cluster_concepts(maps.attn, maps.eot, n_max=n_max, clustering=mode, delta_constraint=delta)
+                    m = c.masks.numpy()
+                    up = upsample_masks(m, scene.image.size) if len(m) else np.zeros((0, *scene.masks.shape[1:]), bool)
+                    key = f"{mode} clustering, δ {'on' if delta else 'off'}"
+                    matches.setdefault(key, {}).setdefault(group, []).append(match_masks(up, scene.masks))
+                    if mode == "released" and delta:
+                        oracle.setdefault(group, []).extend(_pre_cluster_oracle(c.pre_labels.numpy(), scene.masks))
+                        counts.setdefault(group, []).append((int(c.pre_labels.max()) + 1, len(m)))
+        out[w] = {
+            "pre_cluster_oracle_iou": {g: float(np.mean(v)) for g, v in oracle.items()},
+            "pre_clusters_per_scene": {g: float(np.mean([a for a, _ in v])) for g, v in counts.items()},
+            "concepts_per_scene": {g: float(np.mean([b for _, b in v])) for g, v in counts.items()},
+            "iou": {key: {g: aggregate(v).to_dict()["iou"] for g, v in by_g.items()} for key, by_g in matches.items()},
+        }
+    return out
 
 
 def _random_unet_pipe(pipe):
@@ -211,6 +256,15 @@ def markdown(report: dict) -> str:
         lines += ["## Caption → image (single object)", "",
                   f"{c['images']} images: accuracy {c['accuracy']:.3f} (exactly the named object), contains "
                   f"{c['contains']:.3f}, colour {c['colour']:.3f}, shape {c['shape']:.3f}", ""]
+    if "partition" in report:
+        lines += ["## Where localization loses IoU (trained model; 1 object / 2–4 objects)", "",
+                  "| weighting | pre-cluster oracle IoU | pre-clusters | concepts | "
+                  + " | ".join(report["partition"]["released"]["iou"]) + " |", "|---" * 8 + "|"]
+        for w, r in report["partition"].items():
+            pair = lambda d: " / ".join(f"{d[g]:.3g}" for g in ("1-object", "2-4-object") if g in d)  # noqa: E731
+            lines.append(f"| {w} | {pair(r['pre_cluster_oracle_iou'])} | {pair(r['pre_clusters_per_scene'])} | "
+                         f"{pair(r['concepts_per_scene'])} | " + " | ".join(pair(v) for v in r["iou"].values()) + " |")
+        lines.append("")
     if "localize" in report:
         lines += ["## Localization (micro averages; IoU / Recall / Precision)", "",
                   "| model / method | 1 object | 2 objects | 3 objects | 4 objects | 2–4 objects |", "|---|---|---|---|---|---|"]
@@ -248,7 +302,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="toy pipeline folder (default: the shipped one)")
-    ap.add_argument("--sections", default="caption,localize,extract,recover")
+    ap.add_argument("--sections", default="caption,localize,partition,extract,recover")
     ap.add_argument("--caption-per-pair", type=int, default=5, help="images per (colour, shape) caption")
     ap.add_argument("--scenes", type=int, default=60, help="held-out scenes for localization (1-4 objects, balanced)")
     ap.add_argument("--n-max", type=int, default=10)
@@ -280,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         report["caption"] = caption_accuracy(pipe, args.caption_per_pair)
     if "localize" in sections:
         report["localize"] = localization(pipe, args.scenes, args.n_max)
+    if "partition" in sections:
+        report["partition"] = partition(pipe, args.scenes, args.n_max)
     if "extract" in sections:
         work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-extract-"))
         work.mkdir(parents=True, exist_ok=True)
