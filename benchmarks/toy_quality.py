@@ -79,6 +79,10 @@ def caption_accuracy(pipe, per_pair: int) -> dict:
             "shape": shape_ok / n, "per_prompt": per_prompt}
 
 
+def _localizer(pipe, n_max: int, weighting: str, resolution: int | None) -> ConceptLocalizer:
+    return ConceptLocalizer(pipe, LocalizeConfig(n_max=n_max, weighting=weighting, resolution=resolution))
+
+
 def _pre_cluster_oracle(pre_labels: np.ndarray, gt: np.ndarray) -> list[float]:
     """Per object: IoU of the union of the pre-clusters lying mostly (> 50 % of their pixels) inside it."""
     pre = upsample_masks(pre_labels[None] == np.arange(pre_labels.max() + 1)[:, None, None], gt.shape[1:])
@@ -93,7 +97,7 @@ def _pre_cluster_oracle(pre_labels: np.ndarray, gt: np.ndarray) -> list[float]:
 def partition(pipe, scenes: int, n_max: int, resolution: int | None = None) -> dict:
     out: dict = {}
     for w in ("released", "diffseg"):
-        loc = ConceptLocalizer(pipe, LocalizeConfig(n_max=n_max, weighting=w, resolution=resolution))
+        loc = _localizer(pipe, n_max, w, resolution)
         oracle: dict[str, list[float]] = {}
         counts: dict[str, list[tuple[int, int]]] = {}
         matches: dict[str, dict[str, list]] = {}
@@ -115,7 +119,8 @@ def partition(pipe, scenes: int, n_max: int, resolution: int | None = None) -> d
             "pre_cluster_oracle_iou": {g: float(np.mean(v)) for g, v in oracle.items()},
             "pre_clusters_per_scene": {g: float(np.mean([a for a, _ in v])) for g, v in counts.items()},
             "concepts_per_scene": {g: float(np.mean([b for _, b in v])) for g, v in counts.items()},
-            "iou": {key: {g: aggregate(v).to_dict()["iou"] for g, v in by_g.items()} for key, by_g in matches.items()},
+            "iou": {key: {g: aggregate(v).iou for g, v in by_g.items()} for key, by_g in matches.items()},
+            "recall": {key: {g: aggregate(v).recall for g, v in by_g.items()} for key, by_g in matches.items()},
         }
     return out
 
@@ -144,7 +149,7 @@ def localization(pipe, scenes: int, n_max: int, resolution: int | None = None) -
     matches: dict[str, dict[int, list]] = {}
     kept: dict[int, list[bool]] = {}
     for model_name, p in pipes.items():
-        locs = {w: ConceptLocalizer(p, LocalizeConfig(n_max=n_max, weighting=w, resolution=resolution)) for w in ("released", "diffseg")}
+        locs = {w: _localizer(p, n_max, w, resolution) for w in ("released", "diffseg")}
         for i in range(scenes):
             scene = render_scene(i, num_objects=1 + i % 4)
             gt = scene.masks

@@ -306,8 +306,8 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
             f = torch.cat([(1 - m.sum(0, keepdim=True)).clamp(min=0), m])  # (1 + K, N): background first
             fr.append(F.pad(f, (0, 0, 0, 5 - f.shape[0])))  # (5, N)
         fr = torch.stack(fr).transpose(1, 2).to(probs.device)  # (b, N, 5) region fractions per pixel
+        u = fr / fr.sum(1, keepdim=True).clamp(min=1e-8)  # (b, N, 5): u_r over the keys, per region ("uniform", "mixture")
         if target == "mixture":
-            u = fr / fr.sum(1, keepdim=True).clamp(min=1e-8)  # (b, N, 5): u_r over the keys, per region
             t = fr @ u.transpose(1, 2)  # (b, N, N): t_i = Σ_r f_r(i) u_r
             kl = (t * (torch.log(t.clamp(min=1e-12)) - torch.log(probs[idx] + 1e-8))).sum(-1)  # (b, N)
             area = fr.sum(1, keepdim=True)  # (b, 1, 5)
@@ -320,7 +320,6 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
             mass = probs[idx] @ fr  # (b, N, 5) attention mass of each query in each region
             per_pixel = -torch.log(mass.gather(-1, label[..., None])[..., 0] + 1e-4)  # (b, N)
         else:
-            u = fr / fr.sum(1, keepdim=True).clamp(min=1e-8)  # (b, N, 5): u_r over the keys, per region
             cross = torch.log(probs[idx] + 1e-8) @ u  # (b, N, 5): Σ_j u_r(j) log p_i(j)
             neg_entropy = (u * torch.log(u.clamp(min=1e-12))).sum(1)  # (b, 5): Σ_j u_r(j) log u_r(j)
             per_pixel = (neg_entropy[:, None, :] - cross).gather(-1, label[..., None])[..., 0]  # KL(u_r ‖ p_i)
