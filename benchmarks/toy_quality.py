@@ -94,7 +94,7 @@ def _pre_cluster_oracle(pre_labels: np.ndarray, gt: np.ndarray) -> list[float]:
     return out
 
 
-def partition(pipe, scenes: int, n_max: int, resolution: int | None = None) -> dict:
+def partition(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = False) -> dict:
     out: dict = {}
     for w in ("released", "diffseg"):
         loc = _localizer(pipe, n_max, w, resolution)
@@ -102,7 +102,7 @@ def partition(pipe, scenes: int, n_max: int, resolution: int | None = None) -> d
         counts: dict[str, list[tuple[int, int]]] = {}
         matches: dict[str, dict[str, list]] = {}
         for i in range(scenes):
-            scene = render_scene(i, num_objects=1 + i % 4)
+            scene = render_scene(i, num_objects=1 + i % 4, upright=upright)
             group = "1-object" if len(scene.objects) == 1 else "2-4-object"
             maps = loc.attention(scene.image)
             for mode in ("released", "paper"):
@@ -144,14 +144,14 @@ def _objects_kept_by_eot(eot: torch.Tensor, gt: np.ndarray) -> list[bool]:
     return [bool(e[m].mean() > e.mean()) for m in inside if m.any()]
 
 
-def localization(pipe, scenes: int, n_max: int, resolution: int | None = None) -> dict:
+def localization(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = False) -> dict:
     pipes = {"trained": pipe, "random-unet": _random_unet_pipe(pipe)}
     matches: dict[str, dict[int, list]] = {}
     kept: dict[int, list[bool]] = {}
     for model_name, p in pipes.items():
         locs = {w: _localizer(p, n_max, w, resolution) for w in ("released", "diffseg")}
         for i in range(scenes):
-            scene = render_scene(i, num_objects=1 + i % 4)
+            scene = render_scene(i, num_objects=1 + i % 4, upright=upright)
             gt = scene.masks
             k = len(scene.objects)
             preds = {}
@@ -189,7 +189,7 @@ def _extract_scene(pipe, model: str, scene, src: Path, out: Path, cfg: TrainConf
 
 
 def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path,
-               counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr) -> dict:
+               counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr, upright: bool = False) -> dict:
     """Scene ``i`` has ``counts[i % len(counts)]`` objects (the default: 2 + i mod 3, as in every table so far)."""
     results = {}
     for row in rows:
@@ -197,7 +197,7 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
         per_concept = []
         t0 = time.time()
         for i in scenes:
-            scene = render_scene(i, num_objects=counts[i % len(counts)])
+            scene = render_scene(i, num_objects=counts[i % len(counts)], upright=upright)
             cfg = TrainConfig(steps=steps, merge_step=merge_step, lr=lr, micro_batch=0, checkpoint_every=0, **overrides)
             concepts = _extract_scene(pipe, model, scene, work / f"scene_{i}.png", work / row / f"scene_{i}", cfg, method)
             match = match_masks(np.stack([mask for _, mask, _ in concepts]), scene.masks)
@@ -224,7 +224,7 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
 
 
 def token_recovery(pipe, model: str, seeds: list[int], steps: int, merge_step: int, lr: float, work: Path,
-                   sample_steps: int = 25) -> dict:
+                   sample_steps: int = 25, upright: bool = False) -> dict:
     """One-object scenes: ``extract`` (full method), then the concept whose mask overlaps the object most is sampled
     4 times ("a photo of <ck>"); counted: samples whose objects (read by `read_objects`) include the object's colour,
     and its colour and shape. The control repeats it with the learning rate at 1e-12 (the tokens stay at their
@@ -233,7 +233,7 @@ def token_recovery(pipe, model: str, seeds: list[int], steps: int, merge_step: i
     for name, rate in (("learned", lr), ("control", 1e-12)):
         rows, t0 = [], time.time()
         for i in seeds:
-            scene = render_scene(i, num_objects=1)
+            scene = render_scene(i, num_objects=1, upright=upright)
             cfg = TrainConfig(steps=steps, merge_step=merge_step, lr=rate, micro_batch=0, checkpoint_every=0)
             concepts = _extract_scene(pipe, model, scene, work / f"one_{i}.png", work / f"recover-{name}" / f"scene_{i}",
                                       cfg, sample_steps=sample_steps)
@@ -326,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                          "paper's total step size over a shorter schedule)")
     ap.add_argument("--recover-scenes", type=int, default=8, help="one-object scenes of the recover section")
     ap.add_argument("--recover-first", type=int, default=920, help="seed of the first recover scene")
+    ap.add_argument("--upright", action=argparse.BooleanOptionalAction, default=False,
+                    help="held-out scenes of the world with unrotated squares and triangles (render_scene(upright=True):"
+                         " the world of a model trained with --upright)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="folder for toy_quality.json / .md (and extraction runs)")
     args = ap.parse_args(argv)
@@ -336,28 +339,30 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     sections = set(args.sections.split(","))
     lr = args.lr if args.lr is not None else TrainConfig.lr * 500 / args.steps
-    report: dict = {"model": model, "threads": torch.get_num_threads(), "resolution": args.resolution}
+    report: dict = {"model": model, "threads": torch.get_num_threads(), "resolution": args.resolution,
+                    "upright": args.upright}
     t0 = time.time()
     if "caption" in sections:
         report["caption"] = caption_accuracy(pipe, args.caption_per_pair)
     if "localize" in sections:
-        report["localize"] = localization(pipe, args.scenes, args.n_max, args.resolution)
+        report["localize"] = localization(pipe, args.scenes, args.n_max, args.resolution, args.upright)
     if "partition" in sections:
-        report["partition"] = partition(pipe, args.scenes, args.n_max, args.resolution)
+        report["partition"] = partition(pipe, args.scenes, args.n_max, args.resolution, args.upright)
     if "extract" in sections:
         work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-extract-"))
         work.mkdir(parents=True, exist_ok=True)
         scenes = list(range(args.extract_first, args.extract_first + args.extract_scenes))
         counts = tuple(int(k) for k in args.extract_objects.split(","))
         report["extract"] = extraction(pipe, model, args.rows.split(","), scenes, args.steps, args.merge_step, work,
-                                       counts, lr)
+                                       counts, lr, args.upright)
         report["extract_schedule"] = {"steps": args.steps, "merge_step": args.merge_step, "samples": 4, "lr": lr,
                                       "object_counts": list(counts)}
     if "recover" in sections:
         work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-recover-"))
         work.mkdir(parents=True, exist_ok=True)
         seeds = list(range(args.recover_first, args.recover_first + args.recover_scenes))
-        report["recover"] = token_recovery(pipe, model, seeds, args.steps, args.merge_step, lr, work)
+        report["recover"] = token_recovery(pipe, model, seeds, args.steps, args.merge_step, lr, work,
+                                           upright=args.upright)
     report["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=1, default=str)
     print(text)

@@ -30,7 +30,7 @@ def toy_pipe():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    pipe = load_pipeline(str(toy_pipeline_path()), device="cpu")
+    pipe = load_pipeline(toy_pipeline_path(), device="cpu")  # a Path, as the issue and the docstring say
     pipe.set_progress_bar_config(disable=True)
     yield pipe
     torch.set_num_threads(threads)

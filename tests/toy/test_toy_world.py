@@ -60,6 +60,27 @@ def test_read_objects_reads_rendered_scenes():
     assert errors / 300 <= 0.02  # issue 7: >= 98 % (measured: 0 errors in 1,000 scenes)
 
 
+def test_upright_world_unrotates_squares_and_triangles_only():
+    from conceptexpress.toy.world import scene_layout
+
+    for seed in range(40):
+        rotated, upright = scene_layout(seed), scene_layout(seed, upright=True)
+        assert [o[:5] for o in rotated] == [o[:5] for o in upright]  # same colours, shapes, places and sizes
+        scene = render_scene(seed, upright=True)
+        assert scene.caption == render_scene(seed).caption
+        for mask, (_, shape) in zip(scene.masks, scene.objects):
+            ys, xs = np.nonzero(mask)
+            rows = np.bincount(ys - ys.min())
+            if shape == "square":  # axis-aligned: fills its bounding box
+                assert mask.sum() == (np.ptp(ys) + 1) * (np.ptp(xs) + 1)
+            elif shape == "triangle":  # apex up, base down, left-right symmetric about its centre
+                assert rows[0] <= 3 and rows[-1] == rows.max() >= 10
+                assert abs(xs.mean() - (xs.min() + xs.max()) / 2) < 0.5
+    errors = sum(Counter(read_objects(render_scene(i, upright=True).image)) != Counter(render_scene(i).objects)
+                 for i in range(200))
+    assert errors / 200 <= 0.02  # the instrument reads the upright world as well
+
+
 def test_read_objects_geometry_and_colour_known_answers():
     canvas = np.full((64, 64, 3), 200, np.uint8)
     for shape, colour, (cx, cy) in (("circle", "red", (14, 14)), ("square", "blue", (48, 16)),
@@ -109,6 +130,10 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
     assert unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
     assert json.loads((tmp_path / "toy9" / "train_log.json").read_text())["config"]["latent_attention"] is True
+    # --upright trains on the world with unrotated squares and triangles, VAE stage included
+    assert main(["train", str(tmp_path / "toy10"), "--upright", "--vae-steps", "1", "--vae-batch", "2", "--steps", "1",
+                 "--batch", "2", "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "toy10" / "train_log.json").read_text())["config"]["upright"] is True
 
 
 def test_toy_learning_rate_schedule():

@@ -8,6 +8,7 @@ chosen device and dtype), so everything downstream (and every test on the tiny r
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -56,8 +57,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def load_pipeline(config: ModelConfig | str | None = None, **overrides) -> StableDiffusionPipeline:
-    """Load the base model described by ``config`` (or a model string plus ``ModelConfig`` overrides).
+def load_pipeline(config: ModelConfig | str | os.PathLike | None = None, **overrides) -> StableDiffusionPipeline:
+    """Load the base model described by ``config`` (or a model string or path plus ``ModelConfig`` overrides).
 
     Returns a ``StableDiffusionPipeline`` in eval mode with every parameter frozen, moved to the resolved
     device and dtype. Raises :class:`ModelLoadError` with a one-line message naming what was tried and the
@@ -65,8 +66,8 @@ def load_pipeline(config: ModelConfig | str | None = None, **overrides) -> Stabl
     """
     if config is None:
         config = ModelConfig(**overrides)
-    elif isinstance(config, str):
-        config = ModelConfig(model=config, **overrides)
+    elif isinstance(config, (str, os.PathLike)):
+        config = ModelConfig(model=os.fspath(config), **overrides)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     pipe = _load(config, dtype)

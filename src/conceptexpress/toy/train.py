@@ -66,6 +66,7 @@ class ToyTrainConfig:
     self_attn_target: str = "uniform"  # KL from the uniform over the pixel's region (runs 6, 7); "mass": run2's form
     eot_target: str = "uniform"  # [EOT] → union of objects: KL from its uniform (run7); "mass" (runs 1–6)
     latent_attention: bool = False  # attention at the 32×32 latent too (run9; see unet_config)
+    upright: bool = False  # train on the world with unrotated squares and triangles (run10; render_scene)
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
     data_pool: int = 0  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
@@ -175,8 +176,8 @@ def _scheduler():
     )
 
 
-def _images(seeds: list[int], device: str = "cpu") -> tuple[torch.Tensor, list]:
-    scenes = [render_scene(s) for s in seeds]
+def _images(seeds: list[int], device: str = "cpu", upright: bool = False) -> tuple[torch.Tensor, list]:
+    scenes = [render_scene(s, upright=upright) for s in seeds]
     x = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes])  # (B, H, W, 3)
     return (torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0).to(device), scenes
 
@@ -188,7 +189,8 @@ def train_vae(out: Path, cfg: ToyTrainConfig, log) -> None:
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
     for step in range(cfg.vae_steps):
-        x, _ = _images([TRAIN_SEED_OFFSET + 10_000_000 + step * cfg.vae_batch + i for i in range(cfg.vae_batch)], cfg.device)
+        seeds = [TRAIN_SEED_OFFSET + 10_000_000 + step * cfg.vae_batch + i for i in range(cfg.vae_batch)]
+        x, _ = _images(seeds, cfg.device, cfg.upright)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(cfg.device)
         rec = vae.decode(z).sample
@@ -201,7 +203,7 @@ def train_vae(out: Path, cfg: ToyTrainConfig, log) -> None:
             log(f"vae step {step} loss {loss.item():.5f} ({time.time() - t0:.0f} s)")
     vae.eval()
     with torch.no_grad():
-        x, _ = _images([TRAIN_SEED_OFFSET + 20_000_000 + i for i in range(64)], cfg.device)
+        x, _ = _images([TRAIN_SEED_OFFSET + 20_000_000 + i for i in range(64)], cfg.device, cfg.upright)
         mean = vae.encode(x).latent_dist.mean
         rec = vae.decode(mean).sample
     vae.register_to_config(scaling_factor=float(1.0 / mean.std()))
@@ -336,7 +338,8 @@ def _encode_pool(vae, cfg: ToyTrainConfig, log) -> tuple[torch.Tensor, torch.Ten
     t0 = time.time()
     with torch.no_grad():
         for start in range(0, cfg.data_pool, 64):
-            x, _ = _images([TRAIN_SEED_OFFSET + i for i in range(start, min(start + 64, cfg.data_pool))], cfg.device)
+            seeds = [TRAIN_SEED_OFFSET + i for i in range(start, min(start + 64, cfg.data_pool))]
+            x, _ = _images(seeds, cfg.device, cfg.upright)
             post = vae.encode(x).latent_dist
             means.append(post.mean)
             stds.append(post.std)
@@ -392,12 +395,12 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
             g["lr"] = learning_rate(cfg, step)
         idx = _batch_seeds(cfg, step)
         if pool is None:
-            x, scenes = _images([TRAIN_SEED_OFFSET + i for i in idx], cfg.device)
+            x, scenes = _images([TRAIN_SEED_OFFSET + i for i in idx], cfg.device, cfg.upright)
             with torch.no_grad():
                 post = vae.encode(x).latent_dist
                 mean, std = post.mean, post.std
         else:
-            scenes = [render_scene(TRAIN_SEED_OFFSET + i) for i in idx]
+            scenes = [render_scene(TRAIN_SEED_OFFSET + i, upright=cfg.upright) for i in idx]
             mean, std = pool[0][idx], pool[1][idx]
         z = (mean + std * torch.randn(mean.shape, generator=gen).to(cfg.device)) * sf
         drop = rng.random(cfg.batch) < cfg.caption_dropout

@@ -6,7 +6,7 @@ painted from the instance masks, and the caption names the objects.
 
     >>> scene = render_scene(3)
     >>> scene.caption
-    'a photo of a blue square and a red circle'
+    'a photo of a red circle and a blue triangle'
     >>> scene.image.size, scene.masks.shape          # ((64, 64), (K, 64, 64))
 """
 
@@ -67,8 +67,17 @@ def caption_for(objects: list[tuple[str, str]]) -> str:
     return "a photo of " + " and ".join(f"a {c} {s}" for c, s in objects)
 
 
-def scene_layout(seed: int, num_objects: int | None = None) -> list[tuple[str, str, float, float, float, float]]:
-    """The objects of scene ``seed``: ``(colour, shape, cx, cy, r, angle)`` in pixels/radians."""
+# Angle (radians, `shape_mask`'s convention) that puts a shape upright: a square's sides along the axes, a
+# triangle's apex up (its base's outward normal points down the image).
+UPRIGHT_ANGLE = {"circle": 0.0, "square": 0.0, "triangle": math.pi / 2}
+
+
+def scene_layout(seed: int, num_objects: int | None = None, upright: bool = False
+                 ) -> list[tuple[str, str, float, float, float, float]]:
+    """The objects of scene ``seed``: ``(colour, shape, cx, cy, r, angle)`` in pixels/radians.
+
+    ``upright``: squares axis-aligned and triangles apex-up instead of rotated at random (every other draw —
+    count, colours, places, sizes, shapes — is the same as the rotated scene's)."""
     rng = np.random.default_rng([0x70F, int(seed)])
     k = int(rng.choice(4, p=_COUNT_PROBS)) + 1 if num_objects is None else int(num_objects)
     if not 1 <= k <= len(COLORS):
@@ -93,6 +102,8 @@ def scene_layout(seed: int, num_objects: int | None = None) -> list[tuple[str, s
         raise RuntimeError(f"could not place {k} objects for seed {seed}")
     shapes = [SHAPES[i] for i in rng.integers(0, len(SHAPES), size=k)]
     angles = rng.uniform(0, 2 * math.pi, size=k)
+    if upright:
+        angles = [UPRIGHT_ANGLE[s] for s in shapes]
     return [(c, s, x, y, r, float(a)) for c, s, (x, y, r), a in zip(colours, shapes, placed, angles)]
 
 
@@ -121,9 +132,10 @@ def shape_mask(
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def render_scene(seed: int, num_objects: int | None = None) -> ToyScene:
-    """Render scene ``seed`` (deterministic) with ``num_objects`` objects (None: 1–4 drawn from the seed)."""
-    layout = scene_layout(seed, num_objects)
+def render_scene(seed: int, num_objects: int | None = None, upright: bool = False) -> ToyScene:
+    """Render scene ``seed`` (deterministic) with ``num_objects`` objects (None: 1–4 drawn from the seed);
+    ``upright``: squares and triangles unrotated (`scene_layout`)."""
+    layout = scene_layout(seed, num_objects, upright)
     rng = np.random.default_rng([0x70E, int(seed)])
     base = rng.uniform(190, 225)
     ramp = np.linspace(base + 8, base - 8, IMAGE_SIZE)[:, None, None]
