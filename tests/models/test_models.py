@@ -15,6 +15,8 @@ def test_folder_loads_frozen_on_cpu(tiny_sd2_dir):
     assert pipe.unet.device.type == "cpu" and pipe.unet.dtype == torch.float32
     assert not any(p.requires_grad for p in pipe.unet.parameters())
     assert pipe.safety_checker is None
+    # a pathlib.Path works as well as a string (``load_pipeline(toy_pipeline_path())``)
+    assert load_pipeline(tiny_sd2_dir, device="cpu").unet.config == pipe.unet.config
 
 
 def test_dtype_choice(tiny_sd2_dir):
