@@ -94,7 +94,7 @@ def _pre_cluster_oracle(pre_labels: np.ndarray, gt: np.ndarray) -> list[float]:
     return out
 
 
-def partition(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = False) -> dict:
+def partition(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = True) -> dict:
     out: dict = {}
     for w in ("released", "diffseg"):
         loc = _localizer(pipe, n_max, w, resolution)
@@ -144,7 +144,7 @@ def _objects_kept_by_eot(eot: torch.Tensor, gt: np.ndarray) -> list[bool]:
     return [bool(e[m].mean() > e.mean()) for m in inside if m.any()]
 
 
-def localization(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = False) -> dict:
+def localization(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = True) -> dict:
     pipes = {"trained": pipe, "random-unet": _random_unet_pipe(pipe)}
     matches: dict[str, dict[int, list]] = {}
     kept: dict[int, list[bool]] = {}
@@ -189,7 +189,7 @@ def _extract_scene(pipe, model: str, scene, src: Path, out: Path, cfg: TrainConf
 
 
 def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path,
-               counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr, upright: bool = False) -> dict:
+               counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr, upright: bool = True) -> dict:
     """Scene ``i`` has ``counts[i % len(counts)]`` objects (the default: 2 + i mod 3, as in every table so far)."""
     results = {}
     for row in rows:
@@ -224,7 +224,7 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
 
 
 def token_recovery(pipe, model: str, seeds: list[int], steps: int, merge_step: int, lr: float, work: Path,
-                   sample_steps: int = 25, upright: bool = False) -> dict:
+                   sample_steps: int = 25, upright: bool = True) -> dict:
     """One-object scenes: ``extract`` (full method), then the concept whose mask overlaps the object most is sampled
     4 times ("a photo of <ck>"); counted: samples whose objects (read by `read_objects`) include the object's colour,
     and its colour and shape. The control repeats it with the learning rate at 1e-12 (the tokens stay at their
@@ -326,9 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                          "paper's total step size over a shorter schedule)")
     ap.add_argument("--recover-scenes", type=int, default=8, help="one-object scenes of the recover section")
     ap.add_argument("--recover-first", type=int, default=920, help="seed of the first recover scene")
-    ap.add_argument("--upright", action=argparse.BooleanOptionalAction, default=False,
-                    help="held-out scenes of the world with unrotated squares and triangles (render_scene(upright=True):"
-                         " the world of a model trained with --upright)")
+    ap.add_argument("--upright", action=argparse.BooleanOptionalAction, default=True,
+                    help="held-out scenes of the world with unrotated squares and triangles (the default since run10, "
+                         "shipped); --no-upright: the rotated world of runs 1-9")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="folder for toy_quality.json / .md (and extraction runs)")
     args = ap.parse_args(argv)

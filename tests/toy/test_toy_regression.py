@@ -15,9 +15,9 @@ from conceptexpress.toy import read_objects, render_scene, toy_pipeline_path
 
 # Held-out scenes (seeds < 1e6 are never trained on) with 1, 2, 3 and 4 objects.
 SCENES = [(900, 1), (901, 1), (902, 2), (903, 2), (904, 3), (905, 4)]
-# Measured on the shipped weights (run7, step 3000; CPU, one thread): 0.467 on the two 1-object scenes, 0.644 on the
-# four others; with the masks transposed (a deliberate break): 0.258 and 0.212. (Run3's weights: 0.486 / 0.176,
-# transposed 0.276 / 0.065; run1's: 0.607 / 0.217.)
+# Measured on the shipped weights (run10, step 3000, the upright world; CPU, one thread): 0.498 on the two 1-object
+# scenes, 0.606 on the four others; with the masks transposed (a deliberate break): 0.288 and 0.209. (Run7's weights,
+# rotated world: 0.467 / 0.644, transposed 0.258 / 0.212; run3's: 0.486 / 0.176; run1's: 0.607 / 0.217.)
 MIN_IOU_SINGLE = 0.4
 MIN_IOU_MULTI = 0.5
 
@@ -66,9 +66,9 @@ def test_caption_names_the_object(toy_pipe):
     prompts = ["a photo of a red circle", "a photo of a blue square", "a photo of a yellow triangle",
                "a photo of a green circle"]
     images = generate(toy_pipe, prompts, GenerateConfig(n=2, steps=25))
-    # Measured: the named colour is the most frequent one read in 3 of 4 prompts (run7 weights: the red circle is
-    # drawn yellow; run3: red ties with yellow); every prompt replaced by "a photo of a green square" (a deliberate
-    # break, run3 weights): 1 of 4.
+    # Measured: the named colour is the most frequent one read in 4 of 4 prompts on run10's weights (3 of 4 on run7's:
+    # the red circle drawn yellow; run3: red ties with yellow); every prompt replaced by "a photo of a green square"
+    # (a deliberate break, run3 weights): 1 of 4.
     right = 0
     for prompt, imgs in zip(prompts, images):
         seen = Counter(c for img in imgs for c, _ in read_objects(img))
@@ -89,10 +89,10 @@ def _latent_targets(scene):
 
 # Eq. 11 on learned attention: a token whose embedding is the object's colour word attends to that object, so the
 # EMD between its cross-attention and the concept's centroid is small for the right concept and large for the other.
-# Measured on the shipped weights (mean over 3 scenes × 2 steps): right / swapped = 0.398 unflipped, 0.357 flipped
-# (run3's weights: 0.369 / 0.401; run1's: 0.375 / 0.430).
-# Deliberate breaks (run3 weights): EMD target transposed in the trainer → 0.904 / 1.107; target not flipped with the
-# image → 0.992 (flipped case). (Run1's weights: 0.893 / 1.186; 1.036.)
+# Measured on the shipped weights (mean over 3 scenes × 2 steps): right / swapped = 0.336 unflipped, 0.324 flipped
+# (run7's weights: 0.398 / 0.357; run3's: 0.369 / 0.401; run1's: 0.375 / 0.430).
+# Deliberate breaks: EMD target transposed in `TokenTrainer._emd_targets` → 0.853 / 1.081 on run10's weights (run3's:
+# 0.904 / 1.107); target not flipped with the image → 0.992 (flipped case, run3 weights). (Run1's: 0.893 / 1.186; 1.036.)
 EMD_SCENES = (910, 911, 913)
 MAX_EMD_RATIO = 0.6
 
@@ -122,12 +122,11 @@ def test_emd_regularizer_is_aligned_with_learned_attention(toy_pipe, flip_p):
 
 
 # One short extraction regenerates its object (issue 7 item 4). `benchmarks/toy_quality.py --sections recover
-# --steps 60 --merge-step 12 --recover-scenes 16` on the shipped run7 weights (one-object scenes 920–935;
-# docs/toy-world.md): the concept matching the object best shows the whole object in >= 3 of 4 samples for 1 of 16
-# scenes and its colour for 6 of 16, against 0 and 3 of 16 with the learning rate at 1e-12 (run7 cuts single objects
-# into 3–8 concepts). Scene 933 (a blue circle) is that one scene: learned 4 of 4 samples show the blue circle,
-# 0 of 4 without learning (the zero-gradient break). (On run3's weights the test used scene 927, 4 of 4 against
-# 0 of 4; run7 draws it blue, 0 of 4.)
+# --steps 60 --merge-step 12 --recover-scenes 16` on the shipped run10 weights (one-object scenes 920–935;
+# docs/toy-world.md): the concept matching the object best shows the whole object in >= 3 of 4 samples for 4 of 16
+# scenes and its colour for 7 of 16, against 0 and 3 of 16 with the learning rate at 1e-12. Scene 933 (a blue circle):
+# learned 4 of 4 samples show the blue circle, 0 of 4 without learning (the zero-gradient break; the same on run7's
+# weights, where it was the only one of the 16 to come back). (On run3's weights the test used scene 927.)
 RECOVER_SCENE = 933
 RECOVER_LR = TrainConfig.lr * 500 / 60  # the paper's total step size (500 steps at 5e-4) over 60 steps
 

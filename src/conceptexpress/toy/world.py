@@ -72,7 +72,7 @@ def caption_for(objects: list[tuple[str, str]]) -> str:
 UPRIGHT_ANGLE = {"circle": 0.0, "square": 0.0, "triangle": math.pi / 2}
 
 
-def scene_layout(seed: int, num_objects: int | None = None, upright: bool = False
+def scene_layout(seed: int, num_objects: int | None = None, upright: bool = True
                  ) -> list[tuple[str, str, float, float, float, float]]:
     """The objects of scene ``seed``: ``(colour, shape, cx, cy, r, angle)`` in pixels/radians.
 
@@ -132,7 +132,7 @@ def shape_mask(
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
-def render_scene(seed: int, num_objects: int | None = None, upright: bool = False) -> ToyScene:
+def render_scene(seed: int, num_objects: int | None = None, upright: bool = True) -> ToyScene:
     """Render scene ``seed`` (deterministic) with ``num_objects`` objects (None: 1–4 drawn from the seed);
     ``upright``: squares and triangles unrotated (`scene_layout`)."""
     layout = scene_layout(seed, num_objects, upright)
