@@ -13,7 +13,7 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
    distribution over its own region (object or background) — the properties that SD shows at scale and that the
    method relies on (paper §3.2 Eq. 5–6 and §3.4). See docs/toy-world.md for why (run7).
 
-Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run7 did not use them:
+Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run10 does not use them:
 min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); a pool of ``data_pool`` scenes encoded once by the
 VAE (encoding every batch afresh is a large part of a step on a CPU), each step drawing its batch from the pool by a
 seeded permutation; a linear learning-rate decay (``decay_steps``). ``self_attn_target="mass"`` is run2's form of the
@@ -45,10 +45,11 @@ SELF_ATTN_TARGETS = ("mass", "uniform", "mixture")  # forms of the self-attentio
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    """Defaults = the recipe of the shipped weights (docs/toy-world.md, run7: run3's recipe — run1's for 3,000 steps —
-    with the self-attention supervised towards each region's uniform distribution and the [EOT] towards the uniform
-    distribution over the objects); the pool, min-SNR and decay options are the run2 / run4 / run5 experiments, off
-    by default. run3's recipe: ``self_attn_weight=0, eot_target="mass"``."""
+    """Defaults = the recipe of the shipped weights (docs/toy-world.md, run10: run7's recipe — run3's, i.e. run1's for
+    3,000 steps, with the self-attention supervised towards each region's uniform distribution and the [EOT] towards
+    the uniform distribution over the objects — on the upright world); the pool, min-SNR and decay options are the
+    run2 / run4 / run5 experiments, off by default. run7's recipe: ``upright=False``; run3's: also
+    ``self_attn_weight=0, eot_target="mass"``."""
 
     seed: int = 0
     vae_steps: int = 300  # AutoencoderKL steps

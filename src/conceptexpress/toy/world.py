@@ -1,7 +1,8 @@
 """The toy world: procedural scenes with known objects, masks and captions (docs/toy-world.md).
 
 A scene is a light-grey background (a faint vertical gradient and sensor-like noise: not an object) with 1–4
-non-overlapping flat shapes, each of a different colour. Everything is exact by construction: the picture is
+non-overlapping flat shapes, each of a different colour (squares axis-aligned and triangles apex-up since run10;
+``upright=False`` rotates them at random, the world of runs 1–9). Everything is exact by construction: the picture is
 painted from the instance masks, and the caption names the objects.
 
     >>> scene = render_scene(3)
