@@ -94,7 +94,7 @@ def _pre_cluster_oracle(pre_labels: np.ndarray, gt: np.ndarray) -> list[float]:
     return out
 
 
-def partition(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = True) -> dict:
+def partition(pipe, scenes: int, n_max: int, resolution: int | None, upright: bool) -> dict:
     out: dict = {}
     for w in ("released", "diffseg"):
         loc = _localizer(pipe, n_max, w, resolution)
@@ -144,7 +144,7 @@ def _objects_kept_by_eot(eot: torch.Tensor, gt: np.ndarray) -> list[bool]:
     return [bool(e[m].mean() > e.mean()) for m in inside if m.any()]
 
 
-def localization(pipe, scenes: int, n_max: int, resolution: int | None = None, upright: bool = True) -> dict:
+def localization(pipe, scenes: int, n_max: int, resolution: int | None, upright: bool) -> dict:
     pipes = {"trained": pipe, "random-unet": _random_unet_pipe(pipe)}
     matches: dict[str, dict[int, list]] = {}
     kept: dict[int, list[bool]] = {}
@@ -189,7 +189,7 @@ def _extract_scene(pipe, model: str, scene, src: Path, out: Path, cfg: TrainConf
 
 
 def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int, merge_step: int, work: Path,
-               counts: tuple[int, ...] = (2, 3, 4), lr: float = TrainConfig.lr, upright: bool = True) -> dict:
+               counts: tuple[int, ...], lr: float, upright: bool) -> dict:
     """Scene ``i`` has ``counts[i % len(counts)]`` objects (the default: 2 + i mod 3, as in every table so far)."""
     results = {}
     for row in rows:
@@ -224,7 +224,7 @@ def extraction(pipe, model: str, rows: list[str], scenes: list[int], steps: int,
 
 
 def token_recovery(pipe, model: str, seeds: list[int], steps: int, merge_step: int, lr: float, work: Path,
-                   sample_steps: int = 25, upright: bool = True) -> dict:
+                   upright: bool, sample_steps: int = 25) -> dict:
     """One-object scenes: ``extract`` (full method), then the concept whose mask overlaps the object most is sampled
     4 times ("a photo of <ck>"); counted: samples whose objects (read by `read_objects`) include the object's colour,
     and its colour and shape. The control repeats it with the learning rate at 1e-12 (the tokens stay at their
@@ -361,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.out) / "runs" if args.out else Path(tempfile.mkdtemp(prefix="toy-recover-"))
         work.mkdir(parents=True, exist_ok=True)
         seeds = list(range(args.recover_first, args.recover_first + args.recover_scenes))
-        report["recover"] = token_recovery(pipe, model, seeds, args.steps, args.merge_step, lr, work,
-                                           upright=args.upright)
+        report["recover"] = token_recovery(pipe, model, seeds, args.steps, args.merge_step, lr, work, args.upright)
     report["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(report, indent=1, default=str)
     print(text)

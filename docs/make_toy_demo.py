@@ -3,7 +3,8 @@
     python docs/make_toy_demo.py [--scene 503] [--out /tmp/toy-demo]
 
 Runs the README's three commands (scene → extract 60 steps, merge at 12, lr 4e-3 → generate "a photo of <c1>" ×4) through
-the command line and composes: the photo, the overlay, four samples of <c1> (each 64 px tile drawn ×3).
+the command line and composes: the photo, the overlay, four samples of <c1> (each 64 px tile drawn ×3). Prints each concept's best-matching object
+with its IoU and what `read_objects` sees in the samples.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from conceptexpress.cli import main as cli
-from conceptexpress.toy import render_scene, toy_pipeline_path
+from conceptexpress.toy import read_objects, render_scene, toy_pipeline_path
 
 TILE, GAP = 192, 4
 
@@ -46,7 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         figure.paste(tile.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), (i * (TILE + GAP), 0))
     figure.save(args.figure)
     manifest = json.loads((run / "manifest.json").read_text())
-    print(json.dumps({"caption": scene.caption, "concepts": manifest["num_concepts"], "samples": [str(s) for s in samples],
+    concepts = {}  # per token: the object its mask overlaps most, and that IoU (the README's description)
+    for t in manifest["tokens"]:
+        mask = np.asarray(Image.open(run / t["mask"])) > 127
+        ious = [float((mask & m).sum() / (mask | m).sum()) for m in scene.masks]
+        best = int(np.argmax(ious))
+        concepts[t["token"]] = {"object": " ".join(scene.objects[best]), "iou": round(ious[best], 3)}
+    print(json.dumps({"caption": scene.caption, "concepts": concepts, "samples_of_c1": [read_objects(Image.open(s))
+                                                                                        for s in samples],
                       "figure": args.figure}))
     return 0
 

@@ -13,6 +13,7 @@ memory).
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
@@ -73,6 +74,10 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        # A folder or file may be given as a path object (``toy_pipeline_path()``); the config holds strings.
+        for name in ("model", "single_file_config"):
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         if not self.model or not self.model.strip():
             raise ConfigError("`model` must name a hub id, a folder or a .safetensors file, got an empty string")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):

@@ -15,8 +15,9 @@ def test_folder_loads_frozen_on_cpu(tiny_sd2_dir):
     assert pipe.unet.device.type == "cpu" and pipe.unet.dtype == torch.float32
     assert not any(p.requires_grad for p in pipe.unet.parameters())
     assert pipe.safety_checker is None
-    # a pathlib.Path works as well as a string (``load_pipeline(toy_pipeline_path())``)
+    # a pathlib.Path works as well as a string (``load_pipeline(toy_pipeline_path())``), in a ModelConfig too
     assert load_pipeline(tiny_sd2_dir, device="cpu").unet.config == pipe.unet.config
+    assert ModelConfig(model=tiny_sd2_dir).model == str(tiny_sd2_dir)
 
 
 def test_dtype_choice(tiny_sd2_dir):

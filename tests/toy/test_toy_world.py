@@ -131,10 +131,11 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
     assert unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
     assert json.loads((tmp_path / "toy9" / "train_log.json").read_text())["config"]["latent_attention"] is True
-    # --upright trains on the world with unrotated squares and triangles, VAE stage included
-    assert main(["train", str(tmp_path / "toy10"), "--upright", "--vae-steps", "1", "--vae-batch", "2", "--steps", "1",
-                 "--batch", "2", "--threads", "1"]) == 0
-    assert json.loads((tmp_path / "toy10" / "train_log.json").read_text())["config"]["upright"] is True
+    assert log["config"]["upright"] is True  # the upright world is the default (run10)
+    # --no-upright trains on the rotated world of runs 1–9, VAE stage included
+    assert main(["train", str(tmp_path / "toy7"), "--no-upright", "--vae-steps", "1", "--vae-batch", "2", "--steps",
+                 "1", "--batch", "2", "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "toy7" / "train_log.json").read_text())["config"]["upright"] is False
 
 
 def test_toy_learning_rate_schedule():

@@ -67,7 +67,7 @@ def load_pipeline(config: ModelConfig | str | os.PathLike | None = None, **overr
     if config is None:
         config = ModelConfig(**overrides)
     elif isinstance(config, (str, os.PathLike)):
-        config = ModelConfig(model=os.fspath(config), **overrides)
+        config = ModelConfig(model=config, **overrides)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     pipe = _load(config, dtype)

@@ -177,7 +177,7 @@ def _scheduler():
     )
 
 
-def _images(seeds: list[int], device: str = "cpu", upright: bool = True) -> tuple[torch.Tensor, list]:
+def _images(seeds: list[int], device: str, upright: bool) -> tuple[torch.Tensor, list]:
     scenes = [render_scene(s, upright=upright) for s in seeds]
     x = np.stack([np.asarray(s.image, dtype=np.float32) for s in scenes])  # (B, H, W, 3)
     return (torch.from_numpy(x).permute(0, 3, 1, 2) / 127.5 - 1.0).to(device), scenes
