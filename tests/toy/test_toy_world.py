@@ -136,6 +136,17 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     assert main(["train", str(tmp_path / "toy7"), "--no-upright", "--vae-steps", "1", "--vae-batch", "2", "--steps",
                  "1", "--batch", "2", "--threads", "1"]) == 0
     assert json.loads((tmp_path / "toy7" / "train_log.json").read_text())["config"]["upright"] is False
+    # --precision bf16 (run11): the same step under bf16 autocast — recorded, finite, and not the fp32 arithmetic
+    shutil.copytree(out / "vae", tmp_path / "bf16" / "vae")
+    assert main(["train", str(tmp_path / "bf16"), "--precision", "bf16", "--steps", "1", "--batch", "2",
+                 "--threads", "1"]) == 0
+    bf16_log = json.loads((tmp_path / "bf16" / "train_log.json").read_text())
+    assert bf16_log["config"]["precision"] == "bf16" and np.isfinite(bf16_log["final_mse"])
+    assert log["config"]["precision"] == "fp32"  # the default
+    shutil.copytree(out / "vae", tmp_path / "fp32" / "vae")
+    assert main(["train", str(tmp_path / "fp32"), "--steps", "1", "--batch", "2", "--threads", "1"]) == 0
+    w = [load_pipeline(str(tmp_path / d / "step-1"), device="cpu").unet.conv_in.weight for d in ("fp32", "bf16")]
+    assert torch.isfinite(w[1]).all() and not torch.equal(w[0], w[1])
 
 
 def test_toy_learning_rate_schedule():
@@ -216,6 +227,8 @@ def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
     from conceptexpress.toy.__main__ import main
 
     out = tmp_path / "never"
+    assert main(["train", str(out), "--precision", "fp16"]) == 2
+    assert "--precision must be one of fp32, bf16, not 'fp16'" in capsys.readouterr().err
     assert main(["train", str(out), "--device", "gpu0"]) == 2
     assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -41,6 +41,7 @@ from .world import IMAGE_SIZE, render_scene
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scenes (benchmarks, tests) are < 1e6
 ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] supervision (_attention_loss)
 SELF_ATTN_TARGETS = ("mass", "uniform", "mixture")  # forms of the self-attention supervision (_self_attention_loss)
+PRECISIONS = ("fp32", "bf16")  # UNet-stage forward precision (ToyTrainConfig.precision)
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,14 @@ class ToyTrainConfig:
     save_every: int = 400
     threads: int = 2
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
+    precision: str = "fp32"  # "bf16": autocast the text encoder and UNet forward (losses in fp32); ~20 % faster on AMX CPUs
 
     def __post_init__(self):
         if self.self_attn_target not in SELF_ATTN_TARGETS:
             raise ValueError(f"--self-attn-target must be one of {', '.join(SELF_ATTN_TARGETS)}, "
                              f"not {self.self_attn_target!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.eot_target not in ATTN_TARGETS:
             raise ValueError(f"--eot-target must be one of {', '.join(ATTN_TARGETS)}, not {self.eot_target!r}")
         try:
@@ -258,6 +262,7 @@ def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tens
         raise ValueError(f"[EOT] target must be one of {ATTN_TARGETS}, not {eot_target!r}")
     losses = []
     for probs in store:  # (B, N, L)
+        probs = probs.float()  # bf16 under autocast (precision="bf16"); the loss is computed in fp32
         side = int(math.isqrt(probs.shape[1]))
         for b, (scene, pairs) in enumerate(zip(scenes, targets)):
             if not keep[b]:
@@ -301,6 +306,7 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
     if not idx:
         return torch.zeros(())
     for probs in store:  # (B, N, N)
+        probs = probs.float()
         side = int(math.isqrt(probs.shape[1]))
         fr = []
         for b in idx:
@@ -416,9 +422,10 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         store.clear()
         self_store.clear()
-        cond = text_encoder(ids)[0]
-        pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            cond = text_encoder(ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))  # (B,)
         mse = per.mean()
         if cfg.min_snr:
             snr = alphas[t] / (1 - alphas[t])
