@@ -107,19 +107,21 @@ def _scheduler():
     )
 
 
-def _save(path: Path, unet, vae, text_encoder, tokenizer_dir: Path, safe_serialization: bool = True) -> Path:
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    pipe = StableDiffusionPipeline(
+def _pipeline(unet, vae, text_encoder, tokenizer_dir: Path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
         unet=unet,
         scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(path, safe_serialization=safe_serialization)
+
+
+def _save(path: Path, unet, vae, text_encoder, tokenizer_dir: Path, safe_serialization: bool = True) -> Path:
+    _pipeline(unet, vae, text_encoder, tokenizer_dir).save_pretrained(path, safe_serialization=safe_serialization)
     return path
 
 
@@ -219,6 +221,27 @@ def save_sd21_random_pipeline(path: str | Path, *, seed: int = 0, dtype: torch.d
     """
     path = Path(path)
     tok_dir = write_clip_tokenizer(path / "_tokenizer_src", pad_style="sd2")
+    out = _save(path, *_sd21_modules(seed, dtype), tok_dir)
+    _rmtree(tok_dir)
+    return out
+
+
+def sd21_random_pipeline(tokenizer_dir: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32
+                         ) -> StableDiffusionPipeline:
+    """The pipeline :func:`save_sd21_random_pipeline` writes (same modules, same seed), built in memory in
+    ``dtype`` on the CPU — no 2.6 GB round trip through the disk (~25 s less) — and left as
+    :func:`~conceptexpress.models.load_pipeline` leaves a loaded one: frozen, in eval mode, progress bars off.
+    The generated tokenizer is written to ``tokenizer_dir``."""
+    tok_dir = write_clip_tokenizer(Path(tokenizer_dir), pad_style="sd2")
+    pipe = _pipeline(*_sd21_modules(seed, dtype), tok_dir)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    return pipe
+
+
+def _sd21_modules(seed: int, dtype: torch.dtype) -> tuple:
+    """UNet, VAE and text encoder of SD 2.1-base with random weights drawn from ``seed``."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**sd21_unet_config()).to(dtype)
     vae = AutoencoderKL(
@@ -250,9 +273,7 @@ def save_sd21_random_pipeline(path: str | Path, *, seed: int = 0, dtype: torch.d
             pad_token_id=1,
         )
     ).to(dtype)
-    out = _save(path, unet, vae, text_encoder, tok_dir)
-    _rmtree(tok_dir)
-    return out
+    return unet, vae, text_encoder
 
 
 def _rmtree(p: Path) -> None:
