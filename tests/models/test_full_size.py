@@ -1,6 +1,6 @@
 """Full-size SD 2.1-base architecture with random weights: shapes, layer counts, and a localization pass.
 
-Slow (builds the 1.3 B-parameter pipeline in memory, ~40 s of CPU in all), behind the `slow` marker; CI still runs it.
+Slow (builds the 1.3 B-parameter pipeline in memory; the module takes ~50 s of CPU), behind the `slow` marker; CI still runs it.
 Loading from a folder is the same code at any size and is tested on the tiny pipelines (tests/models/test_models.py).
 """
 

@@ -70,14 +70,19 @@ def load_pipeline(config: ModelConfig | str | os.PathLike | None = None, **overr
         config = ModelConfig(model=config, **overrides)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    pipe = _load(config, dtype)
+    pipe = frozen_pipeline(_load(config, dtype), device)
+    logger.info("loaded %s on %s (%s)", config.model, device, str(dtype).removeprefix("torch."))
+    return pipe
+
+
+def frozen_pipeline(pipe: StableDiffusionPipeline, device: torch.device | str) -> StableDiffusionPipeline:
+    """The state :func:`load_pipeline` returns a pipeline in: every parameter frozen, eval mode, progress bars
+    off, on ``device``."""
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
-    pipe = pipe.to(device)
-    logger.info("loaded %s on %s (%s)", config.model, device, str(dtype).removeprefix("torch."))
-    return pipe
+    return pipe.to(device)
 
 
 def _load(config: ModelConfig, dtype: torch.dtype) -> StableDiffusionPipeline:

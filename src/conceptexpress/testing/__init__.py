@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..models.loading import frozen_pipeline
 from .ldm_format import pipeline_to_ldm
 
 # SD 2.x tokenizers pad with "!"; SD 1.x tokenizers pad with the end-of-text token (README, "Models").
@@ -233,11 +234,7 @@ def sd21_random_pipeline(tokenizer_dir: str | Path, *, seed: int = 0, dtype: tor
     :func:`~conceptexpress.models.load_pipeline` leaves a loaded one: frozen, in eval mode, progress bars off.
     The generated tokenizer is written to ``tokenizer_dir``."""
     tok_dir = write_clip_tokenizer(Path(tokenizer_dir), pad_style="sd2")
-    pipe = _pipeline(*_sd21_modules(seed, dtype), tok_dir)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False).eval()
-    return pipe
+    return frozen_pipeline(_pipeline(*_sd21_modules(seed, dtype), tok_dir), "cpu")
 
 
 def _sd21_modules(seed: int, dtype: torch.dtype) -> tuple:

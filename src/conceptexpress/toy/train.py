@@ -399,6 +399,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rng = np.random.default_rng(cfg.seed + 3)
     alphas = sched.alphas_cumprod.to(cfg.device)
+    autocast = dict(device_type=torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     history = []
     t0 = time.time()
     for step in range(cfg.steps):
@@ -426,7 +427,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
         noisy = a.sqrt() * z + (1 - a).sqrt() * noise
         store.clear()
         self_store.clear()
-        with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast(**autocast):
             cond = text_encoder(ids)[0]
             pred = unet(noisy, t, encoder_hidden_states=cond).sample
         per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))  # (B,)
