@@ -1,6 +1,6 @@
 """Full-size SD 2.1-base architecture with random weights: shapes, layer counts, and a localization pass.
 
-Slow (builds the 1.3 B-parameter pipeline in memory; the module takes ~50 s of CPU), behind the `slow` marker; CI still runs it.
+Slow (builds the 1.3 B-parameter pipeline in memory; the module takes ~37 s of CPU), behind the `slow` marker; CI still runs it.
 Loading from a folder is the same code at any size and is tested on the tiny pipelines (tests/models/test_models.py).
 """
 
@@ -61,11 +61,13 @@ def test_one_training_step_full_size(sd21):
     masks[1, 10:20, 16:28] = True
     cents = masks.flatten(1).float() + 0.01
     cents = cents / cents.sum(1, keepdim=True)
-    cfg = TrainConfig(steps=1, merge_step=1, split_tokens=2, micro_batch=2, checkpoint_every=0)
+    # One token per concept (the split phase's bookkeeping does not depend on the model's size and is tested on the
+    # tiny pipelines): one micro-batch of the two prompts, half the CPU time of split_tokens=2.
+    cfg = TrainConfig(steps=1, merge_step=1, split_tokens=1, micro_batch=2, checkpoint_every=0)
     trainer = TokenTrainer(sd21, load_image(EXAMPLE), (256, 176), masks, cents, cfg)
     before = trainer.vectors.detach().clone()
     result = trainer.train()
-    assert result.sample_passes == 4 and result.embeddings.shape == (2, 1024)
+    assert result.sample_passes == 2 and result.embeddings.shape == (2, 1024)
     assert not torch.equal(trainer.vectors.detach(), before)
     record = result.history[0]
     assert record["reg"] > 0 and record["mse"] > 0

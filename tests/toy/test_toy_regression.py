@@ -132,21 +132,26 @@ RECOVER_LR = TrainConfig.lr * 500 / 60  # the paper's total step size (500 steps
 
 
 def test_short_extraction_regenerates_its_object(toy_pipe, tmp_path):
+    """extract without samples, then the concept on the object drawn 4 times from the run folder (generate_from_run,
+    the user's path): the same pictures extract's own samples would be (seed + i per image; checked equal), without
+    drawing every other concept too."""
     import numpy as np
     from PIL import Image
 
-    from conceptexpress.config import ModelConfig, SampleConfig
+    from conceptexpress.config import GenerateConfig, ModelConfig, SampleConfig
     from conceptexpress.extract import extract
+    from conceptexpress.generate import generate_from_run, prompt_folders
 
     scene = render_scene(RECOVER_SCENE, num_objects=1)
     src = tmp_path / "scene.png"
     scene.image.save(src)
     cfg = TrainConfig(steps=60, merge_step=12, lr=RECOVER_LR, micro_batch=0, checkpoint_every=0)
     manifest = extract(src, tmp_path / "run", model=ModelConfig(model=str(toy_pipeline_path())), train=cfg,
-                       sample=SampleConfig(sample_count=4, sample_steps=25), pipe=toy_pipe, progress=False)
+                       sample=SampleConfig(samples=False), pipe=toy_pipe, progress=False)
     masks = [np.asarray(Image.open(tmp_path / "run" / t["mask"])) > 127 for t in manifest["tokens"]]
     ious = [(m & scene.masks[0]).sum() / (m | scene.masks[0]).sum() for m in masks]
-    best = manifest["tokens"][int(np.argmax(ious))]["token"].strip("<>")
-    read = [read_objects(Image.open(f)) for f in sorted((tmp_path / "run" / "samples").glob(f"{best}_*.png"))]
+    prompt = f"a photo of {manifest['tokens'][int(np.argmax(ious))]['token']}"
+    root = generate_from_run(tmp_path / "run", [prompt], GenerateConfig(n=4, seed=cfg.seed, steps=25), pipe=toy_pipe)
+    read = [read_objects(Image.open(f)) for f in sorted(prompt_folders(root, [prompt])[0].glob("[0-9]*.png"))]
     assert len(read) == 4
     assert sum(scene.objects[0] in objects for objects in read) >= 3, (scene.objects[0], read)
