@@ -125,9 +125,12 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     assert pipe.unet.config.down_block_types[0] == "DownBlock2D"  # no attention at the latent resolution
     # --latent-attention (a boolean flag): attention at 32×32 too, supervised there; the finished VAE stage is reused
     shutil.copytree(out / "vae", tmp_path / "toy9" / "vae")
-    assert main(["train", str(tmp_path / "toy9"), "--latent-attention", "--steps", "1", "--batch", "2",
-                 "--threads", "1"]) == 0
+    # (and --channels, run13: other block widths)
+    assert main(["train", str(tmp_path / "toy9"), "--latent-attention", "--channels", "40,64,96,96", "--steps", "1",
+                 "--batch", "2", "--threads", "1"]) == 0
     unet = load_pipeline(str(tmp_path / "toy9" / "step-1"), device="cpu").unet
+    assert list(unet.config.block_out_channels) == [40, 64, 96, 96]
+    assert list(pipe.unet.config.block_out_channels) == [32, 64, 96, 96]  # the default
     assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
     assert unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
     assert json.loads((tmp_path / "toy9" / "train_log.json").read_text())["config"]["latent_attention"] is True
@@ -229,6 +232,8 @@ def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["train", str(out), "--precision", "fp16"]) == 2
     assert "--precision must be one of fp32, bf16, not 'fp16'" in capsys.readouterr().err
+    assert main(["train", str(out), "--channels", "32,64,96"]) == 2
+    assert "--channels must be 4 comma-separated multiples of 8, not '32,64,96'" in capsys.readouterr().err
     assert main(["train", str(out), "--device", "gpu0"]) == 2
     assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():

@@ -16,7 +16,7 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
 Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run10 does not use them:
 min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); a pool of ``data_pool`` scenes encoded once by the
 VAE (encoding every batch afresh is a large part of a step on a CPU), each step drawing its batch from the pool by a
-seeded permutation; a linear learning-rate decay (``decay_steps``). ``self_attn_target="mass"`` is run2's form of the
+seeded permutation; a linear learning-rate decay (``decay_steps``); other UNet block widths (``channels``, run13). ``self_attn_target="mass"`` is run2's form of the
 self-attention term and ``eot_target="mass"`` runs 1–6's form of the [EOT] term.
 
 ``precision="bf16"`` (run11) runs the UNet-stage forward under bf16 autocast (the losses, the optimizer and the EMA
@@ -72,6 +72,7 @@ class ToyTrainConfig:
     self_attn_target: str = "uniform"  # KL from the uniform over the pixel's region (runs 6, 7); "mass": run2's form
     eot_target: str = "uniform"  # [EOT] → union of objects: KL from its uniform (run7); "mass" (runs 1–6)
     latent_attention: bool = False  # attention at the 32×32 latent too (run9; see unet_config)
+    channels: str = "32,64,96,96"  # UNet block widths at the latent, latent/2, latent/4 and latent/8 (run13: wider)
     upright: bool = True  # squares and triangles unrotated (run10, shipped); False: the rotated world of runs 1–9
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
@@ -81,6 +82,14 @@ class ToyTrainConfig:
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
     precision: str = "fp32"  # "bf16": autocast the text encoder and UNet forward (losses in fp32); ~20 % faster on AMX CPUs
 
+    @property
+    def block_channels(self) -> tuple[int, ...]:
+        """``channels`` as integers, (32, 64, 96, 96) by default; empty when it does not parse."""
+        try:
+            return tuple(int(w) for w in self.channels.split(","))
+        except ValueError:
+            return ()
+
     def __post_init__(self):
         if self.self_attn_target not in SELF_ATTN_TARGETS:
             raise ValueError(f"--self-attn-target must be one of {', '.join(SELF_ATTN_TARGETS)}, "
@@ -89,6 +98,9 @@ class ToyTrainConfig:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.eot_target not in ATTN_TARGETS:
             raise ValueError(f"--eot-target must be one of {', '.join(ATTN_TARGETS)}, not {self.eot_target!r}")
+        widths = self.block_channels
+        if len(widths) != 4 or any(w <= 0 or w % 8 for w in widths):
+            raise ValueError(f"--channels must be 4 comma-separated multiples of 8, not {self.channels!r}")
         try:
             torch.device(self.device)
         except RuntimeError:
@@ -110,15 +122,16 @@ def learning_rate(cfg: ToyTrainConfig, step: int) -> float:
     return lr
 
 
-def unet_config(latent_attention: bool = False) -> dict:
+def unet_config(latent_attention: bool = False, channels: tuple[int, ...] = (32, 64, 96, 96)) -> dict:
     """Latent 32×32 (64 px); self- and cross-attention at 16×16 (latent/2) and 8×8 (latent/4), mid block 4×4;
-    ``latent_attention`` (run9) adds them at 32×32 (the latent resolution, as SD has at 64×64) — ~2.3× a step on CPU."""
+    ``latent_attention`` (run9) adds them at 32×32 (the latent resolution, as SD has at 64×64) — ~2.3× a step on CPU.
+    ``channels``: the block widths (run13 tried wider ones)."""
     top = "CrossAttn" if latent_attention else ""
     return dict(
         sample_size=IMAGE_SIZE // 2,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64, 96, 96),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{top}UpBlock2D"),
@@ -379,7 +392,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
     vae = AutoencoderKL.from_pretrained(out / "vae").eval().requires_grad_(False).to(cfg.device)
     sf = vae.config.scaling_factor
     text_encoder = _text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = UNet2DConditionModel(**unet_config(cfg.latent_attention))
+    unet = UNet2DConditionModel(**unet_config(cfg.latent_attention, cfg.block_channels))
     text_encoder.to(cfg.device)
     unet.to(cfg.device)
     sched = _scheduler()
