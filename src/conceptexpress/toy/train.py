@@ -16,8 +16,9 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
 Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run10 does not use them:
 min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); a pool of ``data_pool`` scenes encoded once by the
 VAE (encoding every batch afresh is a large part of a step on a CPU), each step drawing its batch from the pool by a
-seeded permutation; a linear learning-rate decay (``decay_steps``); other UNet block widths (``channels``, run13). ``self_attn_target="mass"`` is run2's form of the
-self-attention term and ``eot_target="mass"`` runs 1–6's form of the [EOT] term.
+seeded permutation; a linear learning-rate decay (``decay_steps``); other UNet block widths (``channels``, run13).
+``self_attn_target="mass"`` is run2's form of the self-attention term and ``eot_target="mass"`` runs 1–6's form of the
+[EOT] term.
 
 ``precision="bf16"`` (run11) runs the UNet-stage forward under bf16 autocast (the losses, the optimizer and the EMA
 stay fp32): 0.88 s against 1.08 s a step on this project's 2-core CPU (which has AMX-bf16), so more steps fit the
