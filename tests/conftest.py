@@ -22,46 +22,6 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-# Seconds the slowest modules take on one thread (measured 2026-12-03: the whole suite is ~230 s on one thread).
-SLOW_MODULES = {
-    "tests/models/test_full_size.py": 46,
-    "tests/toy/test_toy_regression.py": 36,
-    "tests/ui/test_ui_browser.py": 29,
-    "tests/dataset/test_dataset.py": 18,
-    "tests/toy/test_toy_world.py": 11,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Order the tests for the README's `-n logical --dist worksteal`: worker i starts on the i-th of W equal-count
-    slices of this list, and an idle worker steals from the *tail* of a busy one's queue — never a test that is
-    running. In collection order the slow toy and browser modules come last, where one of them can end the run on one
-    worker while the other has nothing left to steal. Here each slice starts with its share of the slow modules
-    (largest first, each to the slice with the least so far) and is filled up with the other modules in collection
-    order; modules stay whole where they fit. Measured on 2 cores: the two workers end within ~1 s of each other."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers < 2:
-        return
-    modules: dict[str, list] = {}
-    for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
-    heads: list[list] = [[] for _ in range(workers)]
-    load = [0.0] * workers
-    for name in sorted((m for m in modules if m in SLOW_MODULES), key=lambda m: -SLOW_MODULES[m]):
-        i = load.index(min(load))
-        heads[i] += modules[name]
-        load[i] += SLOW_MODULES[name]
-    rest = [item for name, its in modules.items() if name not in SLOW_MODULES for item in its]
-    ordered, left = [], len(items)
-    for i, head in enumerate(heads):
-        size = left // (workers - i)  # worksteal's split: pending // nodes remaining
-        fill = max(0, size - len(head))
-        ordered += head + rest[:fill]
-        rest = rest[fill:]
-        left -= len(head) + fill
-    items[:] = ordered + rest
-
-
 @pytest.fixture(scope="session")
 def tiny_sd2_dir(tmp_path_factory):
     """Tiny random SD pipeline whose tokenizer pads with '!' (SD 2.x style)."""
