@@ -47,6 +47,7 @@ TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scen
 ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] supervision (_attention_loss)
 SELF_ATTN_TARGETS = ("mass", "uniform", "mixture")  # forms of the self-attention supervision (_self_attention_loss)
 PRECISIONS = ("fp32", "bf16")  # UNet-stage forward precision (ToyTrainConfig.precision)
+CHANNELS = (32, 64, 96, 96)  # the shipped UNet's block widths (latent, /2, /4, /8); ToyTrainConfig.channels
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ToyTrainConfig:
     self_attn_target: str = "uniform"  # KL from the uniform over the pixel's region (runs 6, 7); "mass": run2's form
     eot_target: str = "uniform"  # [EOT] → union of objects: KL from its uniform (run7); "mass" (runs 1–6)
     latent_attention: bool = False  # attention at the 32×32 latent too (run9; see unet_config)
-    channels: str = "32,64,96,96"  # UNet block widths at the latent, latent/2, latent/4 and latent/8 (run13: wider)
+    channels: str = ",".join(map(str, CHANNELS))  # UNet block widths, as text for the command line (run13: wider)
     upright: bool = True  # squares and triangles unrotated (run10, shipped); False: the rotated world of runs 1–9
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
@@ -85,7 +86,7 @@ class ToyTrainConfig:
 
     @property
     def block_channels(self) -> tuple[int, ...]:
-        """``channels`` as integers, (32, 64, 96, 96) by default; empty when it does not parse."""
+        """``channels`` as integers (``CHANNELS`` by default); empty when it does not parse."""
         try:
             return tuple(int(w) for w in self.channels.split(","))
         except ValueError:
@@ -123,7 +124,7 @@ def learning_rate(cfg: ToyTrainConfig, step: int) -> float:
     return lr
 
 
-def unet_config(latent_attention: bool = False, channels: tuple[int, ...] = (32, 64, 96, 96)) -> dict:
+def unet_config(latent_attention: bool = False, channels: tuple[int, ...] = CHANNELS) -> dict:
     """Latent 32×32 (64 px); self- and cross-attention at 16×16 (latent/2) and 8×8 (latent/4), mid block 4×4;
     ``latent_attention`` (run9) adds them at 32×32 (the latent resolution, as SD has at 64×64) — ~2.3× a step on CPU.
     ``channels``: the block widths (run13 tried wider ones)."""
