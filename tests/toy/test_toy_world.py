@@ -150,6 +150,16 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     assert main(["train", str(tmp_path / "fp32"), "--steps", "1", "--batch", "2", "--threads", "1"]) == 0
     w = [load_pipeline(str(tmp_path / d / "step-1"), device="cpu").unet.conv_in.weight for d in ("fp32", "bf16")]
     assert torch.isfinite(w[1]).all() and not torch.equal(w[0], w[1])
+    # --init (run14: a fine-tune from a pipeline folder, no VAE stage) with the caption-contrast term
+    ft = tmp_path / "ft"
+    assert main(["train", str(ft), "--init", str(out / "step-3"), "--first-scene", "96000", "--contrast",
+                 "shape,colour,count", "--contrast-batch", "2", "--steps", "1", "--batch", "2", "--threads", "1"]) == 0
+    ft_log = json.loads((ft / "train_log.json").read_text())
+    assert not (ft / "vae").exists() and 0 <= ft_log["final_contrast_accuracy"] <= 1
+    assert np.isfinite(ft_log["final_contrast"]) and ft_log["final_contrast"] > 0
+    tuned = load_pipeline(str(ft / "step-1"), device="cpu")
+    assert torch.equal(tuned.vae.encoder.conv_in.weight, pipe.vae.encoder.conv_in.weight)  # the init's VAE, kept
+    assert not torch.equal(tuned.unet.conv_in.weight, pipe.unet.conv_in.weight)  # the UNet trained on from it
 
 
 def test_toy_learning_rate_schedule():
@@ -234,6 +244,10 @@ def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
     assert "--precision must be one of fp32, bf16, not 'fp16'" in capsys.readouterr().err
     assert main(["train", str(out), "--channels", "32,64,96"]) == 2
     assert "--channels must be 4 comma-separated multiples of 8, not '32,64,96'" in capsys.readouterr().err
+    assert main(["train", str(out), "--contrast", "shape,size"]) == 2
+    assert "--contrast must be comma-separated kinds of shape, colour, count, not 'shape,size'" in capsys.readouterr().err
+    assert main(["train", str(out), "--init", str(tmp_path)]) == 2
+    assert "is not a toy pipeline folder (no model_index.json there)" in capsys.readouterr().err
     assert main(["train", str(out), "--device", "gpu0"]) == 2
     assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -276,3 +290,49 @@ def test_toy_eot_targets_known_answers(capsys):
         loss(one, "peak")
     assert main(["train", "/nonexistent/never", "--eot-target", "peak"]) == 2
     assert "--eot-target must be one of mass, uniform" in capsys.readouterr().err
+
+
+def test_toy_contrast_captions_each_describe_another_scene():
+    from conceptexpress.toy.train import caption_objects, contrast_captions, contrast_width
+
+    rng = np.random.default_rng(0)
+    for seed in range(200):
+        scene = render_scene(seed)
+        truth = caption_objects(scene.caption)
+        assert sorted(truth) == sorted(scene.objects) and caption_for(truth) == scene.caption
+        alts = contrast_captions(scene.caption, ("shape", "colour", "count"), rng)
+        assert len(alts) == contrast_width(("shape", "colour", "count")) == 4
+        shape1, shape2, colour, count = alts
+        for alt in alts:
+            assert alt != scene.caption and Counter(caption_objects(alt)) != Counter(truth)
+        s1, s2 = caption_objects(shape1), caption_objects(shape2)  # one object in each other shape, nothing else
+        for s in (s1, s2):
+            assert len(s) == len(truth) and sum(a != b for a, b in zip(s, truth)) == 1
+            assert all(a[0] == b[0] for a, b in zip(s, truth))
+        j = next(i for i, (a, b) in enumerate(zip(s1, truth)) if a != b)
+        assert {s1[j][1], s2[j][1], truth[j][1]} == set(SHAPES)  # the true caption + these two: every shape of j
+        c = caption_objects(colour)
+        assert len({col for col, _ in c}) == len(c)  # still one object per colour
+        if len(truth) < len(COLORS):  # an unused colour replaces one object's colour
+            assert sum(a[0] != b[0] for a, b in zip(c, truth)) == 1 and [x[1] for x in c] == [x[1] for x in truth]
+        n = caption_objects(count)
+        assert len(n) == (len(truth) - 1 if len(truth) > 1 else 2)
+        assert set(n) <= set(truth) if len(truth) > 1 else n[0] == truth[0]
+    with pytest.raises(ValueError, match="contrast kind"):
+        contrast_captions("a photo of a red circle", ("size",), rng)
+
+
+def test_toy_contrast_loss_known_answers():
+    from conceptexpress.toy.train import contrast_loss
+
+    true = torch.tensor([0.10, 0.10])
+    equal = torch.full((2, 3), 0.10)
+    ce, acc = contrast_loss(true, equal, 1e-3)
+    assert ce.item() == pytest.approx(np.log(4)) and acc.item() == 1.0  # ties: argmax takes the first (true)
+    far = torch.tensor([[0.2, 0.2, 0.2], [0.05, 0.2, 0.2]])  # sample 2: an alternative predicts the noise better
+    ce, acc = contrast_loss(true, far, 1e-3)
+    expected = (np.log(1 + 3 * np.exp(-100)) + np.log(1 + np.exp(50) + 2 * np.exp(-100))) / 2
+    assert ce.item() == pytest.approx(expected, rel=1e-5) and acc.item() == 0.5
+    true.requires_grad_(True)
+    contrast_loss(true, equal, 1e-3)[0].backward()
+    assert (true.grad > 0).all()  # lowering the true caption's ε-MSE lowers the loss

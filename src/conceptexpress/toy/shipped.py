@@ -28,7 +28,9 @@ def export_fp16(trained: str | Path, dest: str | Path = WEIGHTS_DIR) -> Path:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(trained, torch_dtype=torch.float16, safety_checker=None,
-                                                   requires_safety_checker=False)
+    from ..models.loading import dtype_kwargs
+
+    pipe = StableDiffusionPipeline.from_pretrained(trained, safety_checker=None, requires_safety_checker=False,
+                                                   **dtype_kwargs(torch.float16))
     pipe.save_pretrained(dest, safe_serialization=True)
     return Path(dest)
