@@ -20,12 +20,13 @@ seeded permutation; a linear learning-rate decay (``decay_steps``); other UNet b
 ``self_attn_target="mass"`` is run2's form of the self-attention term and ``eot_target="mass"`` runs 1–6's form of the
 [EOT] term.
 
-**Caption contrast** (``contrast``, run14, how the shipped weights were finished): a fine-tune (``init``: a toy
-pipeline folder, e.g. run10's weights; no VAE stage) adds a diffusion classifier's cross-entropy (Li et al. 2023):
-for a few captioned samples per batch, the ε-MSE under the true caption must be lower than under wrong captions
-that change one object's shape, colour or presence (``contrast_captions``), at the same noisy latent, timestep and
-noise. Plain ε-prediction trains the model to *use* the caption only as far as it lowers the MSE; run10 drew
-circles for most shape words (its shapes read right 60 % of the time). The term targets exactly that binding.
+**Caption contrast** (``contrast``; run14, measured, not shipped: docs/toy-world.md): a diffusion classifier's
+cross-entropy (Li et al. 2023): for a few captioned samples per batch, the ε-MSE under the true caption must be lower
+than under wrong captions that change one object's shape, colour or presence (``contrast_captions``), at the same
+noisy latent, timestep and noise. Plain ε-prediction trains the model to *use* the caption only as far as it lowers
+the MSE; run10 drew circles for most shape words (its shapes read right 60 % of the time). The term targets that
+binding. ``init`` fine-tunes from a toy pipeline folder (run14: run10's shipped weights; no VAE stage, the EMA starts
+at the init).
 
 ``precision="bf16"`` (run11) runs the UNet-stage forward under bf16 autocast (the losses, the optimizer and the EMA
 stay fp32): 0.88 s against 1.08 s a step on this project's 2-core CPU (which has AMX-bf16), so more steps fit the
