@@ -92,7 +92,7 @@ class ToyTrainConfig:
     threads: int = 2
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
     precision: str = "fp32"  # "bf16": autocast the text encoder and UNet forward (losses in fp32); ~20 % faster on AMX CPUs
-    init: str = ""  # a toy pipeline folder to start the UNet stage from (a fine-tune; its VAE is kept: no VAE stage)
+    init: str = ""  # a toy pipeline folder to fine-tune (its VAE kept: no VAE stage; its widths: --channels ignored)
     first_scene: int = 0  # index of the first training scene (a fine-tune continues after its run's: run10 saw 96,000)
     contrast: str = ""  # caption-contrast kinds, comma-separated, of CONTRAST_KINDS ("" = off; run14: "shape")
     contrast_weight: float = 0.005  # λ_c of the caption-contrast term (contrast_loss)
