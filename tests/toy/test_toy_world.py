@@ -293,7 +293,8 @@ def test_toy_eot_targets_known_answers(capsys):
 
 
 def test_toy_contrast_captions_each_describe_another_scene():
-    from conceptexpress.toy.train import caption_objects, contrast_captions, contrast_width
+    from conceptexpress.toy.train import contrast_captions, contrast_width
+    from conceptexpress.toy.world import caption_objects
 
     rng = np.random.default_rng(0)
     for seed in range(200):

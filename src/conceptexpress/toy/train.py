@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from .tokenizer import write_toy_tokenizer
-from .world import COLORS, IMAGE_SIZE, SHAPES, caption_for, render_scene
+from .world import COLORS, IMAGE_SIZE, SHAPES, caption_for, caption_objects, render_scene
 
 TRAIN_SEED_OFFSET = 1_000_000  # training scenes are seeds >= 1e6; held-out scenes (benchmarks, tests) are < 1e6
 ATTN_TARGETS = ("mass", "uniform")  # forms of the [EOT] supervision (_attention_loss)
@@ -386,12 +386,6 @@ def _self_attention_loss(store: list[torch.Tensor], scenes, keep: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
-def caption_objects(caption: str) -> list[tuple[str, str]]:
-    """The (colour, shape) pairs of a toy caption, in the caption's order (``caption_for``'s inverse)."""
-    body = caption.removeprefix("a photo of ")
-    return [tuple(part.split()[1:3]) for part in body.split(" and ")]
-
-
 def contrast_captions(caption: str, kinds: tuple[str, ...], rng: np.random.Generator) -> list[str]:
     """Wrong captions for ``caption`` (a scene's true caption), each changing one object j drawn from ``rng``, in the
     order of ``kinds``: "shape" — two, j with each other shape (with the true caption, the diffusion classifier's
@@ -445,6 +439,12 @@ def contrast_loss(true_mse: torch.Tensor, alt_mse: torch.Tensor, tau: float) -> 
     logits = -torch.cat([true_mse[:, None], alt_mse], 1) / tau
     ce = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
     return ce, (logits.argmax(1) == 0).float().mean()
+
+
+def _token_ids(tokenizer, captions: list[str], device: str) -> torch.Tensor:
+    """(B, 77) padded token ids of ``captions`` on ``device``."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
 
 
 def _encode_pool(vae, cfg: ToyTrainConfig, log) -> tuple[torch.Tensor, torch.Tensor]:
@@ -533,8 +533,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
         z = (mean + std * torch.randn(mean.shape, generator=gen).to(cfg.device)) * sf
         drop = rng.random(cfg.batch) < cfg.caption_dropout
         captions = ["" if d else s.caption for d, s in zip(drop, scenes)]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(cfg.device)
+        ids = _token_ids(tokenizer, captions, cfg.device)
         t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
         noise = torch.randn(z.shape, generator=gen).to(cfg.device)
         keep = t < cfg.attn_max_t  # on the CPU: read per sample
@@ -565,9 +564,7 @@ def train_unet(out: Path, cfg: ToyTrainConfig, log) -> dict:
                 sidx = torch.tensor(sub, device=cfg.device)
                 alt_mse = []
                 for r in range(contrast_width(cfg.contrast_kinds)):
-                    alt_ids = tokenizer([a[r] for a in alts], padding="max_length",
-                                        max_length=tokenizer.model_max_length, truncation=True,
-                                        return_tensors="pt").input_ids.to(cfg.device)
+                    alt_ids = _token_ids(tokenizer, [a[r] for a in alts], cfg.device)
                     with torch.autocast(**autocast):
                         alt_pred = unet(noisy[sidx], t[sidx], encoder_hidden_states=text_encoder(alt_ids)[0]).sample
                     alt_mse.append(((alt_pred.float() - noise[sidx]) ** 2).mean(dim=(1, 2, 3)))

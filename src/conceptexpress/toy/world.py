@@ -25,6 +25,7 @@ __all__ = [
     "SHAPES",
     "ToyScene",
     "caption_for",
+    "caption_objects",
     "render_scene",
     "scene_layout",
 ]
@@ -66,6 +67,11 @@ def caption_for(objects: list[tuple[str, str]]) -> str:
     if not objects:
         raise ValueError("a caption needs at least one object")
     return "a photo of " + " and ".join(f"a {c} {s}" for c, s in objects)
+
+
+def caption_objects(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs of a caption ``caption_for`` wrote, in the caption's order (its inverse)."""
+    return [tuple(part.split()[1:3]) for part in caption.removeprefix("a photo of ").split(" and ")]
 
 
 # Angle (radians, `shape_mask`'s convention) that puts a shape upright: a square's sides along the axes, a
