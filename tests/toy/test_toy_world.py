@@ -238,6 +238,7 @@ def test_toy_self_attention_mixture_target_supervises_edge_cells():
 
 def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
     from conceptexpress.toy.__main__ import main
+    from conceptexpress.toy.shipped import toy_pipeline_path
 
     out = tmp_path / "never"
     assert main(["train", str(out), "--precision", "fp16"]) == 2
@@ -248,6 +249,10 @@ def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
     assert "--contrast must be comma-separated kinds of shape, colour, count, not 'shape,size'" in capsys.readouterr().err
     assert main(["train", str(out), "--init", str(tmp_path)]) == 2
     assert "is not a toy pipeline folder (no model_index.json there)" in capsys.readouterr().err
+    shipped = str(toy_pipeline_path())  # a real pipeline folder: the refusal is about the options, not the folder
+    for widths in (["--latent-attention"], ["--channels", "64,64,96,128"]):
+        assert main(["train", str(out), "--init", shipped, *widths]) == 2
+        assert "--init fine-tunes the folder's UNet as it is: drop --channels / --latent-attention" in capsys.readouterr().err
     assert main(["train", str(out), "--device", "gpu0"]) == 2
     assert "--device 'gpu0' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():

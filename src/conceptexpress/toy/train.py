@@ -92,7 +92,7 @@ class ToyTrainConfig:
     threads: int = 2
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
     precision: str = "fp32"  # "bf16": autocast the text encoder and UNet forward (losses in fp32); ~20 % faster on AMX CPUs
-    init: str = ""  # a toy pipeline folder to fine-tune (its VAE kept: no VAE stage; its widths: --channels ignored)
+    init: str = ""  # a toy pipeline folder to fine-tune (its VAE kept: no VAE stage; its UNet's widths as they are)
     first_scene: int = 0  # index of the first training scene (a fine-tune continues after its run's: run10 saw 96,000)
     contrast: str = ""  # caption-contrast kinds, comma-separated, of CONTRAST_KINDS ("" = off; run14: "shape")
     contrast_weight: float = 0.005  # λ_c of the caption-contrast term (contrast_loss)
@@ -128,6 +128,8 @@ class ToyTrainConfig:
             raise ValueError("--contrast-tau must be > 0 and --contrast-batch >= 1")
         if self.init and not (Path(self.init) / "model_index.json").is_file():
             raise ValueError(f"--init {self.init!r} is not a toy pipeline folder (no model_index.json there)")
+        if self.init and (self.latent_attention or self.channels != ",".join(map(str, CHANNELS))):
+            raise ValueError("--init fine-tunes the folder's UNet as it is: drop --channels / --latent-attention")
         widths = self.block_channels
         if len(widths) != 4 or any(w <= 0 or w % 8 for w in widths):
             raise ValueError(f"--channels must be 4 comma-separated multiples of 8, not {self.channels!r}")
