@@ -119,6 +119,9 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
                  "--save-every", "3", "--threads", "1"]) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["config"]["steps"] == 3 and np.isfinite(log["final_mse"])
+    # the defaults are the shipped run15's recipe: the shape caption contrast under bf16 autocast
+    assert log["config"]["contrast"] == "shape" and log["config"]["precision"] == "bf16"
+    assert np.isfinite(log["final_contrast"]) and 0 <= log["final_contrast_accuracy"] <= 1
     pipe = load_pipeline(str(out / "step-3"), device="cpu")
     assert pipe.unet.config.sample_size * 2 == IMAGE_SIZE
     assert pipe.vae.config.scaling_factor != 0.18215  # set from the latents' std
@@ -139,15 +142,17 @@ def test_toy_train_smoke(tmp_path, one_torch_thread):
     assert main(["train", str(tmp_path / "toy7"), "--no-upright", "--vae-steps", "1", "--vae-batch", "2", "--steps",
                  "1", "--batch", "2", "--threads", "1"]) == 0
     assert json.loads((tmp_path / "toy7" / "train_log.json").read_text())["config"]["upright"] is False
-    # --precision bf16 (run11): the same step under bf16 autocast — recorded, finite, and not the fp32 arithmetic
+    # --precision fp32 / --contrast none (run10's recipe): not the default's arithmetic, and no contrast term
     shutil.copytree(out / "vae", tmp_path / "bf16" / "vae")
-    assert main(["train", str(tmp_path / "bf16"), "--precision", "bf16", "--steps", "1", "--batch", "2",
+    assert main(["train", str(tmp_path / "bf16"), "--contrast", "none", "--steps", "1", "--batch", "2",
                  "--threads", "1"]) == 0
     bf16_log = json.loads((tmp_path / "bf16" / "train_log.json").read_text())
     assert bf16_log["config"]["precision"] == "bf16" and np.isfinite(bf16_log["final_mse"])
-    assert log["config"]["precision"] == "fp32"  # the default
+    assert "final_contrast" not in bf16_log  # --contrast none: off
     shutil.copytree(out / "vae", tmp_path / "fp32" / "vae")
-    assert main(["train", str(tmp_path / "fp32"), "--steps", "1", "--batch", "2", "--threads", "1"]) == 0
+    assert main(["train", str(tmp_path / "fp32"), "--precision", "fp32", "--contrast", "none", "--steps", "1",
+                 "--batch", "2", "--threads", "1"]) == 0
+    assert json.loads((tmp_path / "fp32" / "train_log.json").read_text())["config"]["precision"] == "fp32"
     w = [load_pipeline(str(tmp_path / d / "step-1"), device="cpu").unet.conv_in.weight for d in ("fp32", "bf16")]
     assert torch.isfinite(w[1]).all() and not torch.equal(w[0], w[1])
     # --init (run14: a fine-tune from a pipeline folder, no VAE stage) with the caption-contrast term
@@ -246,7 +251,7 @@ def test_toy_train_refuses_a_device_before_any_work(tmp_path, capsys):
     assert main(["train", str(out), "--channels", "32,64,96"]) == 2
     assert "--channels must be 4 comma-separated multiples of 8, not '32,64,96'" in capsys.readouterr().err
     assert main(["train", str(out), "--contrast", "shape,size"]) == 2
-    assert "--contrast must be comma-separated kinds of shape, colour, count, not 'shape,size'" in capsys.readouterr().err
+    assert "--contrast must be none or comma-separated kinds of shape, colour, count, not 'shape,size'" in capsys.readouterr().err
     assert main(["train", str(out), "--init", str(tmp_path)]) == 2
     assert "is not a toy pipeline folder (no model_index.json there)" in capsys.readouterr().err
     shipped = str(toy_pipeline_path())  # a real pipeline folder: the refusal is about the options, not the folder

@@ -13,24 +13,25 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
    distribution over its own region (object or background) — the properties that SD shows at scale and that the
    method relies on (paper §3.2 Eq. 5–6 and §3.4). See docs/toy-world.md for why (run7).
 
-Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run10 does not use them:
+Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run15 does not use them:
 min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); a pool of ``data_pool`` scenes encoded once by the
 VAE (encoding every batch afresh is a large part of a step on a CPU), each step drawing its batch from the pool by a
 seeded permutation; a linear learning-rate decay (``decay_steps``); other UNet block widths (``channels``, run13).
 ``self_attn_target="mass"`` is run2's form of the self-attention term and ``eot_target="mass"`` runs 1–6's form of the
 [EOT] term.
 
-**Caption contrast** (``contrast``; run14, measured, not shipped: docs/toy-world.md): a diffusion classifier's
+**Caption contrast** (``contrast``, default ``"shape"``: run15, the shipped weights; docs/toy-world.md): a diffusion classifier's
 cross-entropy (Li et al. 2023): for a few captioned samples per batch, the ε-MSE under the true caption must be lower
 than under wrong captions that change one object's shape, colour or presence (``contrast_captions``), at the same
 noisy latent, timestep and noise. Plain ε-prediction trains the model to *use* the caption only as far as it lowers
-the MSE; run10 drew circles for most shape words (its shapes read right 60 % of the time). The term targets that
-binding. ``init`` fine-tunes from a toy pipeline folder (run14: run10's shipped weights; no VAE stage, the EMA starts
-at the init).
+the MSE; run10 drew circles for most shape words (its shapes read right 60 % of the time; run15, with the term from
+step 0, 98 %). ``contrast="none"`` turns it off (runs 1–13). ``init`` fine-tunes from a toy pipeline folder (run14:
+run10's weights; no VAE stage, the EMA starts at the init).
 
-``precision="bf16"`` (run11) runs the UNet-stage forward under bf16 autocast (the losses, the optimizer and the EMA
-stay fp32): 0.88 s against 1.08 s a step on this project's 2-core CPU (which has AMX-bf16), so more steps fit the
-90-minute budget.
+``precision="bf16"`` (run11; the default since run15) runs the UNet-stage forward under bf16 autocast (the losses,
+the optimizer and the EMA stay fp32): 0.88 s against 1.08 s a step on this project's 2-core CPU (which has AMX-bf16),
+so more steps fit the 90-minute budget; ``"fp32"`` is runs 1–10's arithmetic (on a CPU without bf16 support it may be
+the faster one).
 
 Deterministic on CPU for a given seed, thread count and precision. ``device="cuda"`` trains on a GPU (every random number is
 still drawn on the CPU, so the scenes, timesteps and noise are a CPU run's; the arithmetic is not bit-identical).
@@ -61,10 +62,11 @@ CONTRAST_KINDS = ("shape", "colour", "count")  # caption alternatives of the con
 
 @dataclass(frozen=True)
 class ToyTrainConfig:
-    """Defaults = the recipe of the shipped weights (docs/toy-world.md, run10: run7's recipe — run3's, i.e. run1's for
-    3,000 steps, with the self-attention supervised towards each region's uniform distribution and the [EOT] towards
-    the uniform distribution over the objects — on the upright world); the pool, min-SNR and decay options are the
-    run2 / run4 / run5 experiments, off by default. run7's recipe: ``upright=False``; run3's: also
+    """Defaults = the recipe of the shipped weights (docs/toy-world.md, run15: run10's recipe — run7's on the upright
+    world; run3's, i.e. run1's for 3,000 steps, with the self-attention supervised towards each region's uniform
+    distribution and the [EOT] towards the uniform distribution over the objects — plus the shape caption contrast,
+    under bf16 autocast); the pool, min-SNR and decay options are the run2 / run4 / run5 experiments, off by default.
+    run10's recipe: ``contrast="none", precision="fp32"``; run7's: also ``upright=False``; run3's: also
     ``self_attn_weight=0, eot_target="mass"``."""
 
     seed: int = 0
@@ -84,17 +86,17 @@ class ToyTrainConfig:
     eot_target: str = "uniform"  # [EOT] → union of objects: KL from its uniform (run7); "mass" (runs 1–6)
     latent_attention: bool = False  # attention at the 32×32 latent too (run9; see unet_config)
     channels: str = ",".join(map(str, CHANNELS))  # UNet block widths, as text for the command line (run13: wider)
-    upright: bool = True  # squares and triangles unrotated (run10, shipped); False: the rotated world of runs 1–9
+    upright: bool = True  # squares and triangles unrotated (since run10); False: the rotated world of runs 1–9
     attn_max_t: int = 600  # supervise attention only for t < this (at high noise the layout is not visible)
     min_snr: float = 0.0  # min-SNR-γ loss weighting (0 = plain ε-MSE; run2 tried 5)
     data_pool: int = 0  # scenes encoded once and reused (0 = fresh scenes every step, encoded per batch)
     save_every: int = 400
     threads: int = 2
     device: str = "cpu"  # "cuda" on a GPU: random numbers are still drawn on the CPU, so the data and noise match
-    precision: str = "fp32"  # "bf16": autocast the text encoder and UNet forward (losses in fp32); ~20 % faster on AMX CPUs
+    precision: str = "bf16"  # autocast the text encoder and UNet forward (losses in fp32; run15); "fp32": runs 1–10, 12–14
     init: str = ""  # a toy pipeline folder to fine-tune (its VAE kept: no VAE stage; its UNet's widths as they are)
     first_scene: int = 0  # index of the first training scene (a fine-tune continues after its run's: run10 saw 96,000)
-    contrast: str = ""  # caption-contrast kinds, comma-separated, of CONTRAST_KINDS ("" = off; run14: "shape")
+    contrast: str = "shape"  # caption-contrast kinds, comma-separated, of CONTRAST_KINDS ("none" = off: runs 1–13)
     contrast_weight: float = 0.005  # λ_c of the caption-contrast term (contrast_loss)
     contrast_tau: float = 1e-3  # its temperature: logits = −ε-MSE / τ
     contrast_batch: int = 8  # captioned samples of each batch it is computed on (UNet passes: contrast_width)
@@ -110,6 +112,8 @@ class ToyTrainConfig:
     @property
     def contrast_kinds(self) -> tuple[str, ...]:
         """``contrast`` as a tuple of kinds (empty: the term is off)."""
+        if self.contrast.strip() in ("", "none"):
+            return ()
         return tuple(k.strip() for k in self.contrast.split(",") if k.strip())
 
     def __post_init__(self):
@@ -121,10 +125,10 @@ class ToyTrainConfig:
         if self.eot_target not in ATTN_TARGETS:
             raise ValueError(f"--eot-target must be one of {', '.join(ATTN_TARGETS)}, not {self.eot_target!r}")
         bad = [k for k in self.contrast_kinds if k not in CONTRAST_KINDS]
-        if bad or (self.contrast and not self.contrast_kinds):
-            raise ValueError(f"--contrast must be comma-separated kinds of {', '.join(CONTRAST_KINDS)}, "
+        if bad or (self.contrast.strip() not in ("", "none") and not self.contrast_kinds):
+            raise ValueError(f"--contrast must be none or comma-separated kinds of {', '.join(CONTRAST_KINDS)}, "
                              f"not {self.contrast!r}")
-        if self.contrast and (self.contrast_tau <= 0 or self.contrast_batch < 1):
+        if self.contrast_kinds and (self.contrast_tau <= 0 or self.contrast_batch < 1):
             raise ValueError("--contrast-tau must be > 0 and --contrast-batch >= 1")
         if self.init and not (Path(self.init) / "model_index.json").is_file():
             raise ValueError(f"--init {self.init!r} is not a toy pipeline folder (no model_index.json there)")
