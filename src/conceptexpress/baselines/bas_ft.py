@@ -94,9 +94,10 @@ class BaSFineTuner(BaSTrainer):
             weight_decay=self.config.weight_decay,
         )
 
-    def _initial_vectors(self, base, tok) -> torch.Tensor:
-        if self._start.shape != (self.n, base.embedding_dim):
-            raise ValueError(f"`vectors` must be ({self.n}, {base.embedding_dim}), got {tuple(self._start.shape)}")
+    def _initial_vectors(self, bases, toks) -> torch.Tensor:
+        width = sum(b.embedding_dim for b in bases)
+        if self._start.shape != (self.n, width):
+            raise ValueError(f"`vectors` must be ({self.n}, {width}), got {tuple(self._start.shape)}")
         return self._start.clone()
 
     def train(self, checkpoint_dir=None, resume: bool = False, callbacks=()):

@@ -45,6 +45,7 @@ from ..attention.capture import capture_attention
 from ..config import RuntimeConfig, TrainConfig
 from ..errors import ConfigError
 from ..io.images import image_to_tensor
+from ..models.family import family_of
 from . import losses
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .tokens import (
@@ -114,9 +115,12 @@ class TokenTrainer:
         if self.n < 1:
             raise ConfigError("token learning needs at least one concept mask, got 0")
         self.g = cfg.tokens_per_concept
-        self.latent_hw = (int(masks.shape[1]), int(masks.shape[2]))
-        self.masks = masks.bool().cpu()  # (N, h, w)
-        self.centroids = centroids.float().cpu().reshape(self.n, *self.latent_hw)  # (N, h, w)
+        # What differs between SD 1.x/2.x and SDXL (text encoders, pooled embedding, time ids): models.family.
+        self.family = family_of(pipe)
+        # The concepts live on the clustering grid (the latent for SD 1.x/2.x, latent/2 for SDXL, DESIGN §9).
+        grid_hw = (int(masks.shape[1]), int(masks.shape[2]))
+        self.masks = masks.bool().cpu()  # (N, h_g, w_g)
+        self.centroids = centroids.float().cpu().reshape(self.n, *grid_hw)  # (N, h_g, w_g)
         self.work_size = tuple(work_size)
         self._fingerprint = self._make_fingerprint(image)
 
@@ -129,11 +133,20 @@ class TokenTrainer:
         scale = vae.config.scaling_factor
         self.post_mean = (dist.mean * scale).float()  # (2, 4, h, w)
         self.post_std = (dist.std * scale).float()
-        if tuple(self.post_mean.shape[-2:]) != self.latent_hw:
-            raise ConfigError(
-                f"masks are {self.latent_hw} but the image at {self.work_size} gives a latent of "
-                f"{tuple(self.post_mean.shape[-2:])}: localize and train at the same resolution"
-            )
+        self.latent_hw = (int(self.post_mean.shape[-2]), int(self.post_mean.shape[-1]))
+        if self.latent_hw != grid_hw:
+            # SDXL: masks of the latent/2 clustering grid, nearest-upsampled to the latent for the loss (Eq. 8).
+            factor = self.family.self_attention_divisor(pipe)
+            if tuple(-(-n // factor) for n in self.latent_hw) != grid_hw:
+                raise ConfigError(
+                    f"masks are {grid_hw} but the image at {self.work_size} gives a latent of {self.latent_hw}: "
+                    "localize and train at the same resolution"
+                )
+            self.masks = F.interpolate(self.masks[:, None].float(), size=self.latent_hw, mode="nearest")[:, 0] > 0.5
+        # SDXL's micro-conditioning: the photo's size, no crop, the size it is fed at (None for SD 1.x/2.x).
+        self.time_ids = self.family.micro_conditioning(
+            (image.height, image.width), (self.work_size[1], self.work_size[0])
+        )
 
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
@@ -141,14 +154,14 @@ class TokenTrainer:
 
         # 2. Token vectors (Eq. 9): g·N rows, initialized from random vocabulary rows (seeded) or the user's words.
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        base = pipe.text_encoder.get_input_embeddings()
-        tok = pipe.tokenizer
-        self.vectors = torch.nn.Parameter(self._initial_vectors(base, tok).to(self.device))  # (g·N, D) float32
+        bases = [e.get_input_embeddings() for e in self.family.text_encoders(pipe)]
+        toks = self.family.tokenizers(pipe)
+        # (g·N, ΣD) float32: one vector per token, concatenated over the family's text encoders (SDXL: 768 + 1280).
+        self.vectors = torch.nn.Parameter(self._initial_vectors(bases, toks).to(self.device))
         self.optimizer = torch.optim.AdamW(
             [self.vectors], lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay
         )
-        self.vocab_size = base.num_embeddings
-        self.builder = PromptBuilder(tok, self.vocab_size)
+        self.builder = PromptBuilder(toks, [b.num_embeddings for b in bases])
         self.split_prompts = self._split_prompts()
         self.merged_prompts = self._merged_prompts()
 
@@ -164,9 +177,9 @@ class TokenTrainer:
         self.skipped_steps = 0
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
 
-    def _initial_vectors(self, base: torch.nn.Embedding, tok) -> torch.Tensor:
-        """(g·N, D) float32 starting vectors: random vocabulary rows (paper §3.3), or each concept's initializer
-        word (``TrainConfig.init_words``) for all of its g rows."""
+    def _initial_vectors(self, bases: list[torch.nn.Embedding], toks: list) -> torch.Tensor:
+        """(g·N, ΣD) float32 starting vectors: random vocabulary rows (paper §3.3), or each concept's initializer
+        word (``TrainConfig.init_words``) for all of its g rows; one row per id and encoder, concatenated."""
         words = self.config.init_word_list
         if words:
             if len(words) != self.n:
@@ -174,9 +187,9 @@ class TokenTrainer:
                     f"`init_words` names {len(words)} words ({','.join(words)}) but there are {self.n} concepts; "
                     "give one word per concept, in concept order"
                 )
-            return init_from_words(base, word_token_ids(tok, words), self.g)
-        special = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None]
-        return init_from_vocabulary(base, self.n * self.g, self.generator, exclude=special)
+            return init_from_words(bases, [word_token_ids(tok, words) for tok in toks], self.g)
+        special = sorted({i for tok in toks for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
+        return init_from_vocabulary(bases, self.n * self.g, self.generator, exclude=special)
 
     # ------------------------------------------------------------------ prompts
     def _split_prompts(self) -> list[Prompt]:
@@ -215,7 +228,7 @@ class TokenTrainer:
         if rt.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         try:
-            with spliced_tokens(self.pipe.text_encoder, self.vectors) as wrapper:
+            with spliced_tokens(self.family.text_encoders(self.pipe), self.vectors) as wrapper:
                 self._wrapper = wrapper
                 while self.step < cfg.steps:
                     if self.step == cfg.merge_step and self.g > 1:
@@ -394,7 +407,7 @@ class TokenTrainer:
         cfg = self.config
         unet = self.pipe.unet
         b = len(prompts)
-        input_ids = torch.stack([p.input_ids for p in prompts]).to(self.device)  # (b, L)
+        input_ids = torch.stack([p.input_ids for p in prompts]).to(self.device)  # (b, E, L), E text encoders
         leaf = self.vectors.detach().unsqueeze(0).repeat(b, 1, 1).requires_grad_(True)  # (b, K, D)
         self._wrapper.batch_vectors = leaf
         if cfg.attn_reg and self.attention_weight > 0:
@@ -434,9 +447,10 @@ class TokenTrainer:
         this method with a stub denoiser to check Eq. 12/13 by hand.
         """
         pipe, unet = self.pipe, self.pipe.unet
-        hidden = pipe.text_encoder(input_ids)[0].to(unet.dtype)  # (b, L, D_text)
+        # The context (b, L, ΣD) and, for SDXL, the pooled embedding recomputed from the token (it depends on it).
+        cond = self.family.encode(pipe, input_ids.unbind(1), time_ids=self.time_ids)
         noisy = self.scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
-        pred = unet(noisy, timesteps, encoder_hidden_states=hidden).sample  # (b, 4, h, w)
+        pred = unet(noisy, timesteps, **self.family.unet_kwargs(cond)).sample  # (b, 4, h, w)
         if self.prediction_type == "v_prediction":
             return pred, self.scheduler.get_velocity(latents, noise, timesteps)
         return pred, noise
