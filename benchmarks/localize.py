@@ -35,7 +35,7 @@ def main() -> None:
 
     from conceptexpress.config import LocalizeConfig
     from conceptexpress.io.images import load_image
-    from conceptexpress.localizer import ConceptLocalizer
+    from conceptexpress.attention.localizer import ConceptLocalizer
     from conceptexpress.models import load_pipeline
 
     tmp = None

@@ -43,7 +43,7 @@ from conceptexpress.extract import SampleConfig, extract
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localize.eot_filter import min_max
-from conceptexpress.localizer import ConceptLocalizer
+from conceptexpress.attention.localizer import ConceptLocalizer
 from conceptexpress.locbench.matching import aggregate, match_masks
 from conceptexpress.toy import COLORS, SHAPES, render_scene, toy_pipeline_path
 from conceptexpress.toy.reader import read_objects

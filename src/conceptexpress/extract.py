@@ -71,7 +71,7 @@ from .io.run_options import (
     write_run_options,
 )
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
-from .localizer import ConceptLocalizer
+from .attention.localizer import ConceptLocalizer
 from .models import load_pipeline
 
 __all__ = ["METHODS", "SampleConfig", "extract", "localize_run", "localize_to_folder"]

@@ -21,7 +21,7 @@ FAST = ["--steps", "4", "--merge-step", "2", "--split-tokens", "2", "--no-sample
 
 @pytest.fixture(scope="module", params=["released", "paper"])
 def localized(request, pipe, image, one_torch_thread):
-    from conceptexpress.localizer import ConceptLocalizer
+    from conceptexpress.attention.localizer import ConceptLocalizer
 
     localizer = ConceptLocalizer(pipe, LocalizeConfig(clustering=request.param))
     loc = localizer(image)
@@ -138,7 +138,7 @@ def _loc_manifest(out: Path) -> dict:
 
 
 def test_run_folder_round_trip(localized, tiny_sd2_dir, tmp_path):
-    from conceptexpress.run_edit import load_localization
+    from conceptexpress.io.run_edit import load_localization
 
     fresh, _ = localized
     mode = fresh.clusters.clustering

@@ -50,7 +50,7 @@ def test_shipped_weights_are_small_fp16_and_load_offline(toy_pipe):
 
 
 def test_localization_finds_the_objects(toy_pipe):
-    from conceptexpress.localizer import localize_concepts
+    from conceptexpress.attention.localizer import localize_concepts
     from conceptexpress.locbench.matching import aggregate, match_masks
 
     single, multi = [], []

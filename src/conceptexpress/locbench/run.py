@@ -38,7 +38,7 @@ from conceptexpress.io.atomic import (
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.io.run_folder import versions
 from conceptexpress.localize import cluster_concepts
-from conceptexpress.localizer import ConceptLocalizer
+from conceptexpress.attention.localizer import ConceptLocalizer
 
 from ..baselines.clustering import finch_fixed_concepts, finch_levels, kmeans_concepts
 from ..baselines.maskcut import MaskCut

@@ -33,9 +33,9 @@ from ..io.lock import run_lock
 from ..io.run_folder import LOCALIZATION_MANIFEST, read_json_checked, read_manifest
 from ..learn.checkpoint import save_checkpoint
 from ..localize.edit import apply_edits
-from ..localizer import ConceptLocalizer
+from ..attention.localizer import ConceptLocalizer
 from ..models import load_pipeline
-from ..run_edit import rewrite_localization
+from ..io.run_edit import rewrite_localization
 
 logger = logging.getLogger(__name__)
 

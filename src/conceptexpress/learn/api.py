@@ -1,4 +1,4 @@
-"""In memory, from a :class:`~conceptexpress.localizer.Localization` to learned tokens (notebooks, the web UI)::
+"""In memory, from a :class:`~conceptexpress.localize.result.Localization` to learned tokens (notebooks, the web UI)::
 
     loc = localize_concepts("photo.jpg", pipe)             # paper §3.2
     loc = loc.merge(0, 1).drop(3)                          # edits return new objects
@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .baselines.bas import BaSTrainer
-from .config import METHODS, GenerateConfig, RuntimeConfig, TrainConfig, config_dict
-from .errors import ConfigError, NoConceptError
-from .export import write_token_files
-from .generate import generate
-from .io.atomic import ensure_output_dir
-from .io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
-from .learn.trainer import TokenTrainer
-from .localizer import Localization
+from ..baselines.bas import BaSTrainer
+from ..config import METHODS, GenerateConfig, RuntimeConfig, TrainConfig, config_dict
+from ..errors import ConfigError, NoConceptError
+from ..export import write_token_files
+from ..generate import generate
+from ..io.atomic import ensure_output_dir
+from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
+from ..localize.result import Localization
+from .trainer import TokenTrainer
 
 __all__ = ["LearnedTokens", "learn_tokens"]
 
