@@ -38,12 +38,12 @@ import torch
 from PIL import Image
 
 from conceptexpress import LocalizeConfig, ModelConfig, TrainConfig, load_pipeline
+from conceptexpress.attention.localizer import ConceptLocalizer
 from conceptexpress.baselines.clustering import finch_fixed_concepts, kmeans_concepts
 from conceptexpress.extract import SampleConfig, extract
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localize.eot_filter import min_max
-from conceptexpress.attention.localizer import ConceptLocalizer
 from conceptexpress.locbench.matching import aggregate, match_masks
 from conceptexpress.toy import COLORS, SHAPES, render_scene, toy_pipeline_path
 from conceptexpress.toy.reader import read_objects

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .attention.localizer import ConceptLocalizer
 from .baselines.bas import BaSTrainer
 from .baselines.bas_ft import BaSFineTuner, training_copy
 from .config import (
@@ -71,7 +72,6 @@ from .io.run_options import (
     write_run_options,
 )
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
-from .attention.localizer import ConceptLocalizer
 from .models import load_pipeline
 
 __all__ = ["METHODS", "SampleConfig", "extract", "localize_run", "localize_to_folder"]

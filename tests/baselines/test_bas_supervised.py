@@ -206,8 +206,8 @@ def _model(path):
 
 
 def test_extract_with_masks_skips_clustering_and_reuses_only_the_same_masks(tiny_sd2_dir, tmp_path, mask_dir, monkeypatch):
-    from conceptexpress.extract import extract
     from conceptexpress.attention.localizer import ConceptLocalizer
+    from conceptexpress.extract import extract
 
     def no_clustering(self, image):
         raise AssertionError("clustering ran")

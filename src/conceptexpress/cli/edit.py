@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
+from ..attention.localizer import ConceptLocalizer
 from ..config import LocalizeConfig, ModelConfig
 from ..errors import ConfigError, InputError
 from ..io.images import load_image
 from ..io.lock import run_lock
 from ..io.masks import read_mask
+from ..io.run_edit import load_localization, rewrite_localization
 from ..io.run_folder import file_sha256
 from ..localize.edit import apply_edits
-from ..attention.localizer import ConceptLocalizer
 from ..models import load_pipeline
-from ..io.run_edit import load_localization, rewrite_localization
 
 HELP = "merge, drop, split or add concepts of a localized run before training (numbers as on its overlay)"
 

@@ -32,10 +32,10 @@ from torch import Tensor
 
 from ..errors import ConceptExpressError
 from ..io.images import upsample_masks
-from .result import Localization
 from .cluster import _first_appearance_order
 from .finch import finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
+from .result import Localization
 
 __all__ = [
     "EditError",

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..attention.localizer import ConceptLocalizer
 from ..config import LocalizeConfig, ModelConfig, TrainConfig
 from ..errors import ConceptExpressError, ConfigError, InputError
 from ..extract import SampleConfig, extract, localize_to_folder
@@ -30,12 +31,11 @@ from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_
 from ..io.atomic import ensure_output_dir
 from ..io.images import load_image
 from ..io.lock import run_lock
+from ..io.run_edit import rewrite_localization
 from ..io.run_folder import LOCALIZATION_MANIFEST, read_json_checked, read_manifest
 from ..learn.checkpoint import save_checkpoint
 from ..localize.edit import apply_edits
-from ..attention.localizer import ConceptLocalizer
 from ..models import load_pipeline
-from ..io.run_edit import rewrite_localization
 
 logger = logging.getLogger(__name__)
 
