@@ -29,6 +29,7 @@ _EXPORTS = {
     "run_tokens": "conceptexpress.io.run_folder",
     "RunManifest": "conceptexpress.io.run_folder",
     "RuntimeConfig": "conceptexpress.config",
+    "RunConfig": "conceptexpress.config",
     "SampleConfig": "conceptexpress.config",
     "GenerateConfig": "conceptexpress.config",
     "ConceptLocalizer": "conceptexpress.attention.localizer",

@@ -7,6 +7,7 @@ posterior *mean* (no sample) and the image is not flipped (the released code doe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -183,7 +184,7 @@ class ConceptLocalizer:
             clustering="paper",
         )
         clock.lap("masks")
-        return _localization(maps, clusters, masks.copy(), image, clock)
+        return dataclasses.replace(_localization(maps, clusters, masks.copy(), image, clock), from_user_masks=True)
 
 
 class _Clock:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,7 +36,9 @@ from ..io.images import upsample_masks
 from .cluster import _first_appearance_order
 from .finch import finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
-from .result import Localization
+
+if TYPE_CHECKING:
+    from .result import Localization  # the result module imports this one: its merge and drop are these
 
 __all__ = [
     "EditError",

@@ -6,7 +6,6 @@ Pure: nothing here imports diffusers or the model layer; the UNet pass that prod
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 
 from ..errors import ConfigError
 from .cluster import ConceptClusters
+from .edit import drop_concepts, merge_concepts
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Localization:
     cross_attention_layers: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     image: Image.Image | None = field(default=None, repr=False, compare=False)
+    from_user_masks: bool = False  # the concepts are the user's masks (ConceptLocalizer.from_masks), not clusters
 
     @property
     def num_concepts(self) -> int:
@@ -54,50 +55,21 @@ class Localization:
             )
         return picked
 
-    def _keep(self, clusters: ConceptClusters, masks: np.ndarray) -> Localization:
-        return dataclasses.replace(self, clusters=clusters, masks=masks)
-
     def merge(self, *indices: int) -> Localization:
-        """One concept from ``indices`` (two or more), at the position of the first of them.
+        """One concept from ``indices`` (two or more): the union of their masks.
 
-        The mask is the union; the centroid is Eq. 6 over the union, f = Σ_i |m_i| f_i / Σ_i |m_i| (each f_i
-        being the mean attention row over its own mask).
+        The one merge rule of the package (:func:`conceptexpress.localize.edit.merge_concepts`, also what
+        ``conceptexpress edit --merge`` and the web UI run): the centroid follows the localization's clustering
+        rule (Eq. 6 over the union for ``"paper"``; the released code's per-pre-cluster mean for ``"released"``),
+        and concepts are renumbered in raster order of their first pixel, as localization numbers them.
         """
-        picked = self._check(indices, "merge", 2)
-        c = self.clusters
-        areas = c.masks[picked].flatten(1).sum(1).float().clamp_min(1)  # (k,)
-        merged_mask = c.masks[picked].any(0)  # (h, w)
-        merged_centroid = (areas[:, None] * c.centroids[picked]).sum(0) / areas.sum()  # (h·w,)
-        keep = [i for i in range(self.num_concepts) if i not in picked[1:]]
-        masks = c.masks.clone()
-        masks[picked[0]] = merged_mask
-        centroids = c.centroids.clone()
-        centroids[picked[0]] = merged_centroid
-        post = c.post_labels.clone()
-        for i in picked[1:]:
-            post[c.post_labels == i] = picked[0]
-        source = self.masks.copy()
-        source[picked[0]] = self.masks[picked].any(0)
-        return self._keep(
-            dataclasses.replace(c, masks=masks[keep], centroids=centroids[keep], post_labels=_renumber(post, keep)),
-            source[keep],
-        )
+        self._check(indices, "merge", 2)
+        return merge_concepts(self, list(indices))
 
     def drop(self, *indices: int) -> Localization:
-        """The localization without the concepts ``indices`` (their pixels become background)."""
-        picked = self._check(indices, "drop", 1)
-        c = self.clusters
-        keep = [i for i in range(self.num_concepts) if i not in picked]
-        return self._keep(
-            dataclasses.replace(
-                c, masks=c.masks[keep], centroids=c.centroids[keep], post_labels=_renumber(c.post_labels, keep)
-            ),
-            self.masks[keep],
-        )
+        """The localization without the concepts ``indices`` (their pixels become background).
 
-
-def _renumber(labels: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """Concept labels (h, w) with the concepts ``keep`` renumbered 0..len(keep)-1 and every other one -1."""
-    table = torch.full((int(labels.max().clamp_min(0)) + 2,), -1, dtype=labels.dtype)
-    table[torch.as_tensor(keep, dtype=torch.long)] = torch.arange(len(keep), dtype=labels.dtype)
-    return torch.where(labels >= 0, table[labels.clamp_min(0)], labels.new_full((), -1))
+        :func:`conceptexpress.localize.edit.drop_concepts`, as ``conceptexpress edit --drop`` runs it.
+        """
+        self._check(indices, "drop", 1)
+        return drop_concepts(self, list(indices))
