@@ -33,9 +33,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
+    from conceptexpress.attention.localizer import ConceptLocalizer
     from conceptexpress.config import LocalizeConfig
     from conceptexpress.io.images import load_image
-    from conceptexpress.localizer import ConceptLocalizer
     from conceptexpress.models import load_pipeline
 
     tmp = None

@@ -38,12 +38,13 @@ import torch
 from PIL import Image
 
 from conceptexpress import LocalizeConfig, ModelConfig, TrainConfig, load_pipeline
+from conceptexpress.attention.localizer import ConceptLocalizer
 from conceptexpress.baselines.clustering import finch_fixed_concepts, kmeans_concepts
+from conceptexpress.config import RunConfig
 from conceptexpress.extract import SampleConfig, extract
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.localize import cluster_concepts
 from conceptexpress.localize.eot_filter import min_max
-from conceptexpress.localizer import ConceptLocalizer
 from conceptexpress.locbench.matching import aggregate, match_masks
 from conceptexpress.toy import COLORS, SHAPES, render_scene, toy_pipeline_path
 from conceptexpress.toy.reader import read_objects
@@ -187,8 +188,7 @@ def _extract_scene(pipe, model: str, scene, src: Path, out: Path, cfg: TrainConf
                    ) -> list[tuple[str, np.ndarray, list[Path]]]:
     """``extract`` on ``scene`` (saved to ``src``) into ``out``: per concept (token, mask, its 4 sample files)."""
     scene.image.save(src)
-    manifest = extract(src, out, model=ModelConfig(model=model), train=cfg, pipe=pipe, progress=False, method=method,
-                       localize=localize, sample=SampleConfig(sample_count=4, sample_steps=sample_steps))
+    manifest = extract(src, out, RunConfig(model=ModelConfig(model=model), train=cfg, progress=False, method=method, localize=localize or LocalizeConfig(), sample=SampleConfig(sample_count=4, sample_steps=sample_steps)), pipe=pipe)
     return [(t["token"], np.asarray(Image.open(out / t["mask"])) > 127,
              sorted((out / "samples").glob(f"{t['token'].strip('<>')}_*.png"))) for t in manifest["tokens"]]
 

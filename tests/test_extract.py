@@ -72,6 +72,7 @@ def test_bad_training_option_is_one_line(capsys, tmp_path):
 def test_samples_leave_the_shared_pipeline_as_it_was(tiny_sd2_dir, tmp_path):
     """Sampling loads the new tokens into the pipeline already in memory, then unloads them (datasets reuse it)."""
     from conceptexpress import TrainConfig, extract_concepts, load_pipeline
+    from conceptexpress.config import RunConfig
     from conceptexpress.extract import SampleConfig
 
     pipe = load_pipeline(str(tiny_sd2_dir), device="cpu")
@@ -79,7 +80,7 @@ def test_samples_leave_the_shared_pipeline_as_it_was(tiny_sd2_dir, tmp_path):
     fast = TrainConfig(steps=2, merge_step=1, split_tokens=2)
     samples = SampleConfig(sample_count=1, sample_steps=1)
     for out in ("a", "b"):  # the second run learns tokens of the same names: no clash, no stale embedding
-        m = extract_concepts(EXAMPLE, tmp_path / out, train=fast, sample=samples, pipe=pipe, progress=False)
+        m = extract_concepts(EXAMPLE, tmp_path / out, RunConfig(train=fast, sample=samples, progress=False), pipe=pipe)
         assert m["complete"] and m["samples"]
         # The released sampler by default, recorded in the manifest; the pipeline keeps its own scheduler.
         assert m["sampler"]["class"] == "DDIMScheduler" and m["sampler"]["scheduler"] == "ddim"

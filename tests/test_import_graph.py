@@ -15,9 +15,11 @@ PACKAGE = ROOT / "src" / "conceptexpress"
 # Imports that stay inside functions, and why: optional or heavy dependencies needed by one code path only.
 ALLOWED_LAZY = {
     "conceptexpress.attention": {"conceptexpress.attention", "conceptexpress.attention.capture"},  # keeps aggregate diffusers-free
+    "conceptexpress.models": {"conceptexpress.models", "conceptexpress.models.loading"},  # keeps models.hf diffusers-free
     "conceptexpress.cli.ui": {"gradio", "conceptexpress.ui.app"},  # the `ui` extra: only `conceptexpress ui` needs it
     "conceptexpress.ui.app": {"pandas"},  # gradio's LinePlot data, only when a loss plot is drawn
-    "conceptexpress.hf_loading": {"transformers", "transformers.utils"},  # evaluation encoders
+    "conceptexpress.models.hf": {"transformers", "transformers.utils"},
+    "conceptexpress.models.tokenizer_files": {"transformers"},  # writing a tokenizer folder only  # evaluation encoders
     "conceptexpress.evaluate.encoders": {"transformers"},
     "conceptexpress.evaluate.sam": {"transformers"},
     "conceptexpress.evaluate.testing": {"transformers"},
@@ -59,28 +61,37 @@ def test_imports_sit_at_the_top_except_the_allowed_lazy_ones():
 
 def test_layers_point_one_way():
     # errors/config -> io -> models, attention, localize, learn -> baselines -> extract, generate, export
-    # -> dataset, evaluate, locbench -> cli
+    # -> dataset, evaluate, locbench -> cli. A dotted name places one module apart from its package: the
+    # composition modules of a package (learn.api: localization to tokens, with the baselines) sit with extract.
     order = [
         ("errors", "config"),
         ("io", "viz"),
-        ("models", "attention", "localize", "learn", "localizer", "sampler", "hf_loading"),
+        ("models", "attention", "localize", "learn", "sampler"),
         ("baselines",),
-        ("extract", "generate", "export", "learned", "run_edit"),
+        ("extract", "generate", "export", "learn.api", "io.run_edit"),
         ("dataset", "evaluate", "locbench", "ui"),
         ("cli", "__main__"),
     ]
     level = {name: i for i, names in enumerate(order) for name in names}
+
+    def layer(module: str) -> str | None:
+        parts = module.split(".")[1:]
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in level:
+                return ".".join(parts[:n])
+        return None
+
     edges = _graph().report(PACKAGE, with_edges=True)["edges"]
     wrong = []
     for source, targets in edges.items():
-        parts = source.split(".")
-        if len(parts) < 2 or parts[1] not in level:
+        here = layer(source)
+        if here is None:
             continue
         for target in targets:
-            tparts = target.split(".")
-            if len(tparts) < 2 or tparts[1] not in level or tparts[1] == parts[1]:
+            there = layer(target)
+            if there is None or there == here:
                 continue
-            if level[tparts[1]] > level[parts[1]]:
+            if level[there] > level[here]:
                 wrong.append(f"{source} -> {target}")
     assert wrong == []
 
@@ -92,3 +103,44 @@ def test_import_conceptexpress_pulls_no_diffusers_or_transformers(heavy_imports)
 def test_python_dash_m_conceptexpress_runs_the_command_line(import_probe):
     step = import_probe["python -m conceptexpress --version"]
     assert step["exit"] == 0 and step["stdout"].startswith("conceptexpress "), step
+
+
+def test_localize_imports_neither_diffusers_nor_the_model_layer_even_inside_functions():
+    # The pure core (clustering, the Localization result and its edits) runs on tensors alone.
+    banned = ("diffusers", "transformers", "conceptexpress.models", "conceptexpress.attention.capture",
+              "conceptexpress.attention.localizer")
+    found = [
+        f"{module}:{line} {target}"
+        for module, info in _graph().scan(PACKAGE).items()
+        if module.startswith("conceptexpress.localize")
+        for target, _in_function, line in info["imports"]
+        if any(target == b or target.startswith(b + ".") for b in banned)
+    ]
+    assert found == []
+
+
+def test_shipped_code_never_imports_the_test_helpers():
+    found = [
+        f"{module}:{line} {target}"
+        for module, info in _graph().scan(PACKAGE).items()
+        if not module.startswith("conceptexpress.testing")
+        for target, _in_function, line in info["imports"]
+        if target == "conceptexpress.testing" or target.startswith("conceptexpress.testing.")
+    ]
+    assert found == []
+
+
+def test_no_function_takes_more_than_ten_parameters():
+    # A function with more is a config object waiting to be named (RunConfig is extract's).
+    import ast
+
+    wide = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                a = node.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)]
+                count = len(names) - (names[:1] in (["self"], ["cls"]))
+                if count > 10:
+                    wide.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})")
+    assert wide == []

@@ -390,6 +390,47 @@ class SampleConfig:
             )
 
 
+# ----------------------------------------------------------------------------- one run of `extract`
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything :func:`conceptexpress.extract.extract` takes besides the photo, the run folder and a pipeline.
+
+    The method's configs (what a run folder records and compares, ``run.json``), then the inputs beside the photo
+    (``masks``), then how this call treats the folder (resume, overwrite, lock, wait) and reports (progress): those
+    are not part of the method, a resume may change them.
+    """
+
+    model: ModelConfig | None = None  # None: the caller's pipeline's origin (pipe.name_or_path), else the default model
+    localize: LocalizeConfig = field(default_factory=lambda: LocalizeConfig())
+    train: TrainConfig = field(default_factory=lambda: TrainConfig())
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig())
+    runtime: RuntimeConfig | None = None  # None: train.runtime (micro-batch, precision, checkpoints)
+    finetune: FineTuneConfig = field(default_factory=lambda: FineTuneConfig())  # method "bas-ft" only
+    method: str = "conceptexpress"  # a name of conceptexpress.learn.methods.METHOD_REGISTRY
+    masks: str | os.PathLike | None = None  # folder with one mask image per concept: clustering skipped
+    resume: bool = False  # continue from the run folder's last checkpoint (same options)
+    overwrite: bool = False  # a folder holding a run of other options (or an edited localization) is replaced
+    wait: bool = False  # another process holds the folder's lock: wait instead of failing at once
+    lock: bool = True  # False: the caller already holds the folder's lock (the web UI)
+    progress: bool = True  # a tqdm bar while training
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("localize", LocalizeConfig), ("train", TrainConfig),
+                          ("sample", SampleConfig), ("runtime", RuntimeConfig), ("finetune", FineTuneConfig)):
+            value = getattr(self, name)
+            if not isinstance(value, cls) and not (value is None and name in ("model", "runtime")):
+                raise ConfigError(f"`{name}` must be a {cls.__name__}, got {value!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("resume", "overwrite", "wait", "lock", "progress"):
+            _need(isinstance(getattr(self, name), bool), self, name, "true or false")
+
+    @property
+    def runtime_or_default(self) -> RuntimeConfig:
+        """``runtime``, else the training config's own."""
+        return self.runtime or self.train.runtime
+
+
 # ----------------------------------------------------------------------------- evaluation (paper §4.2)
 @dataclass(frozen=True)
 class EvalConfig:

@@ -24,15 +24,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .baselines.bas import BaSTrainer
+from .attention.localizer import ConceptLocalizer
 from .baselines.bas_ft import BaSFineTuner, training_copy
 from .config import (
     METHODS,
-    FineTuneConfig,
     GenerateConfig,
     LocalizeConfig,
     ModelConfig,
-    RuntimeConfig,
+    RunConfig,
     SampleConfig,
     TrainConfig,
     config_dict,
@@ -70,11 +69,11 @@ from .io.run_options import (
     run_options,
     write_run_options,
 )
+from .learn.methods import get_method
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
-from .localizer import ConceptLocalizer
 from .models import load_pipeline
 
-__all__ = ["METHODS", "SampleConfig", "extract", "localize_run", "localize_to_folder"]
+__all__ = ["METHODS", "RunConfig", "SampleConfig", "extract", "localize_run", "localize_to_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,83 +168,112 @@ def localize_run(
 def extract(
     image_path: str | Path,
     out_dir: str | Path,
+    config: RunConfig | None = None,
     *,
-    model: ModelConfig | None = None,
-    localize: LocalizeConfig | None = None,
-    train: TrainConfig | None = None,
-    sample: SampleConfig | None = None,
-    runtime: RuntimeConfig | None = None,
-    resume: bool = False,
     pipe=None,
-    progress: bool = True,
-    method: str = "conceptexpress",
     callbacks: Sequence[Callable[[Any, dict[str, Any]], None]] = (),
-    lock: bool = True,
-    wait: bool = False,
-    masks: str | Path | None = None,
-    finetune: FineTuneConfig | None = None,
-    overwrite: bool = False,
 ) -> RunManifest:
     """Run the whole method on one photo and return the written run manifest (see module docstring).
 
-    ``method``: ``"conceptexpress"``; ``"bas-dagger"`` (BaS†, paper §4.1); ``"bas"`` — Break-A-Scene's token
-    phase with the user's ``masks`` and ``train.init_words`` (paper Table 1 grey row "BaS", Fig. 8); ``"bas-ft"`` —
-    then its UNet + text encoder phase (``finetune``, :class:`~conceptexpress.config.FineTuneConfig`), which writes
+    ``config`` (:class:`~conceptexpress.config.RunConfig`, default the paper's method) holds the method's configs,
+    the inputs beside the photo and how the run folder is treated. ``config.method`` is a name of
+    :data:`~conceptexpress.learn.methods.METHOD_REGISTRY`: ``"conceptexpress"``; ``"bas-dagger"`` (BaS†, paper
+    §4.1); ``"bas"`` — Break-A-Scene's token phase with the user's ``masks`` and ``train.init_words`` (paper Table 1
+    grey row "BaS", Fig. 8); ``"bas-ft"`` — then its UNet + text encoder phase (``config.finetune``), which writes
     the fine-tuned pipeline to ``RUN/pipeline/``, the run's base model for ``generate`` and ``evaluate``.
 
-    ``masks``: a folder with one mask image per concept (:func:`~conceptexpress.io.masks.read_mask_folder`); the
-    concepts are those masks, in file-name order, and localization's clustering is skipped. Accepted by every
-    method except ``"bas-dagger"``. ``train.init_words`` (one word per concept) replaces random token
-    initialization likewise. ``"bas"`` needs at least one of the two (paper Fig. 8: "+ initializer" uses the
-    localization's masks, "+ mask" random initialization, both = Table 1's "BaS").
+    ``config.masks``: a folder with one mask image per concept (:func:`~conceptexpress.io.masks.read_mask_folder`);
+    the concepts are those masks, in file-name order, and localization's clustering is skipped. What each method
+    accepts and needs is :meth:`~conceptexpress.learn.methods.Method.check`.
 
     ``callbacks`` are called after every training step as ``callback(trainer, record)`` (progress, cancel).
 
     The run folder is locked for the whole call (:func:`~conceptexpress.io.lock.run_lock`): a second process on
-    the same folder gets :class:`~conceptexpress.io.lock.RunLockedError` at once, or waits with ``wait=True``.
-    ``lock=False`` is for a caller that already holds the folder's lock (the web UI).
+    the same folder gets :class:`~conceptexpress.io.lock.RunLockedError` at once, or waits with ``config.wait``.
+    ``config.lock=False`` is for a caller that already holds the folder's lock (the web UI).
 
-    ``runtime`` (micro-batch, precision, checkpoints) defaults to ``train.runtime``; it is not part of the method,
-    so ``resume=True`` accepts a different one.
+    ``config.runtime`` (micro-batch, precision, checkpoints) defaults to ``train.runtime``; it is not part of the
+    method, so ``resume=True`` accepts a different one.
 
     A folder holds one run (:mod:`~conceptexpress.io.run_options`). When it holds a run made with other options
     (image, model, method, user masks, ``LocalizeConfig``, ``TrainConfig``, ``FineTuneConfig`` for ``"bas-ft"``),
-    the call refuses with
-    :class:`~conceptexpress.errors.OutputError`, unless ``overwrite=True``: then the old run's outputs are
-    removed first and a new run starts (also with ``resume=True``, which then only resumes a run of the same
-    options). Without ``resume``, a rerun with the same options is a new run too: the old run's trained outputs
-    are removed before training; a matching localization is reused.
+    the call refuses with :class:`~conceptexpress.errors.OutputError`, unless ``config.overwrite``: then the old
+    run's outputs are removed first and a new run starts (also with ``resume``, which then only resumes a run of
+    the same options). Without ``resume``, a rerun with the same options is a new run too: the old run's trained
+    outputs are removed before training; a matching localization is reused.
     """
-    if model is None:
-        # A caller's pipeline without a ModelConfig: record the model it was loaded from, not the default id.
-        origin = getattr(pipe, "name_or_path", None) if pipe is not None else None
-        model = ModelConfig(model=origin) if isinstance(origin, str) and origin.strip() else ModelConfig()
-    localize = localize or LocalizeConfig()
-    train = train or TrainConfig()
-    sample = sample or SampleConfig()
-    runtime = runtime or train.runtime
+    config = _with_model(config or RunConfig(), pipe)
+    method = get_method(config.method)
 
-    # 1. Cheap checks first (method, image, output folder), then the model.
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "conceptexpress":
-        train.check_merge_schedule()
+    # 1. Cheap checks first (method, image, masks, output folder), then the model.
     image = load_image(image_path)
-    user_masks = read_mask_folder(masks, image.size) if masks is not None else None
-    _check_supervision(method, user_masks, train)
-    finetune = finetune or FineTuneConfig()
-    image_sha = file_sha256(image_path)
+    user_masks = read_mask_folder(config.masks, image.size) if config.masks is not None else None
+    method.check(config.train, masks=user_masks.num_concepts if user_masks else None,
+                 source=f"`masks` {str(user_masks.folder)!r}" if user_masks else "`masks`")
+    photo = _Photo(image, Path(image_path), file_sha256(image_path), user_masks)
     out = ensure_output_dir(out_dir)
-    with run_lock(out, wait=wait) if lock else contextlib.nullcontext():
-        resume = _start_run(out, image_sha, model, method, localize, train, finetune, user_masks, resume=resume,
-                            overwrite=overwrite)
-        _keep_edits(out, image_sha, model, localize, user_masks, overwrite=overwrite)
-        return _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume,
-                               pipe, progress, method, callbacks, user_masks, finetune)
+    with run_lock(out, wait=config.wait) if config.lock else contextlib.nullcontext():
+        resume = _start_run(out, photo, config)
+        _keep_edits(out, photo, config)
+        (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
+        if not method.fine_tunes:
+            shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)  # a previous bas-ft run's model, no longer referenced
+        if pipe is None:
+            pipe = load_pipeline(config.model)
+
+        # 2. Localization, once per image (reused when image, model, config and user masks match).
+        loc_manifest, tensors = _localization(pipe, photo, out, config)
+        if int(loc_manifest["num_concepts"]) == 0:
+            raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
+        # 3. Token learning (resumable), then Break-A-Scene's phase 2 for a method that fine-tunes.
+        learned = _learn(pipe, photo, out, config, loc_manifest, tensors, resume=resume, callbacks=callbacks)
+        # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, the photo's copy.
+        entries = _export(out, photo, loc_manifest, learned)
+        # 5. Samples of each concept alone and all together, from the pipeline in memory.
+        samples = (
+            _write_samples(learned.sample_pipe, out, token_names(len(entries)), learned.result.embeddings,
+                           config.sample, config.train.seed)
+            if config.sample.samples else ({}, None)
+        )
+        # 6. The manifest, last: the run is complete once it lands.
+        return _write_manifest(out, photo, config, entries, learned, samples)
 
 
-def _keep_edits(out: Path, image_sha: str, model: ModelConfig, localize: LocalizeConfig,
-                user_masks: MaskFolder | None, *, overwrite: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Photo:
+    """The checked inputs of one run: the decoded photo, its path and SHA-256, the user's masks (or None)."""
+
+    image: Any  # PIL.Image.Image, RGB
+    path: Path
+    sha256: str
+    user_masks: MaskFolder | None
+
+    @property
+    def masks_sha256(self) -> str | None:
+        return self.user_masks.sha256 if self.user_masks is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Learned:
+    """What token learning gave: the TrainResult, the config the trainer used, the pipeline to sample from (the
+    fine-tuned one for bas-ft) and the fine-tune's manifest entries (None without one)."""
+
+    result: Any
+    train: TrainConfig
+    sample_pipe: Any
+    fine_tune: dict[str, Any] | None
+
+
+def _with_model(config: RunConfig, pipe) -> RunConfig:
+    if config.model is not None:
+        return config
+    # A caller's pipeline without a ModelConfig: record the model it was loaded from, not the default id.
+    origin = getattr(pipe, "name_or_path", None) if pipe is not None else None
+    model = ModelConfig(model=origin) if isinstance(origin, str) and origin.strip() else ModelConfig()
+    return dataclasses.replace(config, model=model)
+
+
+def _keep_edits(out: Path, photo: _Photo, config: RunConfig) -> None:
     """An edited localization (``conceptexpress edit``) is the user's work: options that would recompute it (another
     image, model, LocalizeConfig or masks) are refused unless ``overwrite``, before the model loads."""
     path = out / LOCALIZATION_MANIFEST
@@ -255,9 +283,9 @@ def _keep_edits(out: Path, image_sha: str, model: ModelConfig, localize: Localiz
         edits = read_json_checked(path).get("edits")
     except RunFolderError:
         return  # damaged: recomputed with a warning (_localization)
-    if not edits or _localization_matches(out, image_sha, model.model, localize, user_masks.sha256 if user_masks else None):
+    if not edits or _localization_matches(out, photo.sha256, config.model.model, config.localize, photo.masks_sha256):
         return
-    if not overwrite:
+    if not config.overwrite:
         raise OutputError(
             f"'{out}' holds an edited localization ({len(edits)} edits) made with other options; these options would "
             "recompute it and lose the edits: rerun with the options it was made with (its localization.json), or "
@@ -266,33 +294,15 @@ def _keep_edits(out: Path, image_sha: str, model: ModelConfig, localize: Localiz
     logger.warning("recomputing the edited localization in %s with other options (--overwrite): its edits are dropped", out)
 
 
-def _check_supervision(method: str, user_masks: MaskFolder | None, train: TrainConfig) -> None:
-    """Masks and initializer words against the method, before anything is loaded (exit 2)."""
-    words = train.init_word_list
-    if method == "bas" and user_masks is None and not words:
-        raise ConfigError(
-            "`method` 'bas' is Break-A-Scene with your supervision: give `masks` (--masks DIR, one mask image per "
-            "concept) and/or `init_words`; without either it is the BaS† baseline (--method bas-dagger)"
-        )
-    if method == "bas-dagger" and (user_masks is not None or words):
-        raise ConfigError(
-            "`method` 'bas-dagger' is the unsupervised BaS† baseline (random initialization, localized masks); "
-            "with `masks` or `init_words` use --method bas"
-        )
-    if user_masks is not None and words and len(words) != user_masks.num_concepts:
-        raise ConfigError(
-            f"`init_words` names {len(words)} words ({','.join(words)}) but `masks` {str(user_masks.folder)!r} holds "
-            f"{user_masks.num_concepts} masks ({', '.join(user_masks.files)}); give one word per mask, in that order"
-        )
-
-
-def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, localize: LocalizeConfig,
-               train: TrainConfig, finetune: FineTuneConfig, user_masks: MaskFolder | None, *, resume: bool,
-               overwrite: bool) -> bool:
+def _start_run(out: Path, photo: _Photo, config: RunConfig) -> bool:
     """Make ``out`` hold this run only (a resume of it, or a new one); returns whether to resume."""
-    configs = config_dict(localize, train, *([finetune] if method == "bas-ft" else []))
-    options = run_options(image_sha256=image_sha, model=_model_record(model), single_file_config=model.single_file_config,
-                          method=method, configs=configs, masks_sha256=user_masks.sha256 if user_masks else None)
+    fine_tunes = get_method(config.method).fine_tunes
+    configs = config_dict(config.localize, config.train, *([config.finetune] if fine_tunes else []))
+    model = config.model
+    options = run_options(image_sha256=photo.sha256, model=_model_record(model),
+                          single_file_config=model.single_file_config, method=config.method, configs=configs,
+                          masks_sha256=photo.masks_sha256)
+    resume, overwrite = config.resume, config.overwrite
     # A run.json beside nothing trained (the model did not load, say) is no run yet: nothing could be mixed.
     trained = bool(_trained_outputs(out))
     try:
@@ -317,13 +327,13 @@ def _start_run(out: Path, image_sha: str, model: ModelConfig, method: str, local
     return resume
 
 
-def _copy_source(image_path, image_sha: str, out: Path) -> str:
+def _copy_source(photo: _Photo, out: Path) -> str:
     """Copy the photo's bytes to ``RUN/source.<ext>`` (a run folder is self-contained: evaluation never reads a
     path outside it); returns the name. Raises InputError if the photo changed since the run started."""
-    data = Path(image_path).read_bytes()
-    if hashlib.sha256(data).hexdigest() != image_sha:
-        raise InputError(f"the photo {str(image_path)!r} changed while the run was working on it; run again")
-    name = source_copy_name(image_path)
+    data = photo.path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != photo.sha256:
+        raise InputError(f"the photo {str(photo.path)!r} changed while the run was working on it; run again")
+    name = source_copy_name(photo.path)
     for stale in out.glob(f"{SOURCE_STEM}.*"):
         if stale.name != name:
             stale.unlink()
@@ -341,60 +351,56 @@ def _model_record(model: ModelConfig) -> str:
     return str(Path(model.model).resolve()) if Path(model.model).exists() else model.model
 
 
-def _extract_locked(image, image_path, image_sha, out, model, localize, train, sample, runtime, resume, pipe,
-                    progress, method, callbacks, user_masks=None, finetune=None) -> RunManifest:
-    """:func:`extract` once the inputs are checked, the run folder is locked and holds this run only."""
-    (out / RUN_MANIFEST).unlink(missing_ok=True)  # until the new manifest lands, the run is not complete
-    if method != "bas-ft":
-        shutil.rmtree(out / PIPELINE_DIR, ignore_errors=True)  # a previous bas-ft run's model, no longer referenced
-    if pipe is None:
-        pipe = load_pipeline(model)
-
-    # 2. Localization, once per image (reused when image, model, config and user masks match).
-    loc_manifest, tensors = _localization(pipe, image, image_path, image_sha, out, model, localize, user_masks)
-    n = int(loc_manifest["num_concepts"])
-    if n == 0:
-        raise NoConceptError(f"no salient concept found in {str(image_path)!r}; see {out / 'stages.png'}")
-
-    # 3. Token learning (resumable). BaS† (paper §4.1) trains on the same masks with Break-A-Scene's token phase.
-    # bas / bas-ft: the same token phase with the user's masks and initializer words (Break-A-Scene's phase 1).
-    trainer_cls = TokenTrainer if method == "conceptexpress" else BaSTrainer
-    trainer = trainer_cls(
-        pipe, image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"], train,
-        runtime=runtime,
+def _learn(pipe, photo: _Photo, out: Path, config: RunConfig, loc_manifest, tensors, *, resume: bool,
+           callbacks) -> _Learned:
+    """Token learning with the method's trainer (resumable from ``RUN/checkpoints``), then, for a method that
+    fine-tunes (bas-ft), Break-A-Scene's phase 2 on fp32 copies of the UNet and text encoder, saved as
+    ``RUN/pipeline/``."""
+    method = get_method(config.method)
+    runtime = config.runtime_or_default
+    trainer = method.trainer_class()(
+        pipe, photo.image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"],
+        config.train, runtime=runtime,
     )
-    result = _train(trainer, out / CHECKPOINTS_DIR, resume, progress, callbacks)
-    sample_pipe, fine_tune = pipe, None
-    if method == "bas-ft":
-        # 3b. Break-A-Scene's phase 2 on fp32 copies of the UNet and text encoder, saved as RUN/pipeline/.
-        sample_pipe, result, fine_tune = _finetune(
-            pipe, image, loc_manifest, tensors, trainer.config, runtime, finetune, result, out, progress, callbacks
-        )
+    result = _train(trainer, out / CHECKPOINTS_DIR, resume, config.progress, callbacks)
+    if not method.fine_tunes:
+        return _Learned(result, trainer.config, pipe, None)
+    ft_pipe, result, fine_tune = _finetune(
+        pipe, photo.image, (loc_manifest, tensors), trainer.config, runtime, config, result, out, callbacks
+    )
+    model = config.model
+    fine_tune = {"base_model": _model_record(model), "single_file_config": model.single_file_config, **fine_tune}
+    return _Learned(result, trainer.config, ft_pipe, fine_tune)
 
-    # 4. Export: one diffusers file and one A1111/ComfyUI file per concept, loss curve, samples, manifest.
-    tokens = token_names(n)
-    entries = write_token_files(out, tokens, result.embeddings)
+
+def _export(out: Path, photo: _Photo, loc_manifest: dict[str, Any], learned: _Learned) -> list[dict[str, Any]]:
+    """The token files (diffusers and A1111/ComfyUI), history, loss curve and the photo's copy; returns the
+    manifest's token entries (with each concept's mask file)."""
+    result = learned.result
+    entries = write_token_files(out, token_names(int(loc_manifest["num_concepts"])), result.embeddings)
     for entry, mask in zip(entries, loc_manifest["masks"]):
         entry["mask"] = mask
     atomic_write_json(out / "history.json", result.history)
     atomic_save_image(loss_curve_image(result.history), out / "loss.png")
-    source_image = _copy_source(image_path, image_sha, out)
-    sample_files, sampler = (
-        _write_samples(sample_pipe, out, tokens, result.embeddings, sample, train.seed) if sample.samples else ({}, None)
-    )
-    base_model = _model_record(model)
-    if fine_tune is not None:
-        fine_tune = {"base_model": base_model, "single_file_config": model.single_file_config, **fine_tune}
+    _copy_source(photo, out)
+    return entries
 
+
+def _write_manifest(out: Path, photo: _Photo, config: RunConfig, entries: list[dict[str, Any]], learned: _Learned,
+                    samples: tuple[dict[str, list[str]], dict[str, Any] | None]) -> RunManifest:
+    """The run's manifest (``"complete": true``), written last."""
+    model, result, fine_tune, user_masks = config.model, learned.result, learned.fine_tune, photo.user_masks
+    n = len(entries)
+    sample_files, sampler = samples
     manifest = {
         "format": RUN_FORMAT,
-        "method": method,
-        "image": str(Path(image_path).resolve()),
-        "image_sha256": image_sha,
-        "source_image": source_image,  # the photo's bytes inside the run: what evaluate reads
+        "method": config.method,
+        "image": str(photo.path.resolve()),
+        "image_sha256": photo.sha256,
+        "source_image": source_copy_name(photo.path),  # the photo's bytes inside the run: what evaluate reads
         # A local model is recorded by absolute path so `generate` finds it from any working directory; a bas-ft
         # run's is its own RUN/pipeline/, relative to the run folder (``generate.run_model_config`` resolves it).
-        "base_model": PIPELINE_DIR if fine_tune is not None else base_model,
+        "base_model": PIPELINE_DIR if fine_tune is not None else _model_record(model),
         "single_file_config": None if fine_tune is not None else model.single_file_config,
         "fine_tune": fine_tune,  # bas-ft: the model it started from, the phase's settings and cost
         # --masks: the user's mask files (None: the localization's masks); init words are in TrainConfig.
@@ -405,12 +411,14 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         "num_concepts": n,
         "num_vectors": 1,
         "embedding_dim": int(result.embeddings.shape[1]),
-        "seed": train.seed,
+        "seed": config.train.seed,
         "steps": result.steps,
         "sample_passes": result.sample_passes,
         "optimizer_steps": result.optimizer_steps,
         "skipped_steps": result.skipped_steps,  # fp16 steps dropped by loss scaling (overflow); 0 in bf16/fp32
-        "released_code_sample_passes": released_sample_passes(n, train) if method == "conceptexpress" else None,
+        "released_code_sample_passes": (
+            released_sample_passes(n, config.train) if get_method(config.method).merge_schedule else None
+        ),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "localization": LOCALIZATION_MANIFEST,
         "overlay": "overlay.png",
@@ -419,7 +427,8 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
         "samples": sample_files,
         "sampler": sampler,  # scheduler, its config, steps, guidance, size of the samples (None: no samples)
         # The config actually used (FineTuneConfig only where it was).
-        "config": config_dict(model, localize, trainer.config, runtime, sample, *([finetune] if fine_tune else [])),
+        "config": config_dict(model, config.localize, learned.train, config.runtime_or_default, config.sample,
+                              *([config.finetune] if fine_tune else [])),
         "versions": versions(),
         "complete": True,
     }
@@ -428,15 +437,14 @@ def _extract_locked(image, image_path, image_sha, out, model, localize, train, s
     return run_manifest
 
 
-def _localization(pipe, image, image_path, image_sha: str, out: Path, model: ModelConfig, localize: LocalizeConfig,
-                  user_masks: MaskFolder | None = None):
+def _localization(pipe, photo: _Photo, out: Path, config: RunConfig):
     """(localization manifest, tensors) of ``out``: read back when image, model, config and user masks match, else
-    computed (from ``user_masks`` when given).
+    computed (from the user's masks when given).
 
     A damaged localization (a file truncated, garbled, of another SHA-256 or shape) is derived state: it is
     recomputed, with a warning naming the file.
     """
-    if _localization_matches(out, image_sha, model.model, localize, user_masks.sha256 if user_masks else None):
+    if _localization_matches(out, photo.sha256, config.model.model, config.localize, photo.masks_sha256):
         try:
             found = read_localization(out)
         except RunFolderError as exc:
@@ -444,23 +452,27 @@ def _localization(pipe, image, image_path, image_sha: str, out: Path, model: Mod
         else:
             logger.info("reusing the localization in %s", out)
             return found
-    localize_to_folder(pipe, image, image_path, out, model, localize, image_sha=image_sha, user_masks=user_masks)
+    localize_to_folder(pipe, photo.image, photo.path, out, config.model, config.localize, image_sha=photo.sha256,
+                       user_masks=photo.user_masks)
     return read_localization(out)
 
 
-def _finetune(pipe, image, loc_manifest, tensors, train: TrainConfig, runtime, finetune: FineTuneConfig, result,
-              out: Path, progress: bool, callbacks):
+def _finetune(pipe, image, localization, train: TrainConfig, runtime, config: RunConfig, result, out: Path,
+              callbacks):
     """Break-A-Scene's phase 2 (:mod:`conceptexpress.baselines.bas_ft`) after the token phase's ``result``.
 
-    Returns (fine-tuned pipeline, combined TrainResult, manifest entries). The pipeline is written to
-    ``RUN/pipeline/`` (safetensors) through a staging folder, so a crash never leaves a half-written model there.
+    ``localization`` is the (manifest, tensors) pair of the run's localization. Returns (fine-tuned pipeline,
+    combined TrainResult, manifest entries). The pipeline is written to ``RUN/pipeline/`` (safetensors) through a
+    staging folder, so a crash never leaves a half-written model there.
     """
+    loc_manifest, tensors = localization
+    finetune = config.finetune
     ft_pipe = training_copy(pipe, text_encoder=finetune.finetune_text_encoder)
     tuner = BaSFineTuner(
         ft_pipe, image, tuple(loc_manifest["work_size"]), tensors["masks"].bool(), tensors["centroids"], train,
         vectors=result.embeddings, finetune=finetune, runtime=runtime,
     )
-    phase2 = _train(tuner, None, False, progress, callbacks)
+    phase2 = _train(tuner, None, False, config.progress, callbacks)
     staging = out / f".{PIPELINE_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     ft_pipe.save_pretrained(staging, safe_serialization=True)

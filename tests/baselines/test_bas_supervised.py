@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conceptexpress.config import FineTuneConfig, GenerateConfig, SampleConfig, TrainConfig
+from conceptexpress.config import FineTuneConfig, GenerateConfig, RunConfig, SampleConfig, TrainConfig
 from conceptexpress.errors import ConfigError, OutputError
 from conceptexpress.io.masks import read_mask_folder
 
@@ -193,8 +193,8 @@ def test_init_words_count_is_checked_after_automatic_localization(tiny_sd2_dir, 
     monkeypatch.setattr(TokenTrainer, "train", no_training)
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="but there are \\d+ concepts"):
-        extract_mod.extract(EXAMPLE, out, model=_model(tiny_sd2_dir), sample=NO_SAMPLES,
-                            train=TrainConfig(steps=1, split_merge=False, init_words=",".join("abcdefghijklmnopqrst")))
+        train = TrainConfig(steps=1, split_merge=False, init_words=",".join("abcdefghijklmnopqrst"))
+        extract_mod.extract(EXAMPLE, out, RunConfig(model=_model(tiny_sd2_dir), sample=NO_SAMPLES, train=train))
     assert (out / "localization.json").is_file()
 
 
@@ -206,8 +206,8 @@ def _model(path):
 
 
 def test_extract_with_masks_skips_clustering_and_reuses_only_the_same_masks(tiny_sd2_dir, tmp_path, mask_dir, monkeypatch):
+    from conceptexpress.attention.localizer import ConceptLocalizer
     from conceptexpress.extract import extract
-    from conceptexpress.localizer import ConceptLocalizer
 
     def no_clustering(self, image):
         raise AssertionError("clustering ran")
@@ -215,7 +215,7 @@ def test_extract_with_masks_skips_clustering_and_reuses_only_the_same_masks(tiny
     monkeypatch.setattr(ConceptLocalizer, "__call__", no_clustering)
     out = tmp_path / "run"
     cfg = TrainConfig(steps=2, merge_step=1, checkpoint_every=0)
-    m = extract(EXAMPLE, out, model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir)
+    m = extract(EXAMPLE, out, RunConfig(model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir))
     assert m["num_concepts"] == 2 and m["method"] == "conceptexpress"
     loc = json.loads((out / "localization.json").read_text())
     assert loc["source"] == "user masks" and loc["mask_files"] == ["mask0.png", "mask1.png"]
@@ -233,14 +233,14 @@ def test_extract_with_masks_skips_clustering_and_reuses_only_the_same_masks(tiny
     calls = []
     real = ConceptLocalizer.from_masks
     monkeypatch.setattr(ConceptLocalizer, "from_masks", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    extract(EXAMPLE, out, model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir)
+    extract(EXAMPLE, out, RunConfig(model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir))
     assert calls == []  # same masks: localization reused
     _write_masks(mask_dir, [_rects()[1], _rects()[0]])  # same files, swapped contents
     # Other masks are other options (issue 11): refused unless the old run is overwritten.
     with pytest.raises(OutputError, match="other masks"):
-        extract(EXAMPLE, out, model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir)
+        extract(EXAMPLE, out, RunConfig(model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir))
     assert calls == []
-    extract(EXAMPLE, out, model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir, overwrite=True)
+    extract(EXAMPLE, out, RunConfig(model=_model(tiny_sd2_dir), train=cfg, sample=NO_SAMPLES, masks=mask_dir, overwrite=True))
     assert calls == [1]
     t = load_file(str(out / "localization.safetensors"))
     assert torch.equal(t["masks"].bool(), latent.flip(0))
@@ -274,12 +274,7 @@ def test_bas_ft_writes_a_pipeline_that_generate_uses(tiny_sd2_dir, tmp_path, mas
     te_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     vocab = len(pipe.tokenizer)
     out = tmp_path / "run"
-    m = extract(
-        EXAMPLE, out, pipe=pipe, model=_model(tiny_sd2_dir), method="bas-ft", masks=mask_dir,
-        train=TrainConfig(steps=2, init_words="a,b", checkpoint_every=0),
-        finetune=FineTuneConfig(finetune_steps=2, finetune_lr=1e-3),
-        sample=SampleConfig(sample_count=1, sample_steps=2),
-    )
+    m = extract(EXAMPLE, out, RunConfig(model=_model(tiny_sd2_dir), method="bas-ft", masks=mask_dir, train=TrainConfig(steps=2, init_words="a,b", checkpoint_every=0), finetune=FineTuneConfig(finetune_steps=2, finetune_lr=1e-3), sample=SampleConfig(sample_count=1, sample_steps=2)), pipe=pipe)
     assert m["base_model"] == "pipeline" and m["single_file_config"] is None
     ft = m["fine_tune"]
     assert ft["base_model"] == str(Path(tiny_sd2_dir).resolve()) and ft["steps"] == 2 and ft["text_encoder"]

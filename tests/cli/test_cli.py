@@ -128,7 +128,7 @@ def test_bad_option_values(capsys, tmp_path, flags):
 
 def test_zero_concepts_is_a_clear_exit(capsys, tmp_path, tiny_sd2_dir, monkeypatch):
     """A result with no concept writes its (truthful) manifest and exits 6 with one line."""
-    import conceptexpress.localizer as localizer
+    import conceptexpress.attention.localizer as localizer
     from conceptexpress.localize import cluster_concepts
 
     def no_concepts(attn, eot, n_max=10, **options):

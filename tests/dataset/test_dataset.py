@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 import conceptexpress.dataset.run as dataset_run  # the names extract_dataset calls: patched here
 from conceptexpress.cli.extract_dataset import add_parser as add_extract_dataset_parser
-from conceptexpress.config import ModelConfig, TrainConfig
+from conceptexpress.config import ModelConfig, RunConfig, TrainConfig
 from conceptexpress.dataset import (
     DatasetSummary,
     extract_dataset,
@@ -107,7 +107,7 @@ def test_colliding_stems_fail_before_any_work(tmp_path):
         (folder / n).write_bytes(b"x")
     runs = tmp_path / "runs"
     with pytest.raises(InputError) as exc:
-        extract_dataset(folder, runs, model=ModelConfig(model="/no/such/model"), rank=0, world_size=1)
+        extract_dataset(folder, runs, RunConfig(model=ModelConfig(model="/no/such/model")), rank=0, world_size=1)
     msg = _one_line(exc)
     assert "a.jpg" in msg and "a.png" in msg
     assert not runs.exists()  # nothing written, no model loaded
@@ -250,7 +250,7 @@ def test_unexpected_exception_is_recorded_and_the_next_photo_runs(tmp_path, monk
         return _fake_finished_run(Path(image), Path(out))
 
     monkeypatch.setattr(dataset_run, "extract", fake_extract)
-    s = extract_dataset(folder, tmp_path / "runs", pipe=tiny_pipe, rank=0, world_size=1, progress=False)
+    s = extract_dataset(folder, tmp_path / "runs", RunConfig(progress=False), pipe=tiny_pipe, rank=0, world_size=1)
     assert s.failed == ("apple.png",) and s.done == ("cone.png",) and s.sample_passes == 7
     failures = json.loads((tmp_path / "runs" / "failures-rank0.json").read_text())["failures"]
     assert failures == [{"image": str(folder / "apple.png"), "run": str(tmp_path / "runs" / "apple"),
@@ -270,14 +270,14 @@ def test_ctrl_c_stops_the_dataset_and_keeps_finished_runs(tmp_path, monkeypatch,
     monkeypatch.setattr(dataset_run, "extract", fake_extract)
     runs = tmp_path / "runs"
     with pytest.raises(KeyboardInterrupt):
-        extract_dataset(folder, runs, pipe=tiny_pipe, rank=0, world_size=1, progress=False)
+        extract_dataset(folder, runs, RunConfig(progress=False), pipe=tiny_pipe, rank=0, world_size=1)
     assert calls == ["apple.png", "cone.png"]  # tower.png never started
     summary = json.loads((runs / "summary-rank0.json").read_text())
     assert summary["interrupted"] is True and summary["done"] == ["apple.png"] and summary["failed"] == []
 
     calls.clear()
     interrupt_at.clear()
-    s = extract_dataset(folder, runs, pipe=tiny_pipe, rank=0, world_size=1, progress=False)  # the same command
+    s = extract_dataset(folder, runs, RunConfig(progress=False), pipe=tiny_pipe, rank=0, world_size=1)  # the same command
     assert calls == ["cone.png", "tower.png"] and s.skipped == ("apple.png",) and s.ok
 
 
@@ -294,8 +294,7 @@ def test_skipping_a_run_made_with_other_options_warns(tmp_path, caplog, method):
         manifest = _fake_finished_run(folder / name, tmp_path / "runs" / Path(name).stem)
         manifest.update(method=method, config=config_dict(model, LocalizeConfig(), train, NO_SAMPLES))
         (tmp_path / "runs" / Path(name).stem / "manifest.json").write_text(json.dumps(manifest))
-    s = extract_dataset(folder, tmp_path / "runs", model=model, train=FAST_TRAIN, method=method,
-                        rank=0, world_size=1, progress=False)
+    s = extract_dataset(folder, tmp_path / "runs", RunConfig(model=model, train=FAST_TRAIN, method=method, progress=False), rank=0, world_size=1)
     assert s.skipped == GOOD[:2]
     assert "apple.png: skipped" not in caplog.text  # the options the method forces are no difference
     assert "cone.png: skipped, finished with other options (TrainConfig)" in caplog.text
@@ -304,13 +303,12 @@ def test_skipping_a_run_made_with_other_options_warns(tmp_path, caplog, method):
 def test_model_that_does_not_load_is_raised_not_recorded(tmp_path):
     folder = _photo_folder(tmp_path / "photos", GOOD[:1], broken=False)
     with pytest.raises(ModelLoadError):
-        extract_dataset(folder, tmp_path / "runs", model=ModelConfig(model="/no/such/model", device="cpu"),
-                        rank=0, world_size=1, progress=False)
+        extract_dataset(folder, tmp_path / "runs", RunConfig(model=ModelConfig(model="/no/such/model", device="cpu"), progress=False), rank=0, world_size=1)
 
 
 def test_bad_method_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="method"):
-        extract_dataset(tmp_path / "nowhere", tmp_path / "runs", method="dreambooth")
+        extract_dataset(tmp_path / "nowhere", tmp_path / "runs", RunConfig(method="dreambooth"))
 
 
 # ----------------------------------------------------------------------------- the tiny model, end to end
@@ -320,8 +318,7 @@ def first_run(tiny_sd2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dataset")
     folder = _photo_folder(root / "photos")
     runs = root / "runs"
-    summary = extract_dataset(folder, runs, model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"),
-                              train=FAST_TRAIN, sample=NO_SAMPLES, rank=0, world_size=1, progress=False)
+    summary = extract_dataset(folder, runs, RunConfig(model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"), train=FAST_TRAIN, sample=NO_SAMPLES, progress=False), rank=0, world_size=1)
     return folder, runs, summary
 
 
@@ -330,9 +327,9 @@ def _spy(monkeypatch):
     calls, loads = [], []
     real_extract, real_load = dataset_run.extract, dataset_run.load_pipeline
 
-    def spy_extract(image, out, **kw):
-        calls.append((Path(image).name, kw["resume"]))
-        return real_extract(image, out, **kw)
+    def spy_extract(image, out, config, **kw):
+        calls.append((Path(image).name, config.resume))
+        return real_extract(image, out, config, **kw)
 
     def spy_load(*a, **kw):
         loads.append(a)
@@ -368,8 +365,7 @@ def test_rerun_skips_finished_runs_without_loading_the_model(first_run, tmp_path
     folder, runs, first = first_run
     runs = _copy_runs(runs, tmp_path)
     calls, loads = _spy(monkeypatch)
-    s = extract_dataset(folder, runs, model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"),
-                        train=FAST_TRAIN, sample=NO_SAMPLES, rank=0, world_size=1, progress=False)
+    s = extract_dataset(folder, runs, RunConfig(model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"), train=FAST_TRAIN, sample=NO_SAMPLES, progress=False), rank=0, world_size=1)
     assert s.skipped == GOOD and s.done == () and s.failed == ("broken.png",)
     assert calls == [] and loads == []  # the broken photo fails its cheap check; nothing needs the model
     assert s.sample_passes == 0 and s.sample_passes_total == first.sample_passes
@@ -381,8 +377,7 @@ def test_half_finished_run_is_resumed(first_run, tmp_path, monkeypatch, tiny_sd2
     (runs / "cone" / "manifest.json").unlink()  # interrupted after training: localization + checkpoints stay
     stamp = (runs / "cone" / "localization.safetensors").stat().st_mtime_ns
     calls, loads = _spy(monkeypatch)
-    s = extract_dataset(folder, runs, model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"),
-                        train=FAST_TRAIN, sample=NO_SAMPLES, rank=0, world_size=1, progress=False)
+    s = extract_dataset(folder, runs, RunConfig(model=ModelConfig(model=str(tiny_sd2_dir), device="cpu"), train=FAST_TRAIN, sample=NO_SAMPLES, progress=False), rank=0, world_size=1)
     assert calls == [("cone.png", True)] and len(loads) == 1
     assert s.done == ("cone.png",) and s.resumed == ("cone.png",) and s.skipped == ("apple.png", "tower.png")
     m = json.loads((runs / "cone" / "manifest.json").read_text())
@@ -398,7 +393,7 @@ def test_finished_run_of_another_image_is_an_error_not_a_skip(first_run, tmp_pat
     _photo(2).save(other / "apple.png")  # same name, different pixels
     before = (runs / "apple" / "manifest.json").read_bytes()
     calls, loads = _spy(monkeypatch)
-    s = extract_dataset(other, runs, rank=0, world_size=1, progress=False)
+    s = extract_dataset(other, runs, RunConfig(progress=False), rank=0, world_size=1)
     assert s.failed == ("apple.png",) and calls == [] and loads == []
     failure = json.loads((runs / "failures-rank0.json").read_text())["failures"][0]
     assert failure["error"] == "OutputError" and "another image" in failure["message"]
@@ -417,13 +412,13 @@ def test_overwrite_replaces_runs_of_other_options_and_other_images(first_run, tm
     shutil.copytree(folder, other)
     _photo(0).save(other / "tower.png")  # same name, different pixels (apple's)
     model, train = ModelConfig(model=str(tiny_sd2_dir), device="cpu"), replace(FAST_TRAIN, steps=3)
-    kw = dict(model=model, train=train, sample=NO_SAMPLES, rank=0, world_size=1, progress=False)
-    s = extract_dataset(other, runs, **kw)
+    config = RunConfig(model=model, train=train, sample=NO_SAMPLES, progress=False)
+    s = extract_dataset(other, runs, config, rank=0, world_size=1)
     assert s.skipped == ("apple.png",) and s.failed == ("broken.png", "cone.png", "tower.png")
     failures = {Path(f["image"]).name: f for f in json.loads((runs / "failures-rank0.json").read_text())["failures"]}
     assert "other options" in failures["cone.png"]["message"] and failures["cone.png"]["error"] == "OutputError"
     calls, _ = _spy(monkeypatch)
-    s = extract_dataset(other, runs, overwrite=True, **kw)
+    s = extract_dataset(other, runs, replace(config, overwrite=True), rank=0, world_size=1)
     assert calls == [("apple.png", False), ("cone.png", True), ("tower.png", False)]
     assert s.done == GOOD and s.failed == ("broken.png",)
     for name in ("apple", "cone", "tower"):
@@ -458,9 +453,7 @@ def test_each_photo_starts_from_the_pristine_pipeline(tmp_path, monkeypatch, tin
         return real_extract(image, out, **kw)
 
     monkeypatch.setattr(dataset_run, "extract", spy_extract)
-    s = extract_dataset(folder, tmp_path / "runs", model=ModelConfig(model="unused", device="cpu"), pipe=tiny_pipe,
-                        train=FAST_TRAIN, sample=SampleConfig(sample_count=1, sample_steps=2),
-                        rank=0, world_size=1, progress=False)
+    s = extract_dataset(folder, tmp_path / "runs", RunConfig(model=ModelConfig(model="unused", device="cpu"), train=FAST_TRAIN, sample=SampleConfig(sample_count=1, sample_steps=2), progress=False), pipe=tiny_pipe, rank=0, world_size=1)
     assert s.done == GOOD[:2]
     assert seen == [(False, tokenizer_size)] * 2
     assert len(tiny_pipe.tokenizer) == tokenizer_size

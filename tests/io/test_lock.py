@@ -85,7 +85,7 @@ def test_unwritable_folder_is_output_error(tmp_path):
 def test_extract_refuses_a_locked_run_folder_before_any_work(tmp_path):
     from PIL import Image
 
-    from conceptexpress.config import ModelConfig
+    from conceptexpress.config import ModelConfig, RunConfig
     from conceptexpress.extract import extract
 
     src = tmp_path / "photo.png"
@@ -94,7 +94,7 @@ def test_extract_refuses_a_locked_run_folder_before_any_work(tmp_path):
     # The lock is held here: another open of the lock file conflicts, as another process would. The model does
     # not exist: the refusal comes before any loading.
     with run_lock(run), pytest.raises(RunLockedError, match="in use"):
-        extract(src, run, model=ModelConfig(model=str(tmp_path / "no-model")), progress=False)
+        extract(src, run, RunConfig(model=ModelConfig(model=str(tmp_path / "no-model")), progress=False))
     assert not (run / "manifest.json").exists()
 
 

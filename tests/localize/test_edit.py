@@ -21,7 +21,7 @@ FAST = ["--steps", "4", "--merge-step", "2", "--split-tokens", "2", "--no-sample
 
 @pytest.fixture(scope="module", params=["released", "paper"])
 def localized(request, pipe, image, one_torch_thread):
-    from conceptexpress.localizer import ConceptLocalizer
+    from conceptexpress.attention.localizer import ConceptLocalizer
 
     localizer = ConceptLocalizer(pipe, LocalizeConfig(clustering=request.param))
     loc = localizer(image)
@@ -138,7 +138,7 @@ def _loc_manifest(out: Path) -> dict:
 
 
 def test_run_folder_round_trip(localized, tiny_sd2_dir, tmp_path):
-    from conceptexpress.run_edit import load_localization
+    from conceptexpress.io.run_edit import load_localization
 
     fresh, _ = localized
     mode = fresh.clusters.clustering
@@ -234,3 +234,24 @@ def test_extract_with_other_options_keeps_an_edited_localization(tiny_sd2_dir, t
     assert json.loads((out / "localization.json").read_text())["edits"]
     assert main([*extract, "--n-max", "5", "--overwrite"]) == 0
     assert not json.loads((out / "localization.json").read_text()).get("edits")
+
+
+@pytest.mark.parametrize("clustering", ["released", "paper"])
+@pytest.mark.parametrize("edit_args", [("--merge", "1,2"), ("--drop", "2")])
+def test_api_edit_and_cli_edit_give_identical_masks_and_centroids(tiny_sd2_dir, tmp_path, clustering, edit_args):
+    """One rule: `loc.merge(0, 1)` / `loc.drop(1)` in a notebook and `conceptexpress edit --merge 1,2` / `--drop 2`
+    give the same concepts, masks and centroids f_i (Eq. 6-7: what token learning reads) under either clustering."""
+    from conceptexpress.io.run_edit import load_localization
+
+    argv = ["-q", "localize", str(EXAMPLE), "--model", str(tiny_sd2_dir), "--out", str(tmp_path), "--device", "cpu"]
+    assert main([*argv, "--clustering", clustering]) == 0
+    before, _ = load_localization(tmp_path)
+    assert before.num_concepts >= 3
+    flag, value = edit_args
+    api = before.merge(0, 1) if flag == "--merge" else before.drop(1)
+    assert main(["-q", "edit", str(tmp_path), flag, value]) == 0
+    cli, _ = load_localization(tmp_path)
+    assert cli.num_concepts == api.num_concepts == before.num_concepts - 1
+    for name in ("masks", "centroids", "post_labels"):
+        assert torch.equal(getattr(cli.clusters, name), getattr(api.clusters, name)), name
+    assert np.array_equal(cli.masks, api.masks)

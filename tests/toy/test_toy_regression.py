@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from conceptexpress.config import TrainConfig
+from conceptexpress.config import RunConfig, TrainConfig
 from conceptexpress.toy import read_objects, render_scene, toy_pipeline_path
 from conceptexpress.toy.world import caption_objects
 
@@ -50,7 +50,7 @@ def test_shipped_weights_are_small_fp16_and_load_offline(toy_pipe):
 
 
 def test_localization_finds_the_objects(toy_pipe):
-    from conceptexpress.localizer import localize_concepts
+    from conceptexpress.attention.localizer import localize_concepts
     from conceptexpress.locbench.matching import aggregate, match_masks
 
     single, multi = [], []
@@ -156,8 +156,7 @@ def test_short_extraction_regenerates_its_object(toy_pipe, tmp_path):
     src = tmp_path / "scene.png"
     scene.image.save(src)
     cfg = TrainConfig(steps=60, merge_step=12, lr=RECOVER_LR, micro_batch=0, checkpoint_every=0)
-    manifest = extract(src, tmp_path / "run", model=ModelConfig(model=str(toy_pipeline_path())), train=cfg,
-                       sample=SampleConfig(samples=False), pipe=toy_pipe, progress=False)
+    manifest = extract(src, tmp_path / "run", RunConfig(model=ModelConfig(model=str(toy_pipeline_path())), train=cfg, sample=SampleConfig(samples=False), progress=False), pipe=toy_pipe)
     masks = [np.asarray(Image.open(tmp_path / "run" / t["mask"])) > 127 for t in manifest["tokens"]]
     ious = [(m & scene.masks[0]).sum() / (m | scene.masks[0]).sum() for m in masks]
     prompt = f"a photo of {manifest['tokens'][int(np.argmax(ious))]['token']}"

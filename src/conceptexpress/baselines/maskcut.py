@@ -28,7 +28,7 @@ from scipy.linalg import eigh
 from torch import Tensor
 
 from conceptexpress.errors import ConfigError
-from conceptexpress.hf_loading import load_or_fail
+from conceptexpress.models.hf import load_or_fail
 
 __all__ = [
     "DEFAULT_MASKCUT_MODEL",

@@ -4,7 +4,7 @@ Concept numbers are the ones on the run's overlay (1-based) *before* this edit, 
 the edits apply as drop → merge → split → add. Merge and drop need no model; split and add recompute the image's
 self-attention with the run's recorded model and localization options (``--model``/``--device``/``--dtype``
 override them). The run's localization is rewritten atomically, the old one kept under ``RUN/backups/``
-(:mod:`conceptexpress.run_edit`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
+(:mod:`conceptexpress.io.run_edit`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
+from ..attention.localizer import ConceptLocalizer
 from ..config import LocalizeConfig, ModelConfig
 from ..errors import ConfigError, InputError
 from ..io.images import load_image
 from ..io.lock import run_lock
 from ..io.masks import read_mask
+from ..io.run_edit import load_localization, rewrite_localization
 from ..io.run_folder import file_sha256
 from ..localize.edit import apply_edits
-from ..localizer import ConceptLocalizer
 from ..models import load_pipeline
-from ..run_edit import load_localization, rewrite_localization
 
 HELP = "merge, drop, split or add concepts of a localized run before training (numbers as on its overlay)"
 

@@ -6,27 +6,24 @@ import argparse
 from pathlib import Path
 
 from ..config import (
-    METHODS,
-    SUPERVISED_METHODS,
     FineTuneConfig,
     LocalizeConfig,
     ModelConfig,
+    RunConfig,
     RuntimeConfig,
     SampleConfig,
     TrainConfig,
 )
 from ..extract import extract
+from ..learn.methods import METHOD_REGISTRY
 from .args import add_config_args, config_from_args
 
 
 def add_method_arg(p: argparse.ArgumentParser, *, supervised: bool = True) -> None:
     """``--method conceptexpress|bas-dagger|bas|bas-ft`` (``extract-dataset``: without the supervised ones)."""
-    methods = METHODS if supervised else tuple(m for m in METHODS if m not in SUPERVISED_METHODS)
-    text = "token learning: ConceptExpress (default) or the BaS† baseline of paper §4.1 on the same masks"
-    if supervised:
-        text += ("; bas: Break-A-Scene's token phase with your --masks and --init-words (paper Table 1 grey rows, "
-                 "Fig. 8); bas-ft: then its UNet + text encoder phase, saved as RUN/pipeline/")
-    p.add_argument("--method", choices=methods, default="conceptexpress", help=text)
+    methods = [m for m in METHOD_REGISTRY.values() if supervised or not m.per_photo]
+    text = "token learning: " + "; ".join(f"{m.name}: {m.help}" for m in methods)
+    p.add_argument("--method", choices=[m.name for m in methods], default="conceptexpress", help=text)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,24 +47,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    out = args.out or Path("outputs") / Path(args.image).stem
-    manifest = extract(
-        args.image,
-        out,
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The :class:`RunConfig` of the flags given (every config validated: a bad option fails here, exit 2)."""
+    return RunConfig(
         model=config_from_args(args, ModelConfig),
         localize=config_from_args(args, LocalizeConfig),
         train=config_from_args(args, TrainConfig),
         sample=config_from_args(args, SampleConfig),
         runtime=config_from_args(args, RuntimeConfig),
-        resume=args.resume,
-        progress=not args.quiet,
-        method=args.method,
-        wait=args.wait,
-        masks=args.masks,
         finetune=config_from_args(args, FineTuneConfig),
+        method=args.method,
+        masks=getattr(args, "masks", None),
+        resume=getattr(args, "resume", False),
         overwrite=args.overwrite,
+        wait=getattr(args, "wait", False),
+        progress=not getattr(args, "quiet", False),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    out = args.out or Path("outputs") / Path(args.image).stem
+    manifest = extract(args.image, out, run_config_from_args(args))
     tokens = " ".join(manifest.token_list)
     if manifest.get("fine_tune"):
         print(f"fine-tuned pipeline -> {out}/{manifest['fine_tune']['pipeline']}/ (`generate {out}` loads it)")

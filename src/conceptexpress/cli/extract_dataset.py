@@ -9,8 +9,8 @@ from pathlib import Path
 from ..config import LocalizeConfig, ModelConfig, RuntimeConfig, SampleConfig, TrainConfig
 from ..dataset import extract_dataset
 from ..errors import ConfigError
-from .args import add_config_args, config_from_args
-from .extract import add_method_arg
+from .args import add_config_args
+from .extract import add_method_arg, run_config_from_args
 
 logger = logging.getLogger("conceptexpress.dataset")  # the logger extract_dataset writes its summary line to
 
@@ -63,20 +63,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_summary = _DropSummary()
     logger.addFilter(quiet_summary)  # printed below; logged too it would show twice
     try:
-        summary = extract_dataset(
-            args.folder,
-            args.out,
-            model=config_from_args(args, ModelConfig),
-            localize=config_from_args(args, LocalizeConfig),
-            train=config_from_args(args, TrainConfig),
-            sample=config_from_args(args, SampleConfig),
-            runtime=config_from_args(args, RuntimeConfig),
-            method=args.method,
-            rank=args.rank,
-            world_size=args.world_size,
-            progress=not getattr(args, "quiet", False),
-            overwrite=args.overwrite,
-        )
+        summary = extract_dataset(args.folder, args.out, run_config_from_args(args), rank=args.rank,
+                                  world_size=args.world_size)
     finally:
         logger.removeFilter(quiet_summary)
     print(summary.line())

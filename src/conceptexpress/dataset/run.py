@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -18,21 +19,13 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..config import (
-    METHODS,
-    SUPERVISED_METHODS,
-    LocalizeConfig,
-    ModelConfig,
-    RuntimeConfig,
-    SampleConfig,
-    TrainConfig,
-    config_dict,
-)
+from ..config import LocalizeConfig, ModelConfig, RunConfig, TrainConfig, config_dict
 from ..errors import ConfigError, OutputError
 from ..extract import extract
 from ..io.atomic import atomic_write_json, ensure_output_dir
 from ..io.images import load_image
 from ..io.run_folder import CHECKPOINTS_DIR, LOCALIZATION_MANIFEST, RUN_MANIFEST, file_sha256
+from ..learn.methods import get_method
 from ..models import load_pipeline
 from .shards import (
     _check_rank,
@@ -105,11 +98,6 @@ def _mismatch(run: Path, image: Path, recorded: str, sha: str, what: str) -> Out
     )
 
 
-# Training options a method forces whatever was asked (baselines/bas.py: BaS† has no split-and-merge and no
-# contrastive loss); a manifest records the config actually used, so these are compared as forced.
-_METHOD_FORCES: dict[str, dict[str, Any]] = {"bas-dagger": {"split_merge": False, "contrastive": False}}
-
-
 def _with_defaults(name: str, recorded: dict[str, Any]) -> dict[str, Any]:
     cls = {"LocalizeConfig": LocalizeConfig, "TrainConfig": TrainConfig}[name]
     return {**{f.name: f.default for f in fields(cls) if f.default is not MISSING}, **recorded}
@@ -118,7 +106,10 @@ def _with_defaults(name: str, recorded: dict[str, Any]) -> dict[str, Any]:
 def _config_differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Names of the options a finished run was made with that differ from the ones asked for now."""
     recorded = manifest.get("config", {})
-    wanted = {**wanted, "TrainConfig": {**wanted["TrainConfig"], **_METHOD_FORCES.get(wanted["method"], {})}}
+    # Training options a method forces whatever was asked (BaS† has no split-and-merge and no contrastive loss);
+    # a manifest records the config actually used, so these are compared as forced.
+    forced = get_method(wanted["method"]).forced_train
+    wanted = {**wanted, "TrainConfig": {**wanted["TrainConfig"], **forced}}
     # A field added since the run was made counts as its default (the behaviour before the field existed).
     diffs = [k for k in ("LocalizeConfig", "TrainConfig") if k in recorded and _with_defaults(k, recorded[k]) != wanted[k]]
     if recorded.get("ModelConfig", {}).get("model") not in (None, wanted["ModelConfig"]["model"]):
@@ -131,30 +122,25 @@ def _config_differences(manifest: dict[str, Any], wanted: dict[str, Any]) -> lis
 def extract_dataset(
     folder: str | Path,
     runs_dir: str | Path,
+    config: RunConfig | None = None,
     *,
-    model: ModelConfig | None = None,
-    localize: LocalizeConfig | None = None,
-    train: TrainConfig | None = None,
-    sample: SampleConfig | None = None,
-    runtime: RuntimeConfig | None = None,
-    method: str = "conceptexpress",
     rank: int | None = None,
     world_size: int | None = None,
-    progress: bool = True,
     pipe=None,
-    overwrite: bool = False,
 ) -> DatasetSummary:
     """Run :func:`~conceptexpress.extract.extract` on this process's shard of the photos in ``folder``.
 
-    Each photo gets the run folder ``runs_dir/<stem>``. ``rank``/``world_size`` default to the launcher's
-    environment (:func:`shard_from_env`), else a single process. The pipeline is loaded once per process
-    (``load_pipeline(model)``, on ``cuda:LOCAL_RANK`` under a multi-GPU launch, see
+    ``config`` (:class:`~conceptexpress.config.RunConfig`) is every photo's: its method must run without per-photo
+    supervision (:meth:`~conceptexpress.learn.methods.Method.check_dataset`: no ``masks``, no ``init_words``);
+    ``resume`` is decided per photo. Each photo gets the run folder ``runs_dir/<stem>``. ``rank``/``world_size``
+    default to the launcher's environment (:func:`shard_from_env`), else a single process. The pipeline is loaded
+    once per process (``load_pipeline(config.model)``, on ``cuda:LOCAL_RANK`` under a multi-GPU launch, see
     :func:`process_model_config`), and only when some photo of the shard still needs work; pass ``pipe`` to
     use one already loaded (kept where it is).
 
     Per photo: a finished run of the same image bytes is skipped; a half-finished one is continued
-    (``resume=True``); a run folder holding another image's run is a failure; with ``overwrite=True`` a run of
-    another image or of other options (finished or not) is replaced instead (``extract(overwrite=True)``); any
+    (``resume=True``); a run folder holding another image's run is a failure; with ``config.overwrite`` a run of
+    another image or of other options (finished or not) is replaced instead (``extract`` with ``overwrite``); any
     error of the photo is recorded in ``runs_dir/failures-rank<r>.json`` (rewritten after each failure) and the next photo starts.
     Errors that concern every photo (no photo, colliding stems, bad option, model that does not load,
     unwritable ``runs_dir``) are raised before or instead of per-photo work. ``KeyboardInterrupt`` writes the
@@ -163,21 +149,17 @@ def extract_dataset(
     Returns:
         The :class:`DatasetSummary`, also written atomically to ``runs_dir/summary-rank<r>.json``.
     """
-    model = model or ModelConfig()
-    localize = localize or LocalizeConfig()
-    train = train or TrainConfig()
-    sample = sample or SampleConfig()
+    config = config or RunConfig()
+    if config.model is None:
+        config = dataclasses.replace(config, model=ModelConfig())
 
     # 1. Everything that concerns the whole dataset fails here, before any photo is touched.
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
-    if method in SUPERVISED_METHODS or train.init_words:
+    if config.masks is not None:
         raise ConfigError(
-            "a dataset run has no per-photo masks or initializer words: run `extract IMAGE --masks DIR "
-            f"--init-words …` for each photo (got method {method!r}, init_words {train.init_words!r})"
+            f"a dataset run has no per-photo masks: run `extract IMAGE --masks DIR` for each photo (got masks "
+            f"{str(config.masks)!r})"
         )
-    if method == "conceptexpress":
-        train.check_merge_schedule()
+    get_method(config.method).check_dataset(config.train)
     rank, world_size = _resolve_shard(rank, world_size)
     images = list_images(folder)
     check_unique_stems(images)  # over all photos, not the shard: every process reaches the same verdict
@@ -186,10 +168,10 @@ def extract_dataset(
     who = f"rank {rank}/{world_size}: " if world_size > 1 else ""
     logger.info("%s%d of %d images in '%s' -> '%s'", who, len(mine), len(images), folder, runs)
 
-    tally = _Tally(str(folder), runs, rank, world_size, method, len(mine))
-    worker = _ShardWorker(model, localize, train, sample, runtime, method, world_size, progress, pipe, tally, overwrite)
+    tally = _Tally(str(folder), runs, rank, world_size, config.method, len(mine))
+    worker = _ShardWorker(config, world_size, pipe, tally)
     tally.write_failures()  # once at the start: a rerun that fixes a photo does not keep its old failure
-    bar = _bar(len(mine), rank, world_size, progress)
+    bar = _bar(len(mine), rank, world_size, config.progress)
     # Log lines go through tqdm.write while the bar is shown, so they do not tear it apart.
     logs = _redirect_logs(bar)
     try:
@@ -270,12 +252,10 @@ class _Tally:
 class _ShardWorker:
     """Runs the photos of a shard one by one with one pipeline, loaded when the first photo needs it."""
 
-    def __init__(self, model, localize, train, sample, runtime, method, world_size, progress, pipe, tally,
-                 overwrite=False) -> None:
-        self.model, self.localize, self.train, self.sample, self.runtime = model, localize, train, sample, runtime
-        self.method, self.world_size, self.progress, self.pipe, self.tally = method, world_size, progress, pipe, tally
-        self.overwrite = overwrite
-        self.wanted = {**config_dict(model, localize, train), "method": method}
+    def __init__(self, config: RunConfig, world_size: int, pipe, tally: _Tally) -> None:
+        self.config, self.world_size, self.pipe, self.tally = config, world_size, pipe, tally
+        self.overwrite = config.overwrite
+        self.wanted = {**config_dict(config.model, config.localize, config.train), "method": config.method}
         self.text_side: _TextSide | None = None
 
     def photo(self, image: Path, run: Path) -> None:
@@ -310,19 +290,19 @@ class _ShardWorker:
         # 3. The model, once per process and only when a photo needs it. A model that does not load concerns
         # every photo: raised, not recorded.
         if self.pipe is None:
-            self.model = process_model_config(self.model, self.world_size, local_rank_from_env())
-            self.pipe = load_pipeline(self.model)
+            model = process_model_config(self.config.model, self.world_size, local_rank_from_env())
+            self.config = dataclasses.replace(self.config, model=model)
+            self.pipe = load_pipeline(model)
         if self.text_side is None:
             self.text_side = _TextSide(self.pipe)
 
         # 4. The photo. Any failure is recorded and the next photo starts; Ctrl-C is no Exception.
         try:
-            out = extract(
-                image, run, model=self.model, localize=self.localize, train=self.train, sample=self.sample,
-                runtime=self.runtime, resume=status == "partial", overwrite=self.overwrite, pipe=self.pipe,
-                method=self.method,
-                progress=self.progress and self.world_size == 1,  # one process: its training bar nests below
+            config = dataclasses.replace(
+                self.config, resume=status == "partial",
+                progress=self.config.progress and self.world_size == 1,  # one process: its training bar nests below
             )
+            out = extract(image, run, config, pipe=self.pipe)
         except Exception as exc:
             logger.debug("%s failed", image, exc_info=True)
             tally.fail(image, run, exc)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import DEFAULT_CLIP, DEFAULT_DINO
 from ..errors import ConfigError
-from ..hf_loading import check_source, load_or_fail, pil_image_processor
+from ..models.hf import check_source, load_or_fail, pil_image_processor
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..config import DEFAULT_SAM
 from ..errors import ConfigError
-from ..hf_loading import check_source, load_or_fail, pil_image_processor
+from ..models.hf import check_source, load_or_fail, pil_image_processor
 
 __all__ = [
     "DEFAULT_SAM",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..hf_loading import pil_processor_class, quiet_transformers
+from ..models.hf import pil_processor_class, quiet_transformers
 
 __all__ = ["save_tiny_clip", "save_tiny_dino", "save_tiny_eval_models", "save_tiny_sam"]
 

@@ -40,7 +40,7 @@ def mask_name(i: int) -> str:
 def save_localization(loc, image: Image.Image, out_dir: str | Path, *, meta: dict[str, Any]) -> dict[str, Any]:
     """Write the folder described in the module docstring and return the manifest dict.
 
-    ``loc`` is a :class:`conceptexpress.localizer.Localization`; ``image`` the RGB source photo;
+    ``loc`` is a :class:`conceptexpress.localize.result.Localization`; ``image`` the RGB source photo;
     ``meta`` extra JSON-ready entries (image path, model, resolved config).
     """
     out = ensure_output_dir(out_dir)

@@ -1,6 +1,6 @@
 """Editing a localization before training: merge, drop, split, add (pure functions on ``Localization``).
 
-Each edit returns a *new* :class:`conceptexpress.localizer.Localization` whose parts agree with each other:
+Each edit returns a *new* :class:`conceptexpress.localize.result.Localization` whose parts agree with each other:
 
 - latent masks (N, h, w) disjoint, concepts numbered in raster order of their first pixel (the order
   ``cluster_concepts`` uses, so a merged concept takes the lower of its numbers and later ones move up);
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,10 +33,12 @@ from torch import Tensor
 
 from ..errors import ConceptExpressError
 from ..io.images import upsample_masks
-from ..localizer import Localization
 from .cluster import _first_appearance_order
 from .finch import finch, single_torch_thread
 from .kl import pairwise_symmetric_kl
+
+if TYPE_CHECKING:
+    from .result import Localization  # the result module imports this one: its merge and drop are these
 
 __all__ = [
     "EditError",

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
+from conceptexpress.attention.localizer import ConceptLocalizer
 from conceptexpress.config import BenchConfig, LocalizeConfig, config_dict
 from conceptexpress.io.atomic import (
     atomic_save_image,
@@ -38,7 +39,6 @@ from conceptexpress.io.atomic import (
 from conceptexpress.io.images import upsample_masks
 from conceptexpress.io.run_folder import versions
 from conceptexpress.localize import cluster_concepts
-from conceptexpress.localizer import ConceptLocalizer
 
 from ..baselines.clustering import finch_fixed_concepts, finch_levels, kmeans_concepts
 from ..baselines.maskcut import MaskCut

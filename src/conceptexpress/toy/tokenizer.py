@@ -13,7 +13,7 @@ def write_toy_tokenizer(path: str | Path, *, model_max_length: int = 77) -> Path
     """Write a CLIPTokenizer (SD 2.x padding with ``!``) whose merges spell each of :data:`WORDS` as one token."""
     from transformers import CLIPTokenizer
 
-    from ..testing import write_clip_tokenizer
+    from ..models.tokenizer_files import write_clip_tokenizer
 
     path = write_clip_tokenizer(path, pad_style="sd2", model_max_length=model_max_length, words=WORDS)
     tok = CLIPTokenizer.from_pretrained(path)

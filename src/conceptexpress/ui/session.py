@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import LocalizeConfig, ModelConfig, TrainConfig
+from ..attention.localizer import ConceptLocalizer
+from ..config import LocalizeConfig, ModelConfig, RunConfig, TrainConfig
 from ..errors import ConceptExpressError, ConfigError, InputError
 from ..extract import SampleConfig, extract, localize_to_folder
 from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_folders
 from ..io.atomic import ensure_output_dir
 from ..io.images import load_image
 from ..io.lock import run_lock
+from ..io.run_edit import rewrite_localization
 from ..io.run_folder import LOCALIZATION_MANIFEST, read_json_checked, read_manifest
 from ..learn.checkpoint import save_checkpoint
 from ..localize.edit import apply_edits
-from ..localizer import ConceptLocalizer
 from ..models import load_pipeline
-from ..run_edit import rewrite_localization
 
 logger = logging.getLogger(__name__)
 
@@ -251,13 +251,13 @@ class Session:
                 if job.cancel_requested.is_set():  # cancelled while waiting for the model
                     raise TrainingCancelled
                 job.status = "training"
-                job.manifest = extract(
-                    self.image_path, self.run, model=self.studio.config.model, localize=self.studio.config.localize,
-                    train=config, sample=SampleConfig(samples=samples > 0, sample_count=max(samples, 1),
-                                                      sample_steps=sample_steps),
+                run_config = RunConfig(
+                    model=self.studio.config.model, localize=self.studio.config.localize, train=config,
+                    sample=SampleConfig(samples=samples > 0, sample_count=max(samples, 1), sample_steps=sample_steps),
                     # resumes a run of the same options; other options replace the old run (start_training)
-                    resume=True, overwrite=True, pipe=pipe, progress=False, callbacks=[callback], lock=False,  # held above
+                    resume=True, overwrite=True, progress=False, lock=False,  # the lock is held above
                 )
+                job.manifest = extract(self.image_path, self.run, run_config, pipe=pipe, callbacks=[callback])
             job.status = f"done: {job.manifest['num_concepts']} tokens learned in {len(job.records)} steps"
         except TrainingCancelled:
             job.cancelled = True

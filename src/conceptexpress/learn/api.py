@@ -1,4 +1,4 @@
-"""In memory, from a :class:`~conceptexpress.localizer.Localization` to learned tokens (notebooks, the web UI)::
+"""In memory, from a :class:`~conceptexpress.localize.result.Localization` to learned tokens (notebooks, the web UI)::
 
     loc = localize_concepts("photo.jpg", pipe)             # paper §3.2
     loc = loc.merge(0, 1).drop(3)                          # edits return new objects
@@ -20,15 +20,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .baselines.bas import BaSTrainer
-from .config import METHODS, GenerateConfig, RuntimeConfig, TrainConfig, config_dict
-from .errors import ConfigError, NoConceptError
-from .export import write_token_files
-from .generate import generate
-from .io.atomic import ensure_output_dir
-from .io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
-from .learn.trainer import TokenTrainer
-from .localizer import Localization
+from ..config import GenerateConfig, RuntimeConfig, TrainConfig, config_dict
+from ..errors import ConfigError, NoConceptError
+from ..export import write_token_files
+from ..generate import generate
+from ..io.atomic import ensure_output_dir
+from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
+from ..localize.result import Localization
+from .methods import get_method
 
 __all__ = ["LearnedTokens", "learn_tokens"]
 
@@ -102,7 +101,13 @@ def learn_tokens(
     method: str = "conceptexpress",
     image: Image.Image | None = None,
 ) -> LearnedTokens:
-    """Learn one token per concept of ``loc`` (paper §3.3–3.4; ``method="bas-dagger"``: the BaS† baseline).
+    """Learn one token per concept of ``loc`` (paper §3.3–3.4), with the method named ``method``.
+
+    ``method`` is a name of :data:`~conceptexpress.learn.methods.METHOD_REGISTRY`: ``"conceptexpress"``;
+    ``"bas-dagger"`` (the BaS† baseline, paper §4.1); ``"bas"`` (Break-A-Scene's token phase with your supervision:
+    ``loc`` from your masks, :meth:`ConceptLocalizer.from_masks`, and/or ``config.init_words``). ``"bas-ft"`` is
+    refused here: its second phase fine-tunes the UNet and the text encoder and writes a pipeline, which needs a
+    run folder (:func:`conceptexpress.extract.extract` with ``method="bas-ft"``).
 
     Args:
         loc: a localization of ``image`` (by default ``loc.image``, the photo it was computed from), possibly
@@ -114,13 +119,17 @@ def learn_tokens(
         tokens: placeholder names (default ``<c1> … <cN>``).
 
     Raises:
-        NoConceptError: ``loc`` has no concept. ConfigError: a bad option, or no image to train on.
+        NoConceptError: ``loc`` has no concept. ConfigError: a bad option, a method given what it cannot use or
+        not given what it needs (:meth:`~conceptexpress.learn.methods.Method.check`), or no image to train on.
     """
     config = config or TrainConfig()
-    if method not in METHODS:
-        raise ConfigError(f"`method` must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "conceptexpress":
-        config.check_merge_schedule()
+    learner = get_method(method)
+    if learner.fine_tunes:
+        raise ConfigError(
+            f"`method` {method!r} fine-tunes the UNet and text encoder into a pipeline saved in a run folder: use "
+            f"extract(image, out, RunConfig(method={method!r}, …)) (`conceptexpress extract --method {method}`)"
+        )
+    learner.check(config, masks=loc.num_concepts if loc.from_user_masks else None, source="the localization")
     if loc.num_concepts == 0:
         raise NoConceptError("the localization has no concept to learn a token for")
     image = image or loc.image
@@ -129,8 +138,7 @@ def learn_tokens(
     names = tuple(tokens) if tokens is not None else tuple(token_names(loc.num_concepts))
     if len(names) != loc.num_concepts:
         raise ConfigError(f"`tokens` must name {loc.num_concepts} concepts, got {len(names)}: {list(names)}")
-    trainer_cls = BaSTrainer if method == "bas-dagger" else TokenTrainer
-    trainer = trainer_cls(
+    trainer = learner.trainer_class()(
         pipe, image.convert("RGB"), loc.work_size, loc.clusters.masks, loc.clusters.centroids, config,
         runtime=(runtime or config.runtime),
     )

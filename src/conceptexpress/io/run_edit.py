@@ -24,12 +24,12 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import InputError
-from .io.images import upsample_masks
-from .io.localization_files import MANIFEST, TENSORS, read_localization, save_localization
-from .localize import ConceptClusters
-from .localize.eot_filter import eot_filter
-from .localizer import Localization
+from ..errors import InputError
+from ..localize import ConceptClusters
+from ..localize.eot_filter import eot_filter
+from ..localize.result import Localization
+from .images import upsample_masks
+from .localization_files import MANIFEST, TENSORS, read_localization, save_localization
 
 BACKUPS = "backups"
 # Files of a localization (moved to the backup, replaced by the staged ones).
