@@ -24,7 +24,8 @@ from ..io.images import image_to_tensor, load_image, model_input_size, upsample_
 from ..localize import ConceptClusters, cluster_concepts, eot_filter
 from ..localize.result import Localization
 from ..models import load_pipeline
-from ..models.text import encode_prompt, eot_index
+from ..models.family import family_of
+from ..models.text import eot_index
 from .aggregate import CrossAttentionAccumulator, SelfAttentionAccumulator
 from .capture import capture_attention
 
@@ -53,8 +54,9 @@ class ConceptLocalizer:
     def __init__(self, pipe: StableDiffusionPipeline, config: LocalizeConfig | None = None):
         self.pipe = pipe
         self.config = config or LocalizeConfig()
-        self.vae_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.native_resolution = int(pipe.unet.config.sample_size) * self.vae_factor
+        self.family = family_of(pipe)  # refuses a pipeline of no supported family, before any work
+        self.vae_factor = self.family.vae_factor(pipe)
+        self.native_resolution = self.family.native_resolution(pipe)
 
     @property
     def resolution(self) -> int:
@@ -65,10 +67,12 @@ class ConceptLocalizer:
         """The expensive step: VAE encode + one UNet pass with capture (paper §3.2, §3.4).
 
         Returns the aggregated self-attention (h·w, h·w) (rows sum to 1) and the raw [EOT] map (h, w), both
-        float32 on CPU. Clustering methods (ours, and the k-means / FINCH baselines of the localization
-        benchmark) all start from these same tensors.
+        float32 on CPU, on the finest self-attention grid (h, w) — the latent for SD 1.x/2.x, latent/2 for SDXL
+        (:meth:`~conceptexpress.models.family.ModelFamily.clustering_grid`); ``AttentionMaps.latent_hw`` is that
+        grid. Clustering methods (ours, and the k-means / FINCH baselines of the localization benchmark) all
+        start from these same tensors.
         """
-        pipe, cfg = self.pipe, self.config
+        pipe, cfg, family = self.pipe, self.config, self.family
         image = image.convert("RGB")
         work_size = model_input_size(image.size, self.resolution, self.vae_factor)
         device, dtype = pipe.unet.device, pipe.unet.dtype
@@ -79,18 +83,25 @@ class ConceptLocalizer:
         latent = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor  # (1, 4, h, w)
         latent = latent.to(dtype)
         latent_hw = (latent.shape[-2], latent.shape[-1])
+        grid_hw = family.clustering_grid(pipe, latent_hw)
         clock.lap("encode")
 
-        # 2. The unconditional prompt "" and the position of its [EOT] token.
-        text = encode_prompt(pipe.tokenizer, pipe.text_encoder, [""]).to(dtype)  # (1, L, D)
+        # 2. The unconditional prompt "" (every text encoder of the family; SDXL: pooled embedding and time ids
+        # from the photo's size) and the position of its [EOT] token.
+        time_ids = family.micro_conditioning((image.height, image.width), (work_size[1], work_size[0]))
+        cond = family.encode(pipe, family.tokenize(pipe, [""]), time_ids=time_ids)  # context (1, L, ΣD)
         eot = eot_index(pipe.tokenizer, "")
 
-        # 3. One UNet pass with self-attention aggregated on the fly and the [EOT] map at latent/4.
-        self_acc = SelfAttentionAccumulator(latent_hw, weighting=cfg.weighting)
-        cross_acc = CrossAttentionAccumulator(latent_hw, [eot])
+        # 3. One UNet pass with self-attention aggregated on the fly onto the clustering grid (heads averaged as
+        # they are captured) and the [EOT] map at latent/4.
+        self_acc = SelfAttentionAccumulator(grid_hw, weighting=cfg.weighting)
+        cross_acc = CrossAttentionAccumulator(grid_hw, [eot])
         t = torch.full((1,), cfg.timestep, device=device, dtype=torch.long)
-        with capture_attention(pipe.unet, latent_hw, self_attention=self_acc, cross_attention=cross_acc):
-            pipe.unet(latent, t, encoder_hidden_states=text)
+        with capture_attention(
+            pipe.unet, latent_hw, self_attention=self_acc, cross_attention=cross_acc,
+            cross_downsample=family.cross_attention_divisor, head_chunk=family.localize_head_chunk,
+        ):
+            pipe.unet(latent, t, **family.unet_kwargs(cond))
         attn = self_acc.result()[0].float().cpu()  # (h·w, h·w), rows sum to 1
         eot_map = cross_acc.result()[0, 0].float().cpu()  # (h, w)
         clock.lap("unet")
@@ -98,7 +109,7 @@ class ConceptLocalizer:
             attn=attn,
             eot=eot_map,
             work_size=work_size,
-            latent_hw=latent_hw,
+            latent_hw=grid_hw,
             self_attention_layers=self_acc.num_layers,
             cross_attention_layers=cross_acc.num_layers,
             timings=clock.laps,

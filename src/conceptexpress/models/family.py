@@ -96,6 +96,7 @@ class ModelFamily:
         sampler: default sampler of ``generate`` (a name of :data:`conceptexpress.config.SCHEDULERS`).
         guidance: default classifier-free guidance of ``generate``.
         single_file_config: hub id whose configs describe an original-layout single-file checkpoint.
+        localize_head_chunk: heads per chunk in the localization pass (None: all at once).
     """
 
     name: str
@@ -107,6 +108,9 @@ class ModelFamily:
     sampler: str = "ddim"
     guidance: float = 7.5
     single_file_config: str | None = None
+    # The localization pass averages heads as it captures them, this many at a time (None: all heads at once,
+    # as for SD 1.x/2.x). SDXL at 1024 px: a 64² layer's 10 heads would be 10 × 4096² probabilities.
+    localize_head_chunk: int | None = None
     export_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,14 @@ class ModelFamily:
     def native_resolution(self, pipe) -> int:
         """The image side the model was trained at: UNet sample_size × VAE factor (512 SD 2.1-base, 1024 SDXL)."""
         return int(pipe.unet.config.sample_size) * self.vae_factor(pipe)
+
+    def clustering_grid(self, pipe, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The finest self-attention grid for a latent of ``latent_hw``: the rows the clustering reads (64×64 for
+        SD 2.1 at 512 px and for SDXL at 1024 px). Each UNet level ceil-halves the previous one."""
+        h, w = int(latent_hw[0]), int(latent_hw[1])
+        for _ in range(self.self_attention_divisor(pipe).bit_length() - 1):
+            h, w = -(-h // 2), -(-w // 2)
+        return h, w
 
     def self_attention_divisor(self, pipe) -> int:
         """The finest self-attention grid is latent / this: 1 for SD 1.x/2.x (attention at the latent's own
@@ -240,6 +252,7 @@ SDXL = ModelFamily(
     sampler="euler",
     guidance=5.0,
     single_file_config="stabilityai/stable-diffusion-xl-base-1.0",
+    localize_head_chunk=1,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL)}
 SUPPORTED = "SD 1.x, SD 2.x and SDXL base (text-to-image, 4-channel UNet)"
