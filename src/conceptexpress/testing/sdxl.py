@@ -236,7 +236,12 @@ def sdxl_unet(device: str | torch.device = "meta", dtype: torch.dtype = torch.fl
     FLOP counts and fake-tensor memory simulations; ``"cpu"`` draws real random weights (10 GB in fp32)."""
     with torch.device(device):
         unet = UNet2DConditionModel(**sdxl_unet_config())
-    return unet.to(dtype)
+    return _cast(unet, dtype)
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # nn.Module.to, not ModelMixin.to: the latter logs a warning about fp32 modules (there are none here).
+    return torch.nn.Module.to(module, dtype)
 
 
 def sdxl_random_pipeline(
@@ -260,5 +265,5 @@ def sdxl_random_pipeline(
         vae = AutoencoderKL(**sdxl_vae_config())
         text_encoder = CLIPTextModel(cfg_l)
         text_encoder_2 = CLIPTextModelWithProjection(cfg_g)
-    modules = [m.to(dtype) for m in (unet, vae, text_encoder, text_encoder_2)]
+    modules = [_cast(m, dtype) for m in (unet, vae, text_encoder, text_encoder_2)]
     return frozen_pipeline(_pipeline(*modules, tok_dirs), device)
