@@ -39,6 +39,14 @@ def tiny_sd1_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """Tiny random SDXL pipeline (two text encoders of widths 32 and 48; see conceptexpress.testing.sdxl)."""
+    from conceptexpress.testing import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(tiny_sd2_dir):
     """The SD 2.x-style tiny pipeline loaded in fp32 on CPU."""
     from diffusers import StableDiffusionPipeline

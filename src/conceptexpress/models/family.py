@@ -27,7 +27,7 @@ sdxl      CLIP ViT-L (768) +     penultimate hidden     pooled = encoder 2's pro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "ModelFamily",
     "TextEncoderSpec",
     "UnsupportedModelError",
+    "family_from_configs",
     "family_of",
     "get_family",
 ]
@@ -275,19 +276,82 @@ def family_of(pipe) -> ModelFamily:
     an SDXL refiner (no first text encoder), an inpainting or depth UNet (not 4 input channels), a model without a
     UNet (DiT pipelines).
     """
-    what = type(pipe).__name__
     unet = getattr(pipe, "unet", None)
-    if unet is None or not hasattr(unet, "config") or not hasattr(unet.config, "down_block_types"):
+    config = getattr(unet, "config", None)
+    if config is None or not hasattr(config, "down_block_types"):
+        config = None
+    te = getattr(pipe, "text_encoder", None)
+
+    def pads_with_eos() -> bool:
+        tok = pipe.tokenizer
+        return tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id
+
+    return _decide(
+        type(pipe).__name__,
+        None if config is None else dict(config),
+        has_1=te is not None,
+        has_2=getattr(pipe, "text_encoder_2", None) is not None,
+        width=None if te is None else int(te.get_input_embeddings().embedding_dim),
+        pads_with_eos=pads_with_eos,
+    )
+
+
+def family_from_configs(
+    model_index: Mapping[str, Any],
+    unet_config: Mapping[str, Any] | None,
+    text_encoder_config: Mapping[str, Any] | None = None,
+    tokenizer_config: Mapping[str, Any] | None = None,
+) -> ModelFamily:
+    """The family of a diffusers pipeline *before* loading it, from its configs (a few kB, no weights).
+
+    ``model_index`` is the pipeline's ``model_index.json`` (its ``_class_name`` and components, ``[library,
+    class]`` or ``[null, null]``); ``unet_config`` ``unet/config.json`` (None when there is none);
+    ``text_encoder_config`` / ``tokenizer_config`` ``text_encoder/config.json`` and
+    ``tokenizer/tokenizer_config.json`` (only read to tell SD 1.x from SD 2.x at widths other than 768 / 1024).
+    Same rules and the same one-line :class:`UnsupportedModelError` as :func:`family_of`, which must agree once
+    the pipeline is loaded.
+    """
+    what = str(model_index.get("_class_name") or "a pipeline without _class_name")
+    present = {
+        k for k, v in model_index.items()
+        if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == 2 and v[0] is not None
+    }  # fmt: skip
+    if "Inpaint" in what:
+        raise UnsupportedModelError(f"{what} is an inpainting pipeline; supported: {SUPPORTED}")
+    unet = dict(unet_config) if ("unet" in present and unet_config is not None) else None
+    width = None
+    if text_encoder_config is not None and text_encoder_config.get("hidden_size") is not None:
+        width = int(text_encoder_config["hidden_size"])
+
+    def pads_with_eos() -> bool:
+        tok = tokenizer_config or {}
+        pad, eos = _token_text(tok.get("pad_token")), _token_text(tok.get("eos_token"))
+        return pad is None or pad == eos
+
+    return _decide(what, unet, has_1="text_encoder" in present, has_2="text_encoder_2" in present, width=width,
+                   pads_with_eos=pads_with_eos)  # fmt: skip
+
+
+def _token_text(token: Any) -> str | None:
+    # tokenizer_config.json writes special tokens as a string or as an AddedToken dict {"content": ...}.
+    if isinstance(token, Mapping):
+        token = token.get("content")
+    return None if token is None else str(token)
+
+
+def _decide(what: str, unet: Mapping[str, Any] | None, *, has_1: bool, has_2: bool, width: int | None,
+            pads_with_eos) -> ModelFamily:  # fmt: skip
+    """The detection rules shared by :func:`family_of` (a loaded pipeline) and :func:`family_from_configs`."""
+    if unet is None or "down_block_types" not in unet:
         raise UnsupportedModelError(f"{what} has no UNet with attention blocks; supported: {SUPPORTED}")
-    if int(unet.config.in_channels) != 4:
-        kind = {9: "an inpainting", 5: "a depth-conditioned"}.get(int(unet.config.in_channels), "a non text-to-image")
+    in_channels = int(unet.get("in_channels", 4))
+    if in_channels != 4:
+        kind = {9: "an inpainting", 5: "a depth-conditioned"}.get(in_channels, "a non text-to-image")
         raise UnsupportedModelError(
-            f"{what}'s UNet takes {unet.config.in_channels} input channels ({kind} model); supported: {SUPPORTED}"
+            f"{what}'s UNet takes {in_channels} input channels ({kind} model); supported: {SUPPORTED}"
         )
-    text_time = getattr(unet.config, "addition_embed_type", None) == "text_time"
-    has_1 = getattr(pipe, "text_encoder", None) is not None
-    has_2 = getattr(pipe, "text_encoder_2", None) is not None
-    if text_time:
+    addition = unet.get("addition_embed_type")
+    if addition == "text_time":
         if has_1 and has_2:
             return SDXL
         if has_2:
@@ -296,12 +360,10 @@ def family_of(pipe) -> ModelFamily:
                 f"Supported: {SUPPORTED}"
             )
         raise UnsupportedModelError(f"{what} has a text_time UNet without SDXL's two text encoders; supported: {SUPPORTED}")
-    if not has_1 or has_2 or getattr(unet.config, "addition_embed_type", None) is not None:
+    if not has_1 or has_2 or addition is not None:
         raise UnsupportedModelError(f"{what} is not an SD 1.x / 2.x / SDXL text-to-image pipeline; supported: {SUPPORTED}")
-    width = int(pipe.text_encoder.get_input_embeddings().embedding_dim)
     if width == 768:
         return SD1
     if width == 1024:
         return SD2
-    tok = pipe.tokenizer
-    return SD1 if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id else SD2
+    return SD1 if pads_with_eos() else SD2

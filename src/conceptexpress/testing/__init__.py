@@ -7,6 +7,10 @@ users hit with real weights.
 
     >>> from conceptexpress.testing import save_tiny_pipeline
     >>> path = save_tiny_pipeline("/tmp/tiny-sd")        # seconds, ~1 MB
+    >>> path = save_tiny_sdxl_pipeline("/tmp/tiny-sdxl")  # SDXL: two text encoders (see .sdxl)
+
+SDXL helpers (tiny pipeline, its single-file form, the full-size architecture on the meta device) live in
+:mod:`conceptexpress.testing.sdxl` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -237,17 +241,36 @@ def save_tiny_single_file(
     return out_file
 
 
-def _main(argv: list[str] | None = None) -> int:
-    """``python -m conceptexpress.testing tiny|sd21 DIR``: write a random pipeline for offline trials.
+_KINDS = {
+    "tiny": lambda path: save_tiny_pipeline(path),
+    "tiny-sd1": lambda path: save_tiny_pipeline(path, pad_style="sd1"),
+    "tiny-sdxl": lambda path: save_tiny_sdxl_pipeline(path),
+    "sd21": lambda path: save_sd21_random_pipeline(path),
+}
 
-    tiny: ~7 MB; sd21: the full SD 2.1-base shape (2.5 GB). (No argparse: the shell is ``conceptexpress.cli``.)
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python -m conceptexpress.testing {tiny,tiny-sd1,tiny-sdxl,sd21} DIR``: write a random pipeline for
+    offline trials. tiny / tiny-sd1: ~7 MB (SD 2.x / SD 1.x padding); tiny-sdxl: ~13 MB (two text encoders);
+    sd21: the full SD 2.1-base shape (2.5 GB). (No argparse: the shell is ``conceptexpress.cli``.)
     """
     args = sys.argv[1:] if argv is None else list(argv)
-    if len(args) != 2 or args[0] not in ("tiny", "sd21"):
-        print("usage: python -m conceptexpress.testing {tiny,sd21} DIR", file=sys.stderr)
+    if len(args) != 2 or args[0] not in _KINDS:
+        print(f"usage: python -m conceptexpress.testing {{{','.join(_KINDS)}}} DIR", file=sys.stderr)
         return 2
     kind, path = args[0], Path(args[1])
-    out = save_tiny_pipeline(path) if kind == "tiny" else save_sd21_random_pipeline(path)
+    out = _KINDS[kind](path)
     print(f"wrote a random {kind} pipeline to {out}")
     return 0
+
+
+from .sdxl import (  # noqa: E402  (sdxl imports write_clip_tokenizer from this module)
+    save_tiny_sdxl_pipeline,
+    save_tiny_sdxl_single_file,
+    sdxl_random_pipeline,
+    sdxl_unet,
+    sdxl_unet_config,
+    tiny_sdxl_pipeline,
+    tiny_sdxl_unet_config,
+)
 

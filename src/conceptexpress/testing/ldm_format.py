@@ -1,10 +1,11 @@
-"""Diffusers → original LDM (CompVis / A1111) state-dict layout for Stable Diffusion 1.x / 2.x.
+"""Diffusers → original LDM (CompVis / A1111) state-dict layout for Stable Diffusion 1.x / 2.x and SDXL.
 
 The inverse of what diffusers' ``from_single_file`` converters undo: the UNet goes under
 ``model.diffusion_model.*`` (``input_blocks`` / ``middle_block`` / ``output_blocks``), the VAE under
 ``first_stage_model.*`` (``encoder.down.N.block.M`` / ``mid.block_1`` / ``decoder.up.N``, attention as 1×1
 convolutions), the text encoder under ``cond_stage_model.transformer.text_model.*`` (SD 1.x, Hugging Face
-CLIP names) or ``cond_stage_model.model.*`` (SD 2.x, OpenCLIP names with fused ``in_proj`` attention).
+CLIP names) or ``cond_stage_model.model.*`` (SD 2.x, OpenCLIP names with fused ``in_proj`` attention); SDXL's
+two encoders under ``conditioner.embedders.0.transformer.*`` and ``conditioner.embedders.1.model.*``.
 
 Pure functions on ``{name: tensor}`` dicts; the key prefixes are the reader's
 (:mod:`conceptexpress.models.single_file`). A test helper, beside :mod:`conceptexpress.testing`. Tensors are passed through
@@ -21,12 +22,22 @@ from collections.abc import Mapping
 
 import torch
 
-from ..models.single_file import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from ..models.single_file import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 
 TEXT_ENCODER_LAYOUTS = ("clip", "open_clip")
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
+    # SDXL's added (pooled text + time ids) embedding; LDM keeps it in a Sequential named label_emb.
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
     "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
@@ -129,7 +140,7 @@ def unet_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         else:
             # Refuse rather than drop: a silently missing tensor would only show up at load time, as a
             # parameter left uninitialized.
-            raise ValueError(f"UNet parameter {key!r} has no LDM equivalent (SD 1.x / 2.x UNets only)")
+            raise ValueError(f"UNet parameter {key!r} has no LDM equivalent (SD 1.x / 2.x / SDXL UNets only)")
     return out
 
 
@@ -190,15 +201,18 @@ def clip_text_to_ldm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def clip_text_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 2.x layout: OpenCLIP ``TextTransformer`` names (no prefix).
+    """SD 2.x / SDXL layout: OpenCLIP ``TextTransformer`` names (no prefix).
 
     q/k/v projections are fused into ``attn.in_proj_{weight,bias}`` (rows q, then k, then v), as OpenCLIP's
-    ``nn.MultiheadAttention`` stores them. OpenCLIP's ``text_projection`` is not part of ``CLIPTextModel``
-    (SD 2.x never uses it); it is written as the identity so the key set matches real SD 2.x files, whose
-    converter reads the model width from its shape. Real SD 2.x files also carry a 24th transformer layer
-    that diffusers drops (SD 2.x conditions on the penultimate layer); it has no counterpart here.
+    ``nn.MultiheadAttention`` stores them. A ``CLIPTextModelWithProjection`` state dict (SDXL's encoder 2)
+    carries ``text_projection.weight`` (projection, width): OpenCLIP stores the transpose, a bare
+    ``text_projection`` parameter (width, projection). ``CLIPTextModel`` has none (SD 2.x never uses it); it
+    is written as the identity so the key set matches real SD 2.x files, whose converter reads the model
+    width from its shape. Real SD 2.x files also carry a 24th transformer layer that diffusers drops (SD 2.x
+    conditions on the penultimate layer); it has no counterpart here.
     """
-    sd = {key.removeprefix("text_model."): t for key, t in state_dict.items()}
+    projection = state_dict.get("text_projection.weight")
+    sd = {key.removeprefix("text_model."): t for key, t in state_dict.items() if key != "text_projection.weight"}
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sd.items():
@@ -224,7 +238,10 @@ def clip_text_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
             raise ValueError(f"{name}: q/k/v projections incomplete, found {sorted(parts)}")
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     width = out["token_embedding.weight"].shape[1]
-    out["text_projection"] = torch.eye(width, dtype=out["token_embedding.weight"].dtype)
+    if projection is None:
+        out["text_projection"] = torch.eye(width, dtype=out["token_embedding.weight"].dtype)
+    else:
+        out["text_projection"] = projection.T  # (width, projection)
     return out
 
 
@@ -250,4 +267,22 @@ def pipeline_to_ldm(
         out.update({CLIP_PREFIX + k: v for k, v in clip_text_to_ldm(text_encoder).items()})
     else:
         out.update({OPEN_CLIP_PREFIX + k: v for k, v in clip_text_to_open_clip(text_encoder).items()})
+    return out
+
+
+def sdxl_pipeline_to_ldm(
+    unet: Mapping[str, torch.Tensor],
+    vae: Mapping[str, torch.Tensor],
+    text_encoder: Mapping[str, torch.Tensor],
+    text_encoder_2: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """One SDXL single-file state dict (``sd_xl_base_1.0.safetensors`` layout) from the diffusers component
+    state dicts: UNet and VAE as for SD (the UNet's added embedding as ``label_emb``), ``text_encoder``
+    (``CLIPTextModel``) under ``conditioner.embedders.0.transformer.text_model.*``, ``text_encoder_2``
+    (``CLIPTextModelWithProjection``) in OpenCLIP names under ``conditioner.embedders.1.model.*``.
+    """
+    out = {UNET_PREFIX + k: v for k, v in unet_to_ldm(unet).items()}
+    out.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(vae).items()})
+    out.update({SDXL_CLIP_PREFIX + k: v for k, v in clip_text_to_ldm(text_encoder).items()})
+    out.update({SDXL_OPEN_CLIP_PREFIX + k: v for k, v in clip_text_to_open_clip(text_encoder_2).items()})
     return out
