@@ -125,8 +125,14 @@ class LocalizeConfig:
             raise ConfigError(f"`n_max` must be an integer >= 2, got {self.n_max!r}")
         if self.weighting not in ("released", "diffseg"):
             raise ConfigError(f"`weighting` must be 'released' or 'diffseg', got {self.weighting!r}")
-        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 64):
-            raise ConfigError(f"`resolution` must be an integer >= 64 pixels, got {self.resolution!r}")
+        # A multiple of 8, the VAE downsampling of every supported family: checked here, before a run folder is
+        # touched (model_input_size checks the loaded model's own factor again).
+        if self.resolution is not None and (
+            not _is_int(self.resolution) or self.resolution < 64 or self.resolution % 8
+        ):
+            raise ConfigError(
+                f"`resolution` must be an integer >= 64 pixels and a multiple of 8, got {self.resolution!r}"
+            )
         if not isinstance(self.timestep, int) or self.timestep < 0:
             raise ConfigError(f"`timestep` must be a non-negative integer, got {self.timestep!r}")
         if self.clustering not in ("released", "paper"):

@@ -117,10 +117,13 @@ def test_unknown_model(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "flags", [["--n-max", "1"], ["--resolution", "16"], ["--dtype", "fp8"], ["--weighting", "x"], ["--n-max", "ten"], ["--clustering", "x"]]
+    "flags", [["--n-max", "1"], ["--resolution", "16"], ["--resolution", "100"], ["--dtype", "fp8"], ["--weighting", "x"],
+              ["--n-max", "ten"], ["--clustering", "x"]]
 )
-def test_bad_option_values(capsys, tmp_path, flags):
-    code, _, err = _run(capsys, "localize", EXAMPLE, "--out", tmp_path / "o", *flags)
+@pytest.mark.parametrize("command", ["localize", "extract"])
+def test_bad_option_values(capsys, tmp_path, flags, command):
+    """Every option is checked before anything (not even the folder or its lock) is written into --out."""
+    code, _, err = _run(capsys, command, EXAMPLE, "--out", tmp_path / "o", *flags)
     _assert_one_line_error(code, err, 2)
     assert flags[0] in err or flags[0][2:].replace("-", "_") in err
     assert not (tmp_path / "o").exists()

@@ -244,7 +244,7 @@ def _fake_finished_run(image: Path, out: Path, sample_passes: int = 7) -> dict:
 def test_unexpected_exception_is_recorded_and_the_next_photo_runs(tmp_path, monkeypatch, tiny_pipe):
     folder = _photo_folder(tmp_path / "photos", GOOD[:2], broken=False)
 
-    def fake_extract(image, out, **kw):
+    def fake_extract(image, out, config=None, **kw):
         if Path(image).name == "apple.png":
             raise RuntimeError("boom\nsecond line")
         return _fake_finished_run(Path(image), Path(out))
@@ -261,7 +261,7 @@ def test_ctrl_c_stops_the_dataset_and_keeps_finished_runs(tmp_path, monkeypatch,
     folder = _photo_folder(tmp_path / "photos", GOOD, broken=False)
     calls, interrupt_at = [], ["cone.png"]
 
-    def fake_extract(image, out, **kw):
+    def fake_extract(image, out, config=None, **kw):
         calls.append(Path(image).name)
         if Path(image).name in interrupt_at:
             raise KeyboardInterrupt
