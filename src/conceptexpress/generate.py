@@ -26,9 +26,10 @@ from PIL import Image
 
 from . import __version__
 from .config import GenerateConfig, ModelConfig
+from .embeddings import run_tokens
 from .errors import ConfigError, InputError
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
-from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside, run_tokens
+from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside
 from .models import load_pipeline
 from .sampler import build_scheduler, describe, using_scheduler
 
