@@ -3,7 +3,11 @@
 The sampler is the released code's by default (:mod:`conceptexpress.sampler`: DDIM, 50 steps, guidance 7.5, the
 model's native size, seeds 0…n−1). Each image ``i`` of a prompt starts from noise drawn by its own CPU
 ``torch.Generator`` seeded with ``seed + i``: the pictures do not depend on batch size, device or the other prompts, and image ``i`` of two
-prompts starts from the same noise, so prompts compare side by side. Outputs::
+prompts starts from the same noise, so prompts compare side by side. SDXL: the same default sampler (DDIM, 50 steps,
+guidance 7.5: ``GenerateConfig``'s defaults are recorded by every SD run, so they are not family-dependent; pass
+``--scheduler euler --guidance 5`` for SDXL's own), and the prompt embeddings are computed here
+(:func:`text_embeddings`) so that the pooled embedding is read at the end of the text, not on a learned token.
+Outputs::
 
     RUN/generated/<slug-of-prompt>/000.png 001.png …   one file per image
     RUN/generated/<slug-of-prompt>/grid.png            all images of the prompt
