@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conceptexpress.cli.generate import add_parser as add_generate_parser
+from conceptexpress.embeddings import load_tokens_into, read_token_embeddings
 from conceptexpress.errors import ConfigError, InputError
 from conceptexpress.export import token_stem, write_token_files
 from conceptexpress.generate import (
@@ -23,7 +24,7 @@ from conceptexpress.generate import (
     prompt_folders,
     prompt_slug,
 )
-from conceptexpress.io.run_folder import load_tokens_into, read_manifest, read_token_embeddings
+from conceptexpress.io.run_folder import read_manifest
 
 TOKENS = ["<c1>", "<c2>"]
 

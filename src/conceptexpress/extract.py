@@ -36,6 +36,7 @@ from .config import (
     TrainConfig,
     config_dict,
 )
+from .embeddings import run_tokens
 from .errors import ConfigError, InputError, NoConceptError, OutputError, RunFolderError
 from .export import write_token_files
 from .generate import generate, sampler_record
@@ -57,7 +58,6 @@ from .io.run_folder import (
     RunManifest,
     file_sha256,
     read_json_checked,
-    run_tokens,
     source_copy_name,
     token_names,
     versions,

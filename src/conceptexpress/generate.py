@@ -3,7 +3,11 @@
 The sampler is the released code's by default (:mod:`conceptexpress.sampler`: DDIM, 50 steps, guidance 7.5, the
 model's native size, seeds 0…n−1). Each image ``i`` of a prompt starts from noise drawn by its own CPU
 ``torch.Generator`` seeded with ``seed + i``: the pictures do not depend on batch size, device or the other prompts, and image ``i`` of two
-prompts starts from the same noise, so prompts compare side by side. Outputs::
+prompts starts from the same noise, so prompts compare side by side. SDXL: the same default sampler (DDIM, 50 steps,
+guidance 7.5: ``GenerateConfig``'s defaults are recorded by every SD run, so they are not family-dependent; pass
+``--scheduler euler --guidance 5`` for SDXL's own), and the prompt embeddings are computed here
+(:func:`text_embeddings`) so that the pooled embedding is read at the end of the text, not on a learned token.
+Outputs::
 
     RUN/generated/<slug-of-prompt>/000.png 001.png …   one file per image
     RUN/generated/<slug-of-prompt>/grid.png            all images of the prompt
@@ -26,15 +30,17 @@ from PIL import Image
 
 from . import __version__
 from .config import GenerateConfig, ModelConfig
+from .embeddings import run_tokens
 from .errors import ConfigError, InputError
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
-from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside, run_tokens
+from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside
 from .models import load_pipeline
+from .models.family import family_of
 from .sampler import build_scheduler, describe, using_scheduler
 
 __all__ = [
     "GenerateConfig", "expand_prompt", "generate", "generate_from_run", "image_grid", "prompt_folders",
-    "prompt_slug", "run_model_config", "sampler_record",
+    "prompt_slug", "run_model_config", "sampler_record", "text_embeddings",
 ]
 
 GENERATED_DIR = "generated"
@@ -124,7 +130,9 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
 
     The ``n`` images of a prompt run as one batch (``2n`` UNet rows with guidance); image ``i`` starts from
     noise of a CPU generator seeded ``config.seed + i``. ``config.scheduler`` replaces ``pipe.scheduler`` for the
-    call only: the pipeline is handed back with its own scheduler.
+    call only: the pipeline is handed back with its own scheduler. A family with a pooled text embedding (SDXL)
+    gets its prompt embeddings from :func:`text_embeddings` (pooled at the end-of-text position, never on a
+    learned token); SD 1.x / 2.x pipelines encode the prompt themselves, as before.
 
     Returns:
         One list of ``n`` RGB PIL images per prompt, in order, each ``width × height`` (model native by default).
@@ -132,14 +140,19 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
     config = config or GenerateConfig()
     if isinstance(prompts, str) or not prompts:
         raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}")
+    family = family_of(pipe)
     results = []
     with using_scheduler(pipe, config.scheduler):
         for prompt in prompts:
             # CPU generators: the same noise on cuda, mps and cpu (diffusers draws on CPU and moves it).
             generators = [torch.Generator("cpu").manual_seed(config.seed + i) for i in range(config.n)]
+            if any(spec.pooled for spec in family.encoders):
+                text = text_embeddings(pipe, prompt, config.negative_prompt, guidance=config.guidance,
+                                       size=(config.height, config.width))
+            else:
+                text = {"prompt": prompt, "negative_prompt": config.negative_prompt or None}
             out = pipe(
-                prompt=prompt,
-                negative_prompt=config.negative_prompt or None,
+                **text,
                 num_images_per_prompt=config.n,
                 generator=generators,
                 num_inference_steps=config.steps,
@@ -150,6 +163,53 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
             )
             results.append([img.convert("RGB") for img in out.images])
     return results
+
+
+@torch.no_grad()
+def text_embeddings(
+    pipe, prompt: str, negative_prompt: str = "", *, guidance: float = 7.5,
+    size: tuple[int | None, int | None] = (None, None),
+) -> dict[str, torch.Tensor]:
+    """The text keyword arguments of a pipeline call for ``prompt``, computed with the pipeline's family.
+
+    diffusers' SDXL ``encode_prompt`` takes the pooled embedding from ``CLIPTextModelWithProjection``, which pools
+    at ``argmax(input_ids)`` for configs with the legacy ``eos_token_id`` 2 (SDXL's): once a token is loaded that is
+    the token's position (its id is the highest), not the end of the text. Here the context and the pooled
+    embedding come from :meth:`ModelFamily.encode` (pooled at the end-of-text position), for the prompt and, with
+    guidance > 1, the negative prompt — zeros for an empty negative prompt when the pipeline's config says
+    ``force_zeros_for_empty_prompt``, as diffusers does. The time ids are left to the pipeline, which builds them
+    from the requested size exactly as without these arguments.
+
+    Args:
+        pipe: a loaded pipeline with its tokens (multi-vector tokens are expanded as diffusers does).
+        prompt, negative_prompt: the texts ("" = no negative prompt).
+        guidance: the call's guidance scale (negatives are only computed above 1).
+        size: the call's (height, width) in pixels, None = the model's native size.
+
+    Returns:
+        ``{"prompt_embeds": (1, L, ΣD), "pooled_prompt_embeds": (1, P)}`` and, with guidance > 1, the two
+        ``negative_…`` tensors of the same shapes; in the UNet's dtype on the text encoders' device.
+    """
+    family = family_of(pipe)
+    native = family.native_resolution(pipe)
+    hw = (size[0] or native, size[1] or native)
+    time_ids = family.micro_conditioning(hw, hw)
+
+    def encode(text: str):
+        if hasattr(pipe, "maybe_convert_prompt"):  # "<m1>" -> "<m1> <m1>_1" for a multi-vector token
+            text = pipe.maybe_convert_prompt(text, family.tokenizers(pipe)[0])
+        return family.encode(pipe, family.tokenize(pipe, [text]), time_ids=time_ids)
+
+    cond = encode(prompt)
+    out = {"prompt_embeds": cond.context, "pooled_prompt_embeds": cond.pooled}
+    if guidance > 1:
+        if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            neg_context, neg_pooled = torch.zeros_like(cond.context), torch.zeros_like(cond.pooled)
+        else:
+            neg = encode(negative_prompt)
+            neg_context, neg_pooled = neg.context, neg.pooled
+        out.update(negative_prompt_embeds=neg_context, negative_pooled_prompt_embeds=neg_pooled)
+    return out
 
 
 def sampler_record(pipe, config: GenerateConfig) -> dict[str, Any]:

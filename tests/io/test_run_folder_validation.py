@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 from conceptexpress.cli import main
+from conceptexpress.embeddings import read_token_embeddings
 from conceptexpress.errors import InputError, OutputError, RunFolderError
 from conceptexpress.io.localization_files import read_localization
 from conceptexpress.io.run_folder import (
     file_sha256,
     read_manifest,
     read_safetensors_checked,
-    read_token_embeddings,
     resolve_inside,
 )
 from conceptexpress.learn.checkpoint import load_checkpoint

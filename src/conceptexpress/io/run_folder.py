@@ -5,8 +5,9 @@ Layout of one run (one photo)::
     RUN/localization.json          localization done (``LOCALIZATION_MANIFEST``, :mod:`.localization_files`)
     RUN/localization.safetensors   masks, centroids, [EOT] map
     RUN/checkpoints/               resumable training state (``--resume``)
-    RUN/concepts/<stem>.safetensors   {"<c1>": (V, D) float32}   diffusers textual-inversion file
-    RUN/a1111/<stem>.safetensors      {"emb_params": (V, D)}     A1111 WebUI / ComfyUI file
+    RUN/concepts/<stem>.safetensors   {"<c1>": (V, D) float32}   diffusers textual-inversion file (SDXL: the one
+                                      {"clip_l", "clip_g"} file, :mod:`conceptexpress.export`)
+    RUN/a1111/<stem>.safetensors      {"emb_params": (V, D)}     A1111 WebUI / ComfyUI file (SD 1.x / 2.x)
     RUN/pipeline/                  ``--method bas-ft`` only: the fine-tuned pipeline (diffusers folder, safetensors)
     RUN/manifest.json              tokens, model, configs, versions; ``"complete": true`` written last
     RUN/run.json                   the run's options (image, model, method, method configs), written first
@@ -16,9 +17,10 @@ is resolved with :func:`resolve_inside` (never outside the folder), and a tensor
 :func:`read_safetensors_checked` (SHA-256 recorded by the JSON that names it, header, names, shapes, dtypes).
 A file that fails raises :class:`~conceptexpress.errors.RunFolderError` naming it.
 
-:class:`RunManifest` reads, checks and writes ``manifest.json``; :func:`run_tokens` adds a run's tokens to a
-loaded pipeline and takes them out again, so a caller's pipeline is handed back as it was found. Nothing here
-imports diffusers or transformers (versions are read from the installed package metadata).
+:class:`RunManifest` reads, checks and writes ``manifest.json``. The token files' formats are
+:mod:`conceptexpress.export`; a run's tokens are read back and put into a pipeline by
+:mod:`conceptexpress.embeddings`. Nothing here imports diffusers or transformers (versions are read from the
+installed package metadata).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import json
 import platform
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -337,167 +338,3 @@ class RunManifest(Mapping):
 def read_manifest(run_dir: str | Path, *, require_complete: bool = True) -> RunManifest:
     """:meth:`RunManifest.read` (kept as a function: the name the rest of the package uses)."""
     return RunManifest.read(run_dir, require_complete=require_complete)
-
-
-# ----------------------------------------------------------------------------- token files
-def _token_file(run: Path, rel: str, token: str) -> Path:
-    path = resolve_inside(run, rel, source=run / RUN_MANIFEST)
-    if path.suffix.lower() != ".safetensors":
-        # Pickled embeddings (.bin/.pt) can run code on load; only safetensors files are read.
-        raise RunFolderError(f"token {token!r}: file {rel!r} is not a .safetensors file; pickles are never loaded")
-    if not path.is_file():
-        raise RunFolderError(f"token {token!r}: file {str(run / rel)!r} is missing; the run folder is damaged")
-    return path
-
-
-def read_token_embeddings(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The learned embeddings of a finished run, ``{token: (V, D) float32 tensor on CPU}``, in manifest order.
-
-    Reads the diffusers files listed in ``manifest.json`` with safetensors only. A file may hold ``(D,)`` or
-    ``(V, D)`` under the token's key (or under a single other key, as diffusers also accepts).
-
-    Raises:
-        InputError: manifest missing or incomplete, a listed file missing, not safetensors, unreadable, or
-            holding something other than one embedding of the manifest's width.
-    """
-    run = Path(run_dir)
-    manifest = read_manifest(run)
-    dim = manifest.embedding_dim
-    out: dict[str, torch.Tensor] = {}
-    for entry in manifest.tokens:
-        token = entry["token"]
-        path = _token_file(run, entry["file"], token)
-        state = read_safetensors_checked(path, sha256=entry.get("sha256"), source=run / RUN_MANIFEST)
-        if token in state:
-            emb = state[token]
-        elif len(state) == 1:
-            emb = next(iter(state.values()))
-        else:
-            raise RunFolderError(f"token {token!r}: {str(path)!r} holds keys {sorted(state)} and none is the token")
-        if emb.ndim == 1:
-            emb = emb[None]  # (1, D)
-        if emb.ndim != 2 or emb.shape[0] == 0 or (dim is not None and emb.shape[1] != dim) or not emb.is_floating_point():
-            raise RunFolderError(
-                f"token {token!r}: {str(path)!r} holds shape {tuple(emb.shape)}, expected (V, {dim or 'D'})"
-            )
-        out[token] = emb.float()
-    return out
-
-
-# ----------------------------------------------------------------------------- tokens in a pipeline
-def _vector_names(token: str, num_vectors: int) -> list[str]:
-    # diffusers' multi-vector convention: "<c1>", "<c1>_1", "<c1>_2", … (maybe_convert_prompt expands them).
-    return [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-
-
-def _add_tokens(pipe, embeddings: Mapping[str, torch.Tensor], *, origin: str, files: Mapping[str, str] | None = None) -> list[str]:
-    """Add ``{token: (V, D)}`` to ``pipe`` with diffusers' ``load_textual_inversion``; return the tokens added.
-
-    A token already present with the same embedding is skipped (not returned); with a different one it is an
-    error, because prompts would silently use the old one. ``files`` (token → safetensors path) loads from the
-    run's files instead of the tensors, as a user would.
-    """
-    weight = pipe.text_encoder.get_input_embeddings().weight  # (vocab, D)
-    width = weight.shape[-1]
-    vocab = pipe.tokenizer.get_vocab()
-    to_load: list[str] = []
-    for token, emb in embeddings.items():
-        emb = emb if emb.ndim == 2 else emb[None]  # (V, D)
-        if emb.shape[-1] != width:
-            raise InputError(
-                f"token {token!r} has width {emb.shape[-1]} but the pipeline's text encoder has width {width}; "
-                f"the tokens were trained on {origin!r}"
-            )
-        names = _vector_names(token, emb.shape[0])
-        present = [n for n in names if n in vocab]
-        # diffusers refuses "<c1>" when "<c1>_1" exists, so a longer multi-vector token also counts as present.
-        longer = f"{token}_{emb.shape[0]}" in vocab
-        if not present and not longer:
-            to_load.append(token)
-            continue
-        same = len(present) == len(names) and not longer
-        if same:
-            rows = weight[[vocab[n] for n in names]].detach()  # (V, D)
-            same = torch.equal(rows, emb.to(rows.device, rows.dtype))
-        if not same:
-            raise InputError(
-                f"token {token!r} is already in the pipeline's tokenizer with a different embedding; "
-                "load these tokens into a fresh pipeline"
-            )
-    if to_load and files is not None:
-        pipe.load_textual_inversion([files[t] for t in to_load], token=to_load, use_safetensors=True)
-    elif to_load:
-        vectors = [embeddings[t] if embeddings[t].ndim == 2 else embeddings[t][None] for t in to_load]
-        pipe.load_textual_inversion(
-            vectors, token=to_load, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
-        )
-    return to_load
-
-
-def load_tokens_into(pipe, run_dir: str | Path) -> list[str]:
-    """Add the tokens of a finished run to a loaded pipeline with diffusers' own ``load_textual_inversion``.
-
-    The diffusers files are passed explicitly with their tokens and ``use_safetensors=True`` (so diffusers
-    never falls back to a pickle). A token the tokenizer already has with the same embedding (e.g. a second
-    call) is skipped; with a different embedding it is an error. To take the tokens out again afterwards, use
-    :func:`run_tokens` instead.
-
-    Returns:
-        All tokens of the run, in manifest order (newly added or already present).
-
-    Raises:
-        InputError: the run cannot be read, its embedding width differs from the pipeline's text encoder
-            (the run was trained on another base model), or a token exists with a different embedding.
-    """
-    run = Path(run_dir)
-    manifest = read_manifest(run)
-    _add_tokens(
-        pipe,
-        read_token_embeddings(run),
-        origin=str(manifest.base_model or "another model"),
-        files={e["token"]: str(run / e["file"]) for e in manifest.tokens},
-    )
-    return manifest.token_list
-
-
-@contextmanager
-def run_tokens(pipe, tokens: str | Path | Mapping[str, torch.Tensor]) -> Iterator[list[str]]:
-    """``with run_tokens(pipe, run) as names:`` — a run's tokens in ``pipe`` for the block, removed on exit.
-
-    ``tokens`` is a finished run folder or an in-memory ``{token: (D,) or (V, D) tensor}``. Tokens the pipeline
-    already had with the same embedding stay; the ones this call added are unloaded on exit (also on an
-    exception), so the pipeline's tokenizer and embedding table are handed back as they were found.
-
-    Yields:
-        The tokens, in order.
-
-    Raises:
-        InputError: as :func:`load_tokens_into`.
-    """
-    if isinstance(tokens, str | Path):
-        run = Path(tokens)
-        manifest = read_manifest(run)
-        added = _add_tokens(
-            pipe,
-            read_token_embeddings(run),
-            origin=str(manifest.base_model or "another model"),
-            files={e["token"]: str(run / e["file"]) for e in manifest.tokens},
-        )
-        names = manifest.token_list
-    else:
-        added = _add_tokens(pipe, dict(tokens), origin="another model")
-        names = list(tokens)
-    try:
-        yield names
-    finally:
-        if added:
-            # every vector of a multi-vector token: "<c1>", "<c1>_1", …
-            vocab = pipe.tokenizer.get_vocab()
-            names_out = []
-            for t in added:
-                names_out.append(t)
-                i = 1
-                while f"{t}_{i}" in vocab:
-                    names_out.append(f"{t}_{i}")
-                    i += 1
-            pipe.unload_textual_inversion(names_out)

@@ -23,9 +23,10 @@ from PIL import Image
 from ..config import GenerateConfig, RuntimeConfig, TrainConfig, config_dict
 from ..errors import ConfigError, NoConceptError
 from ..export import write_token_files
+from ..embeddings import run_tokens
 from ..generate import generate
 from ..io.atomic import ensure_output_dir
-from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, run_tokens, token_names, versions
+from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, token_names, versions
 from ..localize.result import Localization
 from .methods import get_method
 
@@ -48,7 +49,7 @@ class LearnedTokens:
     sample_passes: int = 0
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        """``{token: (D,) embedding}``, what :func:`~conceptexpress.io.run_folder.run_tokens` loads."""
+        """``{token: (D,) embedding}``, what :func:`~conceptexpress.embeddings.run_tokens` loads."""
         return dict(zip(self.tokens, self.embeddings))
 
     def generate(self, pipe, prompts: Sequence[str], config: GenerateConfig | None = None) -> list[list[Image.Image]]:
