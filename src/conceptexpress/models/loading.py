@@ -30,9 +30,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import deprecation_utils
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from ..config import DEFAULT_MODEL, ModelConfig
 from ..errors import ModelLoadError
@@ -233,9 +235,6 @@ def _offline() -> bool:
 def _hub_configs(repo_id: str, what: str) -> Path:
     """A local folder with the configs and tokenizer files of hub repository ``repo_id`` (no weights): the
     Hugging Face cache first, then the network unless ``HF_HUB_OFFLINE`` is set."""
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     snapshot_download = huggingface_hub.snapshot_download  # looked up per call (tests replace it)
     try:
         cached = Path(snapshot_download(repo_id, allow_patterns=_CONFIG_PATTERNS, local_files_only=True))

@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import huggingface_hub
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -376,8 +377,6 @@ def _missing_configs(folder: Path, family: ModelFamily) -> str:
 
 def pipeline_class(family: ModelFamily):
     """The diffusers pipeline class of ``family`` (``family.pipeline`` names it)."""
-    import diffusers
-
     return getattr(diffusers, family.pipeline)
 
 

@@ -28,6 +28,33 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..models.loading import frozen_pipeline
 from ..models.tokenizer_files import PAD_STYLES, _bytes_to_unicode, write_clip_tokenizer  # noqa: F401  (re-exported)
 from .ldm_format import pipeline_to_ldm
+from .sdxl import (
+    save_tiny_sdxl_pipeline,
+    save_tiny_sdxl_single_file,
+    sdxl_random_pipeline,
+    sdxl_unet,
+    sdxl_unet_config,
+    tiny_sdxl_pipeline,
+    tiny_sdxl_unet_config,
+)
+
+__all__ = [
+    "PAD_STYLES",
+    "save_sd21_random_pipeline",
+    "save_tiny_pipeline",
+    "save_tiny_sdxl_pipeline",
+    "save_tiny_sdxl_single_file",
+    "save_tiny_single_file",
+    "sd21_random_pipeline",
+    "sd21_unet_config",
+    "sdxl_random_pipeline",
+    "sdxl_unet",
+    "sdxl_unet_config",
+    "tiny_sdxl_pipeline",
+    "tiny_sdxl_unet_config",
+    "tiny_unet_config",
+    "write_clip_tokenizer",
+]
 
 
 def _scheduler():
@@ -262,15 +289,4 @@ def _main(argv: list[str] | None = None) -> int:
     out = _KINDS[kind](path)
     print(f"wrote a random {kind} pipeline to {out}")
     return 0
-
-
-from .sdxl import (  # noqa: E402  (sdxl imports write_clip_tokenizer from this module)
-    save_tiny_sdxl_pipeline,
-    save_tiny_sdxl_single_file,
-    sdxl_random_pipeline,
-    sdxl_unet,
-    sdxl_unet_config,
-    tiny_sdxl_pipeline,
-    tiny_sdxl_unet_config,
-)
 

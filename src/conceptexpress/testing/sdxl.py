@@ -34,6 +34,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..models.loading import frozen_pipeline
+from .ldm_format import sdxl_pipeline_to_ldm
+from ..models.tokenizer_files import write_clip_tokenizer
 
 SDXL_SCALING_FACTOR = 0.13025
 # Widths of the tiny encoders (different on purpose) and the pooled projection of encoder 2.
@@ -147,8 +149,6 @@ def sdxl_vae_config(*, tiny: bool = False) -> dict:
 def write_sdxl_tokenizers(path: str | Path) -> tuple[Path, Path]:
     """The two generated tokenizers of an SDXL pipeline under ``path``: ``tokenizer`` pads with the end-of-text
     token (CLIP ViT-L's), ``tokenizer_2`` with ``!`` (id 0, OpenCLIP bigG's)."""
-    from . import write_clip_tokenizer
-
     path = Path(path)
     return (write_clip_tokenizer(path / "tokenizer", pad_style="sd1"),
             write_clip_tokenizer(path / "tokenizer_2", pad_style="sd2"))  # fmt: skip
@@ -214,8 +214,6 @@ def save_tiny_sdxl_single_file(pipeline_dir: str | Path, out_file: str | Path) -
     ``conditioner.embedders.1.model.*`` (OpenCLIP bigG names, fused q/k/v, ``text_projection`` as OpenCLIP
     stores it: (width, projection)). Load it back with ``single_file_config=pipeline_dir``.
     """
-    from .ldm_format import sdxl_pipeline_to_ldm
-
     pipeline_dir, out_file = Path(pipeline_dir), Path(out_file)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
