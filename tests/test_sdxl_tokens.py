@@ -1,7 +1,6 @@
 """SDXL tokens on the use side: the {clip_l, clip_g} file, loading into both encoders, generation's pooled embedding.
 
-The tiny SDXL pipeline below is a STAND-IN, built here until the shared tiny SDXL fixture (conceptexpress.testing)
-lands; the lead replaces ``tiny_sdxl`` by it.
+The tiny SDXL pipeline is the shared fixture (``conceptexpress.testing.save_tiny_sdxl_pipeline``), loaded as a user's.
 """
 
 from __future__ import annotations
@@ -24,59 +23,17 @@ from conceptexpress.generate import generate, generate_from_run, text_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = ["<c1>", "<c2>"]
-DIMS = (32, 48)  # clip_l, clip_g stand-ins (768, 1280 at full size)
+DIMS = (32, 48)  # the tiny fixture's clip_l, clip_g widths (768, 1280 at full size)
 KEYS = ("clip_l", "clip_g")
 
 
-# ----------------------------------------------------------------------------- the stand-in tiny SDXL
-def _tiny_sdxl(tmp: Path):
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from conceptexpress.testing import write_clip_tokenizer
-
-    tok1 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tok1", pad_style="sd1"))
-    tok2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp / "tok2", pad_style="sd2"))  # pads with "!"
-    vocab = len(tok1)
-    torch.manual_seed(0)
-
-    def text_config(width: int, eos: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                              num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
-                              hidden_act="gelu", bos_token_id=vocab - 2, eos_token_id=eos, pad_token_id=1)
-
-    te1 = CLIPTextModel(text_config(DIMS[0], vocab - 1))
-    te2 = CLIPTextModelWithProjection(text_config(DIMS[1], 2))  # SDXL's legacy eos_token_id: pools at argmax(ids)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(16, 32, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4, 4), cross_attention_dim=sum(DIMS), use_linear_projection=True,
-        norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + DIMS[1],
-    )
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=128,
-                        scaling_factor=0.13025)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
-                                     tokenizer_2=tok2, unet=unet, scheduler=scheduler,
-                                     force_zeros_for_empty_prompt=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
-def tiny_sdxl(tmp_path_factory):
-    """A fresh tiny SDXL pipeline (stand-in; see the module docstring)."""
-    return _tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+def tiny_sdxl(tiny_sdxl_dir):
+    """The shared tiny SDXL pipeline (widths 32 / 48, encoder 2 with the legacy eos_token_id 2), freshly loaded
+    through ``load_pipeline`` (tests add and remove tokens)."""
+    from conceptexpress.models import load_pipeline
+
+    return load_pipeline(str(tiny_sdxl_dir), device="cpu")
 
 
 def _snapshot(pipe):

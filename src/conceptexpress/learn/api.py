@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from ..config import GenerateConfig, RuntimeConfig, TrainConfig, config_dict
+from ..embeddings import run_tokens
 from ..errors import ConfigError, NoConceptError
 from ..export import write_token_files
-from ..embeddings import run_tokens
 from ..generate import generate
 from ..io.atomic import ensure_output_dir
 from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, token_names, versions

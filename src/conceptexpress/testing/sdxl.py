@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..models.loading import frozen_pipeline
-from .ldm_format import sdxl_pipeline_to_ldm
 from ..models.tokenizer_files import write_clip_tokenizer
+from .ldm_format import sdxl_pipeline_to_ldm
 
 SDXL_SCALING_FACTOR = 0.13025
 # Widths of the tiny encoders (different on purpose) and the pooled projection of encoder 2.
