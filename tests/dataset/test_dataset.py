@@ -448,9 +448,9 @@ def test_each_photo_starts_from_the_pristine_pipeline(tmp_path, monkeypatch, tin
     seen = []
     real_extract = dataset_run.extract
 
-    def spy_extract(image, out, **kw):
+    def spy_extract(image, out, config, **kw):
         seen.append(("<c1>" in kw["pipe"].tokenizer.get_vocab(), len(kw["pipe"].tokenizer)))
-        return real_extract(image, out, **kw)
+        return real_extract(image, out, config, **kw)
 
     monkeypatch.setattr(dataset_run, "extract", spy_extract)
     s = extract_dataset(folder, tmp_path / "runs", RunConfig(model=ModelConfig(model="unused", device="cpu"), train=FAST_TRAIN, sample=SampleConfig(sample_count=1, sample_steps=2), progress=False), pipe=tiny_pipe, rank=0, world_size=1)
