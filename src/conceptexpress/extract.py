@@ -72,6 +72,7 @@ from .io.run_options import (
 from .learn.methods import get_method
 from .learn.trainer import TokenTrainer, loss_curve_image, released_sample_passes
 from .models import load_pipeline
+from .models.family import family_of
 
 __all__ = ["METHODS", "RunConfig", "SampleConfig", "extract", "localize_run", "localize_to_folder"]
 
@@ -376,8 +377,9 @@ def _learn(pipe, photo: _Photo, out: Path, config: RunConfig, loc_manifest, tens
 def _export(out: Path, photo: _Photo, loc_manifest: dict[str, Any], learned: _Learned) -> list[dict[str, Any]]:
     """The token files (diffusers and A1111/ComfyUI), history, loss curve and the photo's copy; returns the
     manifest's token entries (with each concept's mask file)."""
-    result = learned.result
-    entries = write_token_files(out, token_names(int(loc_manifest["num_concepts"])), result.embeddings)
+    result, family = learned.result, family_of(learned.sample_pipe)
+    entries = write_token_files(out, token_names(int(loc_manifest["num_concepts"])), result.embeddings,
+                                keys=family.export_keys, dims=family.embedding_dims(learned.sample_pipe))
     for entry, mask in zip(entries, loc_manifest["masks"]):
         entry["mask"] = mask
     atomic_write_json(out / "history.json", result.history)
@@ -403,6 +405,7 @@ def _write_manifest(out: Path, photo: _Photo, config: RunConfig, entries: list[d
         "base_model": PIPELINE_DIR if fine_tune is not None else _model_record(model),
         "single_file_config": None if fine_tune is not None else model.single_file_config,
         "fine_tune": fine_tune,  # bas-ft: the model it started from, the phase's settings and cost
+        "family": family_of(learned.sample_pipe).name,  # sd1, sd2 or sdxl (conceptexpress.models.family)
         # --masks: the user's mask files (None: the localization's masks); init words are in TrainConfig.
         "user_masks": None if user_masks is None else {
             "folder": str(user_masks.folder.resolve()), "files": list(user_masks.files), "sha256": user_masks.sha256,

@@ -28,6 +28,7 @@ from ..generate import generate
 from ..io.atomic import ensure_output_dir
 from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, token_names, versions
 from ..localize.result import Localization
+from ..models.family import get_family
 from .methods import get_method
 
 __all__ = ["LearnedTokens", "learn_tokens"]
@@ -47,6 +48,8 @@ class LearnedTokens:
     config: TrainConfig = field(default_factory=TrainConfig)
     method: str = "conceptexpress"
     sample_passes: int = 0
+    family: str = "sd2"  # the base model's family (conceptexpress.models.family): decides the token file format
+    dims: tuple[int, ...] | None = None  # each text encoder's part of a row (SDXL: 768, 1280); None: one encoder
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         """``{token: (D,) embedding}``, what :func:`~conceptexpress.embeddings.run_tokens` loads."""
@@ -67,12 +70,15 @@ class LearnedTokens:
         ``base_model`` (hub id or path) is recorded so that ``generate`` can load the right model.
         """
         out = ensure_output_dir(folder)
-        entries = write_token_files(out, list(self.tokens), self.embeddings)
+        dims = self.dims or (int(self.embeddings.shape[-1]),)
+        entries = write_token_files(out, list(self.tokens), self.embeddings, keys=get_family(self.family).export_keys,
+                                    dims=dims)
         manifest = RunManifest.from_dict(
             {
                 "format": RUN_FORMAT,
                 "method": self.method,
                 "base_model": base_model,
+                "family": self.family,
                 "tokens": entries,
                 "num_concepts": len(self.tokens),
                 "num_vectors": 1,
@@ -152,4 +158,6 @@ def learn_tokens(
         config=trainer.config,
         method=method,
         sample_passes=result.sample_passes,
+        family=trainer.family.name,
+        dims=trainer.family.embedding_dims(pipe),
     )
