@@ -90,7 +90,7 @@ def test_teacher_token_is_found_again(family_pipe):
     learned = tr.vectors.detach()
     after = float(_loss(tr, learned))
     # Measured: the loss falls by 97.6 % (SD 1.x), 96.4 % (SD 2.x), 95.5 % (SDXL); with SDXL's pooled embedding
-    # detached from the token, by 49 %.
+    # detached from the token, by 76 %; with encoder 2's vector frozen, by 14 %.
     assert after <= 0.1 * before, (name, before, after)
     cos = torch.nn.functional.cosine_similarity
     widths = tr.family.embedding_dims(pipe)
