@@ -1,4 +1,4 @@
-"""SDXL end to end on the tiny SDXL pipeline: `extract` → `generate` → the token file in diffusers'
+"""SDXL (and SD 1.x) end to end on the tiny pipelines: `extract` → `generate` → the token file in diffusers'
 `StableDiffusionXLPipeline`, determinism on CPU, and bad input refused as on SD 2.x (the user's paths: the CLI)."""
 
 from __future__ import annotations
@@ -114,3 +114,13 @@ def test_a_bad_photo_on_sdxl_is_one_line_and_writes_nothing(tiny_sdxl_dir, tmp_p
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 3 and len(err) == 1 and "photo.png" in err[0], err
     assert not out.exists()
+
+
+def test_extract_on_sd1_records_its_family(tiny_sd1_dir, tmp_path):
+    """SD 1.x (pads with the end-of-text token): the same run layout as SD 2.x, recorded as family sd1."""
+    assert _extract(tiny_sd1_dir, tmp_path, "--no-samples") == 0
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["family"] == "sd1" and m["complete"] is True
+    for t in m["tokens"]:
+        assert list(load_file(tmp_path / t["file"])) == [t["token"]]
+        assert list(load_file(tmp_path / t["a1111_file"])) == ["emb_params"]
