@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import tempfile
@@ -212,7 +213,7 @@ def _integer_factory(func, args, kwargs) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex)
 
 
-class CudaAutocastFp32(TorchFunctionMode):
+class SimulationFunctions(TorchFunctionMode):
     """While CPU autocast is on, run CUDA autocast's float32 functions in float32 (inputs cast up, output float32).
 
     Above autograd (a function mode), so the casts are part of the graph as CUDA autocast's are. The half-precision
@@ -221,12 +222,16 @@ class CudaAutocastFp32(TorchFunctionMode):
     from real integer tensors real, so that code reading them back (``.tolist()``) sees their values.
     """
 
+    def __init__(self, cuda_autocast: bool = True) -> None:
+        super().__init__()
+        self.cuda_autocast = cuda_autocast
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FROM_DATA or _real_integers(args, kwargs) or _integer_factory(func, args, kwargs):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
-        if func in _CUDA_FP32 and torch.is_autocast_enabled("cpu"):
+        if self.cuda_autocast and func in _CUDA_FP32 and torch.is_autocast_enabled("cpu"):
             def up(x):
                 return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
@@ -236,18 +241,17 @@ class CudaAutocastFp32(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def pretend_cuda() -> Iterator[None]:
-    """CUDA's autocast casts and flash attention on the simulated device (module docstring, 1 and 3)."""
-    with mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa), CudaAutocastFp32():
-        yield
-
-
-@contextlib.contextmanager
-def simulation() -> Iterator[tuple[FakeTensorMode, LiveBytes]]:
-    """Fake tensors with CUDA's autocast behaviour and a live-bytes counter (enter it innermost: ``with live:``)."""
+def simulation(cuda_like: bool = True) -> Iterator[tuple[FakeTensorMode, LiveBytes]]:
+    """Fake tensors and a live-bytes counter (enter it innermost: ``with live:``); ``cuda_like``: with CUDA's
+    autocast casts and flash attention (module docstring, 1 and 3), else the CPU's own behaviour (the check
+    against a real CPU run)."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     live = LiveBytes(DEVICE.type, fake_scalars=True)
-    with pretend_cuda(), fake:
+    with contextlib.ExitStack() as stack:
+        if cuda_like:
+            stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa))
+        stack.enter_context(SimulationFunctions(cuda_autocast=cuda_like))
+        stack.enter_context(fake)
         yield fake, live
 
 
@@ -310,6 +314,12 @@ def build_pipeline(model: str, tok_dir: Path, weights: torch.dtype = torch.float
     """
     with torch.device("meta"):
         pipe = _build_pipeline(model, tok_dir, weights)
+    if model == "sdxl":  # a scheduler's tables are real data, built off the meta device
+        from diffusers import EulerDiscreteScheduler
+
+        pipe.scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        )
     pipe.set_progress_bar_config(disable=True)
     for m in pipeline_modules(pipe):
         m.requires_grad_(False)
@@ -338,11 +348,7 @@ def to_fake_device(modules, device: torch.device = DEVICE) -> None:
 
 
 def _build_pipeline(model: str, tok_dir: Path, weights: torch.dtype):
-    from diffusers import (
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     from conceptexpress.testing import _pipeline, _sd21_modules, write_clip_tokenizer
@@ -359,9 +365,7 @@ def _build_pipeline(model: str, tok_dir: Path, weights: torch.dtype):
         tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(tok_dir / "l", pad_style="sd1")),
         tokenizer_2=CLIPTokenizer.from_pretrained(write_clip_tokenizer(tok_dir / "g", pad_style="sd2")),
         unet=unet,
-        scheduler=EulerDiscreteScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-        ),
+        scheduler=None,
     )
     return pipe
 
@@ -463,6 +467,10 @@ def _sdxl_proxy_trainer():
             self._wrapper_2.batch_vectors = leaf_2  # (b, K, 1280)
             # Both generated tokenizers give the same ids (they differ in padding only): one id tensor serves both.
             cond = SDXL.encode(self.pipe, [input_ids, input_ids], time_ids=self.time_ids)
+            # ModelFamily.encode returns the pooled embedding and time ids in the UNet's dtype (fp16 here); under
+            # bf16 autocast the UNet's torch.concat of fp16 text_embeds with its fp32 time embedding raises
+            # "Unexpected floating ScalarType in at::autocast::prioritize" (on CUDA as on CPU): pass them in fp32.
+            cond = dataclasses.replace(cond, pooled=cond.pooled.float(), time_ids=cond.time_ids.float())
             noisy = self.scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
             pred = unet(noisy, timesteps, **SDXL.unet_kwargs(cond)).sample  # (b, 4, h, w)
             return pred, noise
@@ -473,16 +481,24 @@ def _sdxl_proxy_trainer():
 def run_train_step(pipe, resolution: int, runtime, *, merged: bool, live: LiveBytes, trainer_cls=None) -> dict:
     """One step of ``TokenTrainer.train`` (split phase, or the first merged step): peaks and FLOPs."""
     from conceptexpress.config import TrainConfig
-    from conceptexpress.learn.trainer import TokenTrainer
 
-    trainer_cls = trainer_cls or TokenTrainer
     masks, centroids = concept_layout(resolution // 8)
     # emd_method "sinkhorn": what "auto" picks on CUDA (the simulated device is a CPU one).
     config = TrainConfig(steps=TrainConfig().merge_step + 1 if merged else 1, emd_method="sinkhorn")
+    return measure_train_step(pipe, photo(resolution), (resolution, resolution), masks, centroids, config,
+                              runtime, live=live, merged=merged, trainer_cls=trainer_cls)
+
+
+def measure_train_step(pipe, image, work_size, masks, centroids, config, runtime, *, live: LiveBytes,
+                       merged: bool = False, trainer_cls=None) -> dict:
+    """Build a trainer and run ``train()`` for the last step of ``config`` (the first merged step when ``merged``):
+    ``{init_peak_gb, step_peak_gb, flops, prompts}``. Real or fake tensors alike."""
+    from conceptexpress.learn.trainer import TokenTrainer
+
+    trainer_cls = trainer_cls or TokenTrainer
     live.reset_peak()
     with trainer_patches(), live:
-        trainer = trainer_cls(pipe, photo(resolution), (resolution, resolution), masks, centroids, config,
-                              runtime=runtime)
+        trainer = trainer_cls(pipe, image, work_size, masks, centroids, config, runtime=runtime)
     init_peak = live.peak
     live.reset_peak()
     if merged:
@@ -493,6 +509,21 @@ def run_train_step(pipe, resolution: int, runtime, *, merged: bool, live: LiveBy
            "prompts": trainer.history[-1]["prompts"]}
     del trainer
     return out
+
+
+def unet_forward_flops(pipe, resolution: int) -> int:
+    """FLOPs of one plain UNet forward of one sample at ``resolution`` (DESIGN §9's reference figures)."""
+    from conceptexpress.models.family import family_of
+
+    h = resolution // 8
+    unet = pipe.unet
+    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(1, 77, unet.config.cross_attention_dim, dtype=unet.dtype)}
+    if family_of(pipe).time_ids:
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, 1280, dtype=unet.dtype),
+                                       "time_ids": torch.zeros(1, 6, dtype=unet.dtype)}
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        unet(torch.zeros(1, 4, h, h, dtype=unet.dtype), torch.zeros(1, dtype=torch.long), **kwargs)
+    return flops.get_total_flops()
 
 
 def run_localize(pipe, resolution: int, live: LiveBytes, proxy: bool) -> dict:
@@ -522,6 +553,12 @@ def simulate(model: str, precisions, micro_batches, checkpointing, log=print) ->
         live.track([list(m.parameters()) + list(m.buffers()) for m in modules])
         weights_gb = live.current / GIB
         base = {"model": model, "resolution": resolution, "weights_gb": _r(weights_gb)}
+        fwd = unet_forward_flops(pipe, resolution)
+        row = {**base, "stage": "unet_forward", "precision": "fp16 weights", "micro_batch": 1, "checkpointing": None,
+               "peak_gb": None, "tflop_per_step": _r(fwd / 1e12), "est_h100_s_per_image": None,
+               "design_tflop": {"sd21": 0.80, "sdxl": 6.76}[model]}
+        rows.append(row)
+        log(json.dumps(row))
 
         # 1. Localization (one pass per image; independent of the training settings).
         proxy_reason = None
