@@ -240,6 +240,24 @@ class SimulationFunctions(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _fp32_under_autocast(fn):
+    def wrapper(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            def up(x):
+                return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+            args = tuple(up(a) for a in args)
+            kwargs = {k: up(v) for k, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+# Patched as attributes too: gradient checkpointing recomputes blocks inside backward, where the function mode
+# is not active; the norms and softmax must be recomputed in float32 as they were computed in the forward.
+_PATCHED_FP32 = [(F, "group_norm"), (F, "layer_norm"), (F, "softmax"), (torch.Tensor, "softmax")]
+
+
 @contextlib.contextmanager
 def simulation(cuda_like: bool = True) -> Iterator[tuple[FakeTensorMode, LiveBytes]]:
     """Fake tensors and a live-bytes counter (enter it innermost: ``with live:``); ``cuda_like``: with CUDA's
@@ -250,6 +268,8 @@ def simulation(cuda_like: bool = True) -> Iterator[tuple[FakeTensorMode, LiveByt
     with contextlib.ExitStack() as stack:
         if cuda_like:
             stack.enter_context(mock.patch.object(F, "scaled_dot_product_attention", _flash_sdpa))
+            for owner, name in _PATCHED_FP32:
+                stack.enter_context(mock.patch.object(owner, name, _fp32_under_autocast(getattr(owner, name))))
         stack.enter_context(SimulationFunctions(cuda_autocast=cuda_like))
         stack.enter_context(fake)
         yield fake, live
@@ -537,7 +557,7 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def simulate(model: str, precisions, micro_batches, checkpointing, log=print) -> list[dict]:
+def simulate(model: str, precisions, micro_batches, checkpointing, log=print, weights: str = "fp16") -> list[dict]:
     """All rows of one model: the localization pass, then train steps over the grid."""
     import gc
 
@@ -546,15 +566,15 @@ def simulate(model: str, precisions, micro_batches, checkpointing, log=print) ->
     resolution = resolution_of(model)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = build_pipeline(model, Path(tmp))
+        pipe = build_pipeline(model, Path(tmp), torch.float16 if weights == "fp16" else torch.bfloat16)
     with simulation() as (_, live):
         modules = pipeline_modules(pipe)
         to_fake_device(modules)
         live.track([list(m.parameters()) + list(m.buffers()) for m in modules])
         weights_gb = live.current / GIB
-        base = {"model": model, "resolution": resolution, "weights_gb": _r(weights_gb)}
+        base = {"model": model, "resolution": resolution, "weights": weights, "weights_gb": _r(weights_gb)}
         fwd = unet_forward_flops(pipe, resolution)
-        row = {**base, "stage": "unet_forward", "precision": "fp16 weights", "micro_batch": 1, "checkpointing": None,
+        row = {**base, "stage": "unet_forward", "precision": f"{weights} weights", "micro_batch": 1, "checkpointing": None,
                "peak_gb": None, "tflop_per_step": _r(fwd / 1e12), "est_h100_s_per_image": None,
                "design_tflop": {"sd21": 0.80, "sdxl": 6.76}[model]}
         rows.append(row)
@@ -571,7 +591,7 @@ def simulate(model: str, precisions, micro_batches, checkpointing, log=print) ->
             gc.collect()
             loc = run_localize(pipe, resolution, live, proxy=True)
         loc_flops = loc["flops"]
-        row = {**base, "stage": loc["stage"], "precision": "fp16 weights", "micro_batch": None,
+        row = {**base, "stage": loc["stage"], "precision": f"{weights} weights", "micro_batch": None,
                "checkpointing": None, "peak_gb": _r(loc["peak_gb"]), "tflop_per_step": _r(loc_flops / 1e12),
                "est_h100_s_per_image": _r(loc_flops / (UTILIZATION * H100_BF16_DENSE))}
         if proxy_reason:
@@ -632,10 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--weights", default="fp16", choices=["fp16", "bf16"],
+                        help="dtype of UNet and text encoders (the SDXL VAE stays fp32); default fp16 = --dtype fp16")
     args = parser.parse_args(argv)
     ckpt = [c == "on" for c in args.checkpointing]
     for model in args.models:
-        simulate(model, args.precisions, args.micro_batches, ckpt, log=lambda line: print(line, flush=True))
+        simulate(model, args.precisions, args.micro_batches, ckpt, log=lambda line: print(line, flush=True),
+                 weights=args.weights)
     return 0
 
 
