@@ -448,7 +448,7 @@ class TokenTrainer:
         """
         pipe, unet = self.pipe, self.pipe.unet
         # The context (b, L, ΣD) and, for SDXL, the pooled embedding recomputed from the token (it depends on it).
-        cond = self.family.encode(pipe, input_ids.unbind(1), time_ids=self.time_ids)
+        cond = self.family.encode(pipe, input_ids.unbind(1), time_ids=self.time_ids, dtype=self.amp_dtype or unet.dtype)
         noisy = self.scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
         pred = unet(noisy, timesteps, **self.family.unet_kwargs(cond)).sample  # (b, 4, h, w)
         if self.prediction_type == "v_prediction":

@@ -156,7 +156,10 @@ class ModelFamily:
         return 2**first
 
     # ------------------------------------------------------------------ text conditioning
-    def encode(self, pipe, input_ids: Sequence[torch.Tensor], *, time_ids: torch.Tensor | None = None) -> Conditioning:
+    def encode(
+        self, pipe, input_ids: Sequence[torch.Tensor], *, time_ids: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Conditioning:
         """Text conditioning of token ids, as the family's pipeline computes it (gradients flow when enabled).
 
         Args:
@@ -164,16 +167,19 @@ class ModelFamily:
             input_ids: one ``(B, L)`` long tensor per encoder (context order), padded to ``L`` as each tokenizer
                 pads; learnable tokens may be virtual ids past the vocabulary.
             time_ids: ``(B, 6)`` or ``(6,)`` for SDXL (:meth:`micro_conditioning`); required there.
+            dtype: of the returned tensors; default the UNet's. Under autocast pass the autocast dtype: the SDXL
+                UNet concatenates the pooled embedding with its own time embedding, and autocast refuses to
+                concatenate fp16 with bf16 (fp16 weights under bf16 autocast).
 
         Returns:
-            :class:`Conditioning`, tensors in the UNet's dtype on the text encoders' device. SDXL's pooled
+            :class:`Conditioning`, tensors in ``dtype`` on the text encoders' device. SDXL's pooled
             embedding is taken at the **end-of-text position** of encoder 2's ids (the first ``eos_token_id`` of its
             tokenizer) and projected by its ``text_projection`` — never at ``argmax(input_ids)``, which transformers
             uses for configs with the legacy ``eos_token_id`` 2 and which lands on an added token.
         """
         if len(input_ids) != len(self.encoders):
             raise ValueError(f"{self.label} takes {len(self.encoders)} id tensors (one per encoder), got {len(input_ids)}")
-        dtype = pipe.unet.dtype
+        dtype = dtype or pipe.unet.dtype
         hiddens, pooled = [], None
         for spec, ids in zip(self.encoders, input_ids):
             encoder = getattr(pipe, spec.encoder)
