@@ -12,6 +12,7 @@ from conceptexpress.config import METHODS, TrainConfig
 from conceptexpress.errors import ConfigError
 from conceptexpress.learn import methods
 from conceptexpress.learn.methods import METHOD_REGISTRY, get_method
+from conceptexpress.models.family import get_family
 
 
 def test_each_name_maps_to_the_trainer_it_names():
@@ -48,6 +49,7 @@ def trained(monkeypatch):
             def __init__(self, pipe, image, work_size, masks, centroids, config, *, runtime):
                 used.append(method_trainer)
                 self.config = config
+                self.family, self.dims = get_family("sd2"), (8,)  # what a trainer tells about the token vectors
 
             def train(self, callbacks=()):
                 return SimpleNamespace(embeddings=torch.zeros(masks_n, 8), history=[], sample_passes=0)

@@ -28,7 +28,7 @@ from ..generate import generate
 from ..io.atomic import ensure_output_dir
 from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, token_names, versions
 from ..localize.result import Localization
-from ..models.family import family_of, get_family
+from ..models.family import get_family
 from .methods import get_method
 
 __all__ = ["LearnedTokens", "learn_tokens"]
@@ -151,7 +151,6 @@ def learn_tokens(
     )
     callbacks = [lambda _trainer, record: on_step(record)] if on_step is not None else []
     result = trainer.train(callbacks=callbacks)
-    family = family_of(pipe)
     return LearnedTokens(
         tokens=names,
         embeddings=result.embeddings.detach().float().cpu(),
@@ -159,6 +158,6 @@ def learn_tokens(
         config=trainer.config,
         method=method,
         sample_passes=result.sample_passes,
-        family=family.name,
-        dims=family.embedding_dims(pipe),
+        family=trainer.family.name,
+        dims=trainer.dims,
     )

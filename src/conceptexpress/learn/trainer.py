@@ -156,6 +156,7 @@ class TokenTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         bases = [e.get_input_embeddings() for e in self.family.text_encoders(pipe)]
         toks = self.family.tokenizers(pipe)
+        self.dims = tuple(b.embedding_dim for b in bases)  # each encoder's part of a token vector
         # (g·N, ΣD) float32: one vector per token, concatenated over the family's text encoders (SDXL: 768 + 1280).
         self.vectors = torch.nn.Parameter(self._initial_vectors(bases, toks).to(self.device))
         self.optimizer = torch.optim.AdamW(
