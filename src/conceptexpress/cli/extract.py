@@ -15,7 +15,6 @@ from ..config import (
     SampleConfig,
     TrainConfig,
 )
-from ..extract import extract
 from .args import add_config_args, config_from_args
 
 
@@ -51,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extract import extract
+
     out = args.out or Path("outputs") / Path(args.image).stem
     manifest = extract(
         args.image,
