@@ -3,7 +3,8 @@
     python docs/make_toy_demo.py [--scene 503] [--out /tmp/toy-demo]
 
 Runs the README's three commands (scene → extract 60 steps, merge at 12, lr 4e-3 → generate "a photo of <c1>" ×4) through
-the command line and composes: the photo, the overlay, four samples of <c1> (each 64 px tile drawn ×3). Prints each concept's best-matching object
+the command line and composes: the photo, the overlay, four samples of <c1> (64-px tiles drawn ×3 with nearest
+neighbour; the overlay, drawn at 512 px, shrunk to the same tile). Prints each concept's best-matching object
 with its IoU and what `read_objects` sees in the samples.
 """
 
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     tiles = [Image.open(photo), Image.open(run / "overlay.png"), *map(Image.open, samples)]
     figure = Image.new("RGB", (len(tiles) * TILE + (len(tiles) - 1) * GAP, TILE), "white")
     for i, tile in enumerate(tiles):
-        figure.paste(tile.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST), (i * (TILE + GAP), 0))
+        resample = Image.Resampling.NEAREST if tile.width <= TILE else Image.Resampling.LANCZOS  # pixels / text
+        figure.paste(tile.convert("RGB").resize((TILE, TILE), resample), (i * (TILE + GAP), 0))
     figure.save(args.figure)
     manifest = json.loads((run / "manifest.json").read_text())
     concepts = {}  # per token: the object its mask overlaps most, and that IoU (the README's description)

@@ -1,13 +1,17 @@
 """The library never imports the shell, imports run one way (no cycle), and lazy imports are the allowed few.
 
-Reads the source with ``benchmarks/import_graph.py`` (nothing is imported), plus one subprocess check that
-``import conceptexpress`` stays light.
+Reads the source with ``benchmarks/import_graph.py`` (nothing is imported), plus subprocess checks that
+``import conceptexpress`` and every ``--help`` of the command line stay light.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "conceptexpress"
@@ -17,6 +21,7 @@ ALLOWED_LAZY = {
     "conceptexpress.attention": {"conceptexpress.attention", "conceptexpress.attention.capture"},  # keeps aggregate diffusers-free
     "conceptexpress.models": {"conceptexpress.models", "conceptexpress.models.loading"},  # keeps models.hf diffusers-free
     "conceptexpress.cli.ui": {"gradio", "conceptexpress.ui.app"},  # the `ui` extra: only `conceptexpress ui` needs it
+    "conceptexpress.cli._quiet": {"transformers", "diffusers"},  # their logging is set once a command will run
     "conceptexpress.ui.app": {"pandas"},  # gradio's LinePlot data, only when a loss plot is drawn
     "conceptexpress.models.hf": {"transformers", "transformers.utils"},
     "conceptexpress.models.tokenizer_files": {"transformers"},  # writing a tokenizer folder only  # evaluation encoders
@@ -28,6 +33,16 @@ ALLOWED_LAZY = {
     "conceptexpress.baselines.clustering": {"sklearn.cluster"},  # the `eval` extra
     "conceptexpress.baselines.maskcut": {"transformers"},
 }
+
+
+def _allowed_lazy(module: str, target: str) -> bool:
+    # The shell parses first and imports the library only in the command that runs (diffusers' `commands/`): every
+    # library module pulls torch or diffusers somewhere below it, and `conceptexpress COMMAND --help` must answer
+    # without them (test_every_help_imports_no_model_library). So a command module may import any library module
+    # inside its `run`, but not the shell itself nor an outside library except those listed above.
+    if module.startswith("conceptexpress.cli.") and target.startswith("conceptexpress."):
+        return not target.startswith("conceptexpress.cli")
+    return target in ALLOWED_LAZY.get(module, ())
 
 
 def _graph():
@@ -54,7 +69,7 @@ def test_imports_sit_at_the_top_except_the_allowed_lazy_ones():
         if module.startswith("conceptexpress.toy"):  # the toy world's training script: its own rules
             continue
         for target, in_function, line in info["imports"]:
-            if in_function and target not in ALLOWED_LAZY.get(module, ()):
+            if in_function and not _allowed_lazy(module, target):
                 lazy.append(f"{module}:{line} {target}")
     assert lazy == []
 
@@ -144,3 +159,23 @@ def test_no_function_takes_more_than_ten_parameters():
                 if count > 10:
                     wide.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({count})")
     assert wide == []
+HEAVY = ("torch", "diffusers", "transformers", "gradio")
+
+
+def _help_argv() -> list[list[str]]:
+    from conceptexpress.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return [["--help"], *([name, "--help"] for name in sub.choices)]
+
+
+@pytest.mark.parametrize("argv", _help_argv(), ids=lambda argv: " ".join(argv))
+def test_every_help_imports_no_model_library(argv):
+    """`conceptexpress [COMMAND] --help` answers without torch, diffusers, transformers or gradio (issue 26: it took
+    5 s when the shell imported them). Asserted on `-X importtime`'s list of imported modules, not on time."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "conceptexpress", *argv], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0 and "usage: conceptexpress" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "conceptexpress.cli" in imported  # the list is the one of this command line
+    assert sorted(m for m in imported if m.split(".")[0] in HEAVY) == []

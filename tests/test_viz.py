@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conceptexpress.viz import concept_colors, label_map_image, overlay_concepts, stages_figure
+from conceptexpress.viz import (
+    OVERLAY_MIN_LONG_SIDE,
+    concept_colors,
+    label_map_image,
+    overlay_concepts,
+    overlay_scale,
+    stages_figure,
+)
 
 GREY = (128, 128, 128)
 
@@ -30,7 +37,7 @@ def test_concept_colors_distinct_and_deterministic():
 def test_overlay_size_and_colours_differ_per_concept():
     img = Image.new("RGB", (160, 120), GREY)
     masks = _two_masks()
-    out = overlay_concepts(img, masks, alpha=0.5)
+    out = overlay_concepts(img, masks, alpha=0.5, min_long_side=0)  # at the photo's size: pixels checked below
     assert out.mode == "RGB" and out.size == (160, 120)
     arr = np.asarray(out).astype(int)
     colors = np.asarray(concept_colors(2))
@@ -45,7 +52,7 @@ def test_overlay_size_and_colours_differ_per_concept():
 
 def test_overlay_numbers_at_interior_point():
     img = Image.new("RGB", (160, 120), GREY)
-    out = np.asarray(overlay_concepts(img, _two_masks()))
+    out = np.asarray(overlay_concepts(img, _two_masks(), min_long_side=0))
     # Mask 0's most interior point is near (x=40, y=60): the white number with black stroke is drawn there.
     patch = out[45:75, 28:52].astype(int)  # antialiased glyph: look for near-white fill and near-black stroke
     assert (patch > 230).all(axis=-1).any() and (patch < 25).all(axis=-1).any()
@@ -56,9 +63,38 @@ def test_overlay_numbers_at_interior_point():
 def test_overlay_empty_mask_and_shape_mismatch():
     img = Image.new("L", (40, 30), 100)  # non-RGB photo is normalized
     masks = np.zeros((1, 30, 40), dtype=bool)
-    assert np.array_equal(np.asarray(overlay_concepts(img, masks))[..., 0], np.full((30, 40), 100))
+    assert np.array_equal(np.asarray(overlay_concepts(img, masks, min_long_side=0))[..., 0], np.full((30, 40), 100))
     with pytest.raises(ValueError, match="30, 40"):
         overlay_concepts(img, np.zeros((1, 8, 8), dtype=bool))
+
+
+@pytest.mark.parametrize(("size", "expected"), [((64, 64), (512, 512)), ((160, 120), (640, 480)),
+                                               ((100, 30), (600, 180)), ((600, 400), (600, 400)),
+                                               ((512, 64), (512, 64)), ((2000, 1500), (2000, 1500))])
+def test_overlay_is_drawn_at_least_512_px_on_the_long_side(size, expected):
+    """Issue 26: the overlay of a 64-px photo was 64 px and its numbers could not be read. A smaller photo is drawn
+    enlarged by an integer factor (long side >= 512), a photo at least that large at its own size."""
+    assert OVERLAY_MIN_LONG_SIDE == 512
+    out = overlay_concepts(Image.new("RGB", size, GREY), np.zeros((1, size[1], size[0]), dtype=bool))
+    assert out.size == expected and max(out.size) >= 512
+    assert overlay_scale(size) == expected[0] // size[0]
+
+
+def test_a_64_px_overlay_keeps_one_exact_region_per_concept_and_legible_numbers():
+    img = Image.new("RGB", (64, 64), GREY)
+    masks = np.zeros((2, 64, 64), dtype=bool)
+    masks[0, 4:40, 4:28] = True
+    masks[1, 20:60, 36:60] = True
+    out = np.asarray(overlay_concepts(img, masks)).astype(int)  # (512, 512, 3): each photo pixel is 8×8
+    assert out.shape == (512, 512, 3)
+    colors = np.asarray(concept_colors(2))
+    np.testing.assert_allclose(out[4 * 8 + 12, 4 * 8 + 12], (np.array(GREY) + colors[0]) / 2, atol=1)
+    np.testing.assert_allclose(out[59 * 8 - 12, 59 * 8 - 12], (np.array(GREY) + colors[1]) / 2, atol=1)
+    assert (out[2 * 8, 2 * 8] == GREY).all() and (out[63 * 8, 30 * 8] == GREY).all()  # outside: untouched
+    # the number "1" at mask 0's interior point (x≈16, y≈22 in photo pixels): white glyph pixels, tens of px high
+    glyph = (out[:, :, :] > 230).all(axis=-1) & masks[0].repeat(8, 0).repeat(8, 1)
+    ys = np.nonzero(glyph.any(axis=1))[0]
+    assert ys.size and ys.max() - ys.min() >= 20, ys
 
 
 def test_label_map_image_sizes_and_background():

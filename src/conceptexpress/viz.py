@@ -1,6 +1,7 @@
 """Pictures of localization results, with PIL and numpy only (no matplotlib).
 
-- :func:`overlay_concepts`: the final concepts as numbered translucent regions over the photo (paper Fig. 3 left).
+- :func:`overlay_concepts`: the final concepts as numbered translucent regions over the photo (paper Fig. 3 left),
+  drawn at least :data:`OVERLAY_MIN_LONG_SIDE` px on the long side so its numbers stay legible on small photos.
 - :func:`label_map_image`: any latent-size label map as a colour picture, optionally over the photo.
 - :func:`stages_figure`: the three stages of §3.2 side by side: pre-clustering, filtering, post-clustering.
 
@@ -36,6 +37,8 @@ _PANEL_HEIGHT = 256
 _PANEL_MAX_WIDTH = 1024  # a panorama shrinks its panels rather than making a figure 8000 px wide
 _GAP = 6
 _DROPPED_GREY = (150, 150, 150)
+# A 64-px photo drawn at its own size gives numbers a few pixels high: small photos are drawn enlarged up to this.
+OVERLAY_MIN_LONG_SIDE = 512
 
 
 def concept_colors(n: int) -> list[tuple[int, int, int]]:
@@ -99,17 +102,30 @@ def _interior_point(mask: np.ndarray) -> tuple[int, int] | None:
     return int(xs[i]), int(ys[i])
 
 
-def overlay_concepts(image: Image.Image, masks: np.ndarray, alpha: float = 0.5) -> Image.Image:
+def overlay_scale(size_wh: tuple[int, int], min_long_side: int = OVERLAY_MIN_LONG_SIDE) -> int:
+    """The integer factor an overlay of a ``(W, H)`` photo is drawn at: the smallest ``s >= 1`` with
+    ``s * max(W, H) >= min_long_side`` (1 for photos at least that large, 8 for a 64-px photo at 512)."""
+    long_side = max(1, *size_wh)
+    return max(1, -(-int(min_long_side) // long_side))
+
+
+def overlay_concepts(
+    image: Image.Image, masks: np.ndarray, alpha: float = 0.5, min_long_side: int = OVERLAY_MIN_LONG_SIDE
+) -> Image.Image:
     """Draw each concept as a translucent coloured region with its outline and 1-based number.
 
     Args:
         image: the photo, any mode (normalized to RGB), size ``(W, H)``.
         masks: (N, H, W) bool at the photo's size (use :func:`conceptexpress.io.upsample_masks` first).
         alpha: opacity of the fill in [0, 1].
+        min_long_side: a smaller photo is drawn enlarged by the integer factor :func:`overlay_scale` (photo
+            bicubic, masks by pixel repetition, so each region stays exactly its mask), with outline and number
+            sized for the enlarged picture; 0 draws at the photo's size.
 
     Returns:
-        RGB image of size ``(W, H)``. The number sits at the region's most interior point (maximum of the
-        distance transform), so it lands inside even non-convex regions; colours are ``concept_colors(N)``.
+        RGB image of size ``(s·W, s·H)``, ``s = overlay_scale((W, H), min_long_side)``: ``(W, H)`` for photos
+        with a long side ≥ ``min_long_side``. The number sits at the region's most interior point (maximum of
+        the distance transform), so it lands inside even non-convex regions; colours are ``concept_colors(N)``.
     """
     rgb = to_rgb(image) if image.mode != "RGB" else image
     masks = np.asarray(masks).astype(bool, copy=False)
@@ -118,6 +134,11 @@ def overlay_concepts(image: Image.Image, masks: np.ndarray, alpha: float = 0.5) 
         raise ValueError(f"masks must have shape (N, {h}, {w}) to match the image, got {masks.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    scale = overlay_scale((w, h), min_long_side)
+    if scale > 1:
+        w, h = w * scale, h * scale
+        rgb = rgb.resize((w, h), Image.Resampling.BICUBIC)
+        masks = masks.repeat(scale, axis=1).repeat(scale, axis=2)  # (N, s·H, s·W): nearest, exact
     n = masks.shape[0]
     colors = concept_colors(n)
 
@@ -251,7 +272,7 @@ def stages_figure(
     # 3. Final concepts, smooth edges, numbered.
     n_post = int(post.max()) + 1 if post.size else 0
     masks = post[None] == np.arange(max(n_post, 0))[:, None, None]  # (N, h, w) bool
-    panel3 = overlay_concepts(small, upsample_masks(masks, size))
+    panel3 = overlay_concepts(small, upsample_masks(masks, size), min_long_side=0)  # the panel's size
 
     # Assemble with a title strip; a slot is widened for a title longer than a narrow (portrait) panel.
     font = ImageFont.load_default()

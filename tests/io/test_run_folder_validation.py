@@ -273,6 +273,33 @@ def test_evaluate_skips_a_run_whose_mask_leads_outside(run):
         _check_run(run, "run")
 
 
+def test_evaluate_refuses_a_run_whose_mask_leads_outside_in_one_stderr_line(run):
+    """Issue 26: the refusal was a "skipping …" warning and then "error: no finished run …" (two lines, the second
+    hiding the reason). A fresh process, so the command line's own logging setup is what writes stderr."""
+    import subprocess
+    import sys
+
+    _edit_json(run / "manifest.json", lambda m: m["tokens"][0].update(mask="../../mask.png"))
+    for target in (run, run.parent):  # the run itself, and a RUNS folder whose only run is refused
+        proc = subprocess.run([sys.executable, "-m", "conceptexpress", "evaluate", str(target), "--device", "cpu"],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
+        assert proc.returncode == RunFolderError.exit_code, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert "outside the run folder" in proc.stderr and "skipping" not in proc.stderr, proc.stderr
+
+
+def test_evaluate_refusing_every_run_of_a_dataset_says_why_in_one_error(run, caplog):
+    from conceptexpress.evaluate.runs import discover_runs
+
+    _edit_json(run / "manifest.json", lambda m: m["tokens"][0].update(mask="../../mask.png"))
+    (run.parent / "crashed").mkdir()
+    with caplog.at_level(logging.WARNING, logger="conceptexpress"), pytest.raises(InputError) as info:
+        discover_runs([run.parent])
+    message = str(info.value)
+    assert "2 run folders skipped" in message and "outside the run folder" in message and "crashed" in message
+    assert "\n" not in message and "skipping" not in caplog.text
+
+
 def test_the_run_holds_its_source_photo_and_evaluate_reads_that_copy(run, tmp_path):
     """The photo's bytes are copied into the run (``source.jpg``); evaluation reads the copy, so it works with the
     original gone and never reads the path ``"image"`` names."""

@@ -1,7 +1,8 @@
 """Regression tests on the shipped, trained toy model (issue 7): the method finds and regenerates objects.
 
-Thresholds come from `benchmarks/toy_quality.py` on the shipped weights with a margin (docs/toy-world.md);
-each test was seen to fail on a deliberate break (transposed masks, zero token gradients).
+Thresholds come from `benchmarks/toy_quality.py` on the shipped weights with a margin (docs/toy-world.md; the breaks
+and figures per model: benchmarks/results/toy/HISTORY.md); each test was seen to fail on a deliberate break
+(transposed masks, zero token gradients).
 """
 
 from __future__ import annotations

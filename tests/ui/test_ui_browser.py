@@ -4,7 +4,10 @@ Upload the photo → see N concepts → merge two → paint a region and add it 
 check its files. Screenshots of every stage go to ``$UI_ARTIFACTS`` (default ``test-artifacts/ui/``), with
 ``timings.json``. Chromium is Debian's ``chromium`` package (``apt-get install chromium``), driven by the
 ``playwright`` Python package through that executable: nothing downloads a browser. The model is the tiny random
-one unless ``CONCEPTEXPRESS_UI_TEST_MODEL`` names another (e.g. the trained toy model's folder).
+one unless ``CONCEPTEXPRESS_UI_TEST_MODEL`` names another (e.g. the trained toy model's folder), and the photo
+``examples/coffee.jpg`` unless ``CONCEPTEXPRESS_UI_TEST_PHOTO`` names another; ``CONCEPTEXPRESS_UI_TEST_FIGURES=1``
+trains and samples long enough for the screenshots to show concepts (``docs/ui/make_figures.py`` says how the
+README's pictures are made).
 
 Skip it with ``-m "not browser"``; it skips itself, saying why, when Chromium, playwright or gradio is missing.
 """
@@ -30,8 +33,14 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "coffee.jpg"
+PHOTO = Path(os.environ.get("CONCEPTEXPRESS_UI_TEST_PHOTO") or EXAMPLE)
+FIGURES = os.environ.get("CONCEPTEXPRESS_UI_TEST_FIGURES") == "1"
+# (train steps, sampling steps): a few for the test; for pictures, the paper's 500 steps at the UI's learning rate
+TRAIN_STEPS, SAMPLE_STEPS = (500, 25) if FIGURES else (4, 2)
+PROMPT = "a photo of <c2>" if FIGURES else "a photo of <c1> on the beach"  # the toy world has no beach
+GEN_N = 4 if FIGURES else 1  # the gallery shows one image cropped to its width, four whole
 CHROMIUM = Path("/usr/bin/chromium")
-TIMEOUT_MS = 240_000  # one stage on a busy 2-core CI runner
+TIMEOUT_MS = 900_000 if FIGURES else 240_000  # one stage on a busy 2-core CI runner (figures: 500 training steps)
 STARTUP_S = 600  # importing gradio and torch and loading the model, on a busy runner (seen: 17–180+ s here)
 
 
@@ -169,7 +178,7 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             status = page.locator("#status")
 
             # 1. Upload.
-            page.locator("#upload input[type=file]").set_input_files(str(EXAMPLE))
+            page.locator("#upload input[type=file]").set_input_files(str(PHOTO))
             expect(status).to_contain_text("photo ready")
             lap("upload", page, "#photo-row")
 
@@ -207,21 +216,21 @@ def test_upload_merge_train_generate_download(server, tmp_path):
             lap("added", page, "#concepts-row")
 
             # 5. Train a few steps, with samples.
-            number("steps", 4)
+            number("steps", TRAIN_STEPS)
             number("split-tokens", 2)
             number("samples-n", 1)
-            number("sample-steps", 2)
+            number("sample-steps", SAMPLE_STEPS)
             page.locator("#train").click()
             expect(page.locator("#train-status")).to_contain_text("done")
             expect(page.locator("#samples img")).not_to_have_count(0)
             lap("trained", page, "#train-section")
 
             # 6. Generate one image.
-            page.locator("#prompt textarea").fill("a photo of <c1> on the beach")
-            number("gen-n", 1)
-            number("gen-steps", 2)
+            page.locator("#prompt textarea").fill(PROMPT)
+            number("gen-n", GEN_N)
+            number("gen-steps", SAMPLE_STEPS)
             page.locator("#generate").click()
-            expect(status).to_contain_text("generated 1 image")
+            expect(status).to_contain_text(f"generated {GEN_N} image")
             expect(page.locator("#generated img")).not_to_have_count(0)
             lap("generated", page, "#results-section")
 

@@ -130,6 +130,18 @@ def test_ui_flags_default_to_localhost_without_sharing():
     assert args.host == "127.0.0.1" and args.share is False and args.port == 7860
 
 
+def test_ui_help_states_the_studio_defaults():
+    # `ui --help` must not import ui.session (it imports the library), so its defaults are applied in `run` and
+    # written in the help text: this keeps the text true.
+    from conceptexpress.cli import build_parser
+    from conceptexpress.ui.session import StudioConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["ui"]
+    helps = {s: a.help for a in sub._actions for s in a.option_strings}
+    assert f"(default: {StudioConfig.max_upload_mb:g}," in helps["--max-upload-mb"]
+    assert StudioConfig.example.relative_to(StudioConfig.example.parents[1]).as_posix() in helps["--example"]
+
+
 def test_the_page_builds(studio):
     pytest.importorskip("gradio", reason="the [ui] extra is not installed")
     from conceptexpress.ui.app import build_app

@@ -7,6 +7,10 @@ API. User errors print one line ``error: …`` and exit with the error's code (`
 per kind, 1 only for a bug); ``--debug`` shows the traceback instead.
 
 Nothing outside this package imports it or argparse: the library never depends on the shell.
+
+``--help`` answers at once (as diffusers' ``commands/``): this package and the command modules import only the
+configs and argparse at the top; each ``run`` imports the library (torch, diffusers, …) when the command runs,
+after :func:`._quiet.quiet_libraries` has set the libraries' logging.
 """
 
 from __future__ import annotations
@@ -15,15 +19,10 @@ import argparse
 import logging
 import re
 import sys
-import warnings
-
-import diffusers
-import transformers
 
 from .. import __version__
 from ..errors import ConceptExpressError
 from . import (
-    _quiet,  # noqa: F401  (first: before the sub-commands import diffusers' pipelines)
     bench_localize,
     edit,
     evaluate,
@@ -33,6 +32,7 @@ from . import (
     localize,
     ui,
 )
+from ._quiet import quiet_libraries
 from .args import Parser, add_config_args, add_run_model_args, config_from_args
 
 __all__ = ["COMMANDS", "add_config_args", "add_run_model_args", "build_parser", "config_from_args", "main"]
@@ -75,18 +75,6 @@ def name_flags(message: str, flags: frozenset[str]) -> str:
     return re.sub(r"`([a-z][a-z0-9_]*)`", flag, message)
 
 
-def _quiet_libraries() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
-    try:
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging tweaks are best effort
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -98,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s: %(message)s" if args.debug else "%(message)s",
         stream=sys.stderr,
     )
-    if args.debug:
-        transformers.utils.logging.set_verbosity_warning()
-        diffusers.utils.logging.set_verbosity_warning()
-    else:
-        _quiet_libraries()
+    quiet_libraries(debug=args.debug)  # before `run` imports diffusers' pipelines
     try:
         return args.func(args)
     except ConceptExpressError as exc:

@@ -11,11 +11,6 @@ from pathlib import Path
 
 from ..config import BenchConfig, LocalizeConfig, ModelConfig
 from ..errors import ConfigError
-from ..io.atomic import ensure_output_dir
-from ..locbench.dataset import convert_clevr_masks, load_dataset, parse_background
-from ..locbench.run import RESULTS, TABLE, bench_localize
-from ..locbench.scenes import write_synthetic_dataset
-from ..models import load_pipeline
 from .args import add_config_args, config_from_args
 
 
@@ -63,6 +58,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.atomic import ensure_output_dir
+    from ..locbench.dataset import convert_clevr_masks, load_dataset, parse_background
+    from ..locbench.run import RESULTS, TABLE, bench_localize
+    from ..locbench.scenes import write_synthetic_dataset
+    from ..models import load_pipeline
+
     # Cheap checks first: options, dataset and output folder fail before the model loads.
     bench = config_from_args(args, BenchConfig)
     model_cfg = config_from_args(args, ModelConfig)

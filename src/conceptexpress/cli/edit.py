@@ -12,19 +12,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..attention.localizer import ConceptLocalizer
 from ..config import LocalizeConfig, ModelConfig
 from ..errors import ConfigError, InputError
-from ..io.images import load_image
-from ..io.lock import run_lock
-from ..io.masks import read_mask
-from ..io.run_edit import load_localization, rewrite_localization
-from ..io.run_folder import file_sha256
-from ..localize.edit import apply_edits
-from ..models import load_pipeline
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = "merge, drop, split or add concepts of a localized run before training (numbers as on its overlay)"
 
@@ -76,6 +70,12 @@ def model_config(args: argparse.Namespace, base: dict | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.images import load_image
+    from ..io.lock import run_lock
+    from ..io.masks import read_mask
+    from ..io.run_edit import load_localization, rewrite_localization
+    from ..io.run_folder import file_sha256
+    from ..localize.edit import apply_edits
 
     if not (args.merge or args.drop or args.split or args.add_mask):
         raise ConfigError("nothing to edit: give --merge, --drop, --split or --add-mask")
@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _attention(image, model_cfg, loc_cfg, loc) -> torch.Tensor:
     """The image's aggregated self-attention (h·w, h·w), recomputed as localization computed it (deterministic)."""
+    from ..attention.localizer import ConceptLocalizer
+    from ..models import load_pipeline
 
     maps = ConceptLocalizer(load_pipeline(model_cfg), loc_cfg).attention(image)
     if tuple(maps.latent_hw) != tuple(loc.latent_hw):

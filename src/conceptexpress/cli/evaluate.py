@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 from ..config import EvalConfig, ModelConfig
-from ..evaluate.protocol import evaluate_runs
 from .args import add_config_args, add_run_model_args, config_from_args, given_options
 
 
@@ -36,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluate.protocol import evaluate_runs
+
     config = config_from_args(args, EvalConfig)
     options = given_options(args, ModelConfig)
     quiet = bool(getattr(args, "quiet", False))

@@ -14,7 +14,6 @@ from ..config import (
     SampleConfig,
     TrainConfig,
 )
-from ..extract import extract
 from ..learn.methods import METHOD_REGISTRY
 from .args import add_config_args, config_from_args
 
@@ -66,6 +65,8 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extract import extract  # the library (torch, diffusers) only once the command runs
+
     out = args.out or Path("outputs") / Path(args.image).stem
     manifest = extract(args.image, out, run_config_from_args(args))
     tokens = " ".join(manifest.token_list)

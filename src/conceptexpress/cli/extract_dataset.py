@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from ..config import LocalizeConfig, ModelConfig, RuntimeConfig, SampleConfig, TrainConfig
-from ..dataset import extract_dataset
 from ..errors import ConfigError
 from .args import add_config_args
 from .extract import add_method_arg, run_config_from_args
@@ -56,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     (SIGTERM), so one broken JPEG would stop the whole dataset, and again on every rerun. The failures are in
     the summary and ``failures-rank<r>.json`` files (``merge_summaries``).
     """
+    from ..dataset import extract_dataset
+
     if (args.rank is None) != (args.world_size is None):
         raise ConfigError(
             f"give both --rank and --world-size or neither, got --rank {args.rank} --world-size {args.world_size}"

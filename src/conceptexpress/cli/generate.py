@@ -11,8 +11,6 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..config import GenerateConfig, ModelConfig
-from ..generate import expand_prompt, generate_from_run, prompt_folders, run_model_config
-from ..io.run_folder import read_manifest
 from .args import add_config_args, add_run_model_args, config_from_args, given_options
 
 
@@ -38,6 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..generate import expand_prompt, generate_from_run, prompt_folders, run_model_config
+    from ..io.run_folder import read_manifest
+
     # Flags first, then the run: both fail in a second, before the model loads.
     gen_cfg = config_from_args(args, GenerateConfig)
     manifest = read_manifest(args.run_dir)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from ..config import LocalizeConfig, ModelConfig
 from ..errors import NoConceptError
-from ..extract import localize_run
 from .args import add_config_args, config_from_args
 
 
@@ -26,6 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extract import localize_run
+
     # Cheap checks first: a bad option, image or output folder fails before the model loads.
     model_cfg = config_from_args(args, ModelConfig)
     loc_cfg = config_from_args(args, LocalizeConfig)

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..ui.session import DEFAULT_MAX_UPLOAD_MB, Studio, StudioConfig
 from .edit import add_model_flags, model_config
 
 HELP = "browser app: upload a photo, see and edit its concepts, train, generate, download (needs the [ui] extra)"
@@ -23,8 +22,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--workdir", type=Path, default=Path("outputs") / "ui",
                    help="where the app keeps one run folder per browser session (default outputs/ui)")
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest accepted upload in MB")
-    p.add_argument("--example", type=Path, default=StudioConfig.example,
+    # Unset = StudioConfig's default, applied in `run` (ui.session imports the library, so not at parse time).
+    p.add_argument("--max-upload-mb", type=float, default=None,
+                   help="largest accepted upload in MB (default: 20, StudioConfig.max_upload_mb)")
+    p.add_argument("--example", type=Path, default=None,
                    help="the example photo offered in the page (default: the repository's examples/coffee.jpg)")
     p.set_defaults(func=run)
     return p
@@ -37,16 +38,18 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise ConfigError("`conceptexpress ui` needs gradio: pip install 'conceptexpress[ui]'") from None
     from ..ui.app import build_app
+    from ..ui.session import Studio, StudioConfig
 
     model = model_config(args)
-    studio = Studio(StudioConfig(model=model, workdir=args.workdir, max_upload_mb=args.max_upload_mb,
-                                 example=args.example))
+    given = {"max_upload_mb": args.max_upload_mb, "example": args.example}
+    config = StudioConfig(model=model, workdir=args.workdir, **{k: v for k, v in given.items() if v is not None})
+    studio = Studio(config)
     studio.load()
     app = build_app(studio)
     print(f"conceptexpress ui: model {model.model} loaded; serving on http://{args.host}:{args.port}"
           f"{' (and a public share link)' if args.share else ''}; Ctrl-C stops")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, inbrowser=False,
-               max_file_size=int(args.max_upload_mb * 1e6), show_error=True, **launch_paths(studio))
+               max_file_size=int(config.max_upload_mb * 1e6), show_error=True, **launch_paths(studio))
     return 0
 
 

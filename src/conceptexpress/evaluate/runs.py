@@ -3,7 +3,8 @@
 A RUNS folder holds one run folder per photo. A run is evaluated when its manifest says ``"complete": true``, its
 source photo still exists with the hash the manifest records, and every token has a mask of the photo's size;
 any other folder is skipped with one warning line (and listed in ``summary.json``), so a dataset with a few
-failed photos still evaluates. A folder that is itself a run (has ``manifest.json``) is accepted as a dataset of
+failed photos still evaluates. When no run is left, nothing is skipped: the refusal is one error that says why
+(the run's own error when there was one run). A folder that is itself a run (has ``manifest.json``) is accepted as a dataset of
 one run. Hidden folders and the output folder are ignored.
 """
 
@@ -111,13 +112,16 @@ def discover_runs(
         evaluated (each also logged as a warning).
 
     Raises:
-        InputError: a RUNS folder does not exist, or no run at all can be evaluated.
+        InputError: a RUNS folder does not exist, or no run at all can be evaluated: the one candidate's own error
+            (e.g. RunFolderError for a manifest naming a file outside its folder), else one line with the reasons.
     """
     if isinstance(runs_dirs, str | Path) or not runs_dirs:
         raise InputError(f"pass at least one RUNS folder, got {runs_dirs!r}")
     excluded = {p.resolve() for p in exclude}
     runs: list[EvalRun] = []
     skipped: list[dict[str, str]] = []
+    errors: list[InputError] = []  # of the skipped candidates: re-raised when it is the only one
+    skip_lines: list[str] = []  # one line per skipped candidate, logged once some run is left to evaluate
     seen: set[Path] = set()
     for root in map(Path, runs_dirs):
         if not root.is_dir():
@@ -136,17 +140,25 @@ def discover_runs(
             seen.add(run.resolve())
             if not (run / RUN_MANIFEST).is_file():
                 reason = "no manifest.json (not a run, or the run did not finish)"
-                logger.warning("skipping %s: %s", run, reason)
                 skipped.append({"path": str(run), "reason": reason})
+                skip_lines.append(f"{run}: {reason}")
                 continue
             try:
                 runs.append(_check_run(run, label))
             except InputError as exc:
-                logger.warning("skipping %s", exc)
                 skipped.append({"path": str(run), "reason": str(exc)})
-    if not runs:
+                skip_lines.append(str(exc))  # names the run
+                errors.append(exc)
+    if not runs:  # a refusal, in one line: no "skipping" warning before it
         where = ", ".join(repr(str(p)) for p in runs_dirs)
+        if len(skipped) == 1 and errors:
+            raise errors[0]
+        if errors:
+            reasons = "; ".join(skip_lines[:3]) + ("; …" if len(skip_lines) > 3 else "")
+            raise InputError(f"no run to evaluate in {where}: {len(skipped)} run folders skipped ({reasons})")
         raise InputError(f"no finished run to evaluate in {where} (expected RUNS/<name>/manifest.json from `extract`)")
+    for line in skip_lines:
+        logger.warning("skipping %s", line)
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
         # Two RUNS folders with the same name: fall back to full paths so rows stay distinguishable.

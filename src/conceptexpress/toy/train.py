@@ -11,9 +11,9 @@ Two stages, each saved before the next starts (a rerun skips a finished stage):
    their spatial attention inside their object, and the [EOT] token (of the caption and of ``""``) towards the
    uniform distribution over the union of the objects; at the self-attention layers, each pixel towards the uniform
    distribution over its own region (object or background) — the properties that SD shows at scale and that the
-   method relies on (paper §3.2 Eq. 5–6 and §3.4). See docs/toy-world.md for why (run7).
+   method relies on (paper §3.2 Eq. 5–6 and §3.4). See benchmarks/results/toy/HISTORY.md for why (run7).
 
-Options tried in runs 2, 4 and 5 (docs/toy-world.md), off by default because the shipped run15 does not use them:
+Options tried in runs 2, 4 and 5 (benchmarks/results/toy/HISTORY.md), off by default because the shipped run15 does not use them:
 min-SNR-γ weighting of the ε loss (``min_snr``, Hang et al. 2023); a pool of ``data_pool`` scenes encoded once by the
 VAE (encoding every batch afresh is a large part of a step on a CPU), each step drawing its batch from the pool by a
 seeded permutation; a linear learning-rate decay (``decay_steps``); other UNet block widths (``channels``, run13).
@@ -308,7 +308,7 @@ def _attention_loss(store: list[torch.Tensor], scenes, targets, keep: torch.Tens
     """Cross-attention supervision, averaged over layers, samples and supervised tokens. A word token: −log(share of
     its spatial attention inside its object). The [EOT] token (target = the union of the objects): the same with
     ``eot_target="mass"`` (runs 1–6) — satisfied by attending to *one* object, which is what the trained models did
-    (docs/toy-world.md, run7) and what makes Eq. 5's filter drop every other object —, or with ``"uniform"`` (run7)
+    (benchmarks/results/toy/HISTORY.md, run7) and what makes Eq. 5's filter drop every other object —, or with ``"uniform"`` (run7)
     KL(u ‖ p), u the area-weighted uniform distribution over the union and p the token's attention normalized over
     the pixels: every object gets its share, as SD's [EOT] map covers all salient objects (paper §3.2)."""
     if eot_target not in ATTN_TARGETS:
