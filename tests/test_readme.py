@@ -16,7 +16,7 @@ import torch
 import conceptexpress
 import conceptexpress.config as config_module
 import conceptexpress.models.loading as loading_module
-from conceptexpress.io.run_folder import RunManifest
+from conceptexpress.io.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_the_in_memory_example_runs_as_written(pipe, tmp_path, monkeypatch, one_
     assert tokens.embeddings.shape[0] == loc.num_concepts == len(tokens.tokens)
     assert len(images) == 1 and len(images[0]) == 4
     assert len(pipe.tokenizer) == before  # generate() handed the pipeline back without the tokens
-    saved = RunManifest.read(tmp_path / "outputs" / "coffee-edited")
+    saved = RunFolder(tmp_path / "outputs" / "coffee-edited").read_manifest()
     assert saved.token_list == list(tokens.tokens) and os.path.isfile(tmp_path / "outputs/coffee-edited/concepts/c1.safetensors")
 
 
