@@ -290,7 +290,7 @@ class RunFolder:
             raise OutputError(
                 f"'{self.path}' holds an edited localization ({len(edits)} edits) made with other options; these "
                 "options would recompute it and lose the edits: rerun with the options it was made with (its "
-                "localization.json), or pass --overwrite to recompute it"
+                f"{self.LOCALIZATION}), or pass --overwrite to recompute it"
             )
         logger.warning("recomputing the edited localization in %s with other options (--overwrite): its edits are "
                        "dropped", self.path)
