@@ -83,7 +83,7 @@ def test_layers_point_one_way():
         ("io", "viz"),
         ("models", "attention", "localize", "learn", "sampler"),
         ("baselines",),
-        ("extract", "generate", "export", "learn.api", "io.run_edit"),
+        ("extract", "generate", "export", "learn.api", "localization_stage"),
         ("dataset", "evaluate", "locbench", "ui"),
         ("cli", "__main__"),
     ]
@@ -131,6 +131,27 @@ def test_localize_imports_neither_diffusers_nor_the_model_layer_even_inside_func
         for target, _in_function, line in info["imports"]
         if any(target == b or target.startswith(b + ".") for b in banned)
     ]
+    assert found == []
+
+
+def test_io_draws_no_pictures():
+    # io/ reads and writes files; the stage that makes a picture draws it (localization_stage: overlay, stages).
+    import ast
+
+    found = [
+        f"{module}:{line} {target}"
+        for module, info in _graph().scan(PACKAGE).items()
+        if module == "conceptexpress.io" or module.startswith("conceptexpress.io.")
+        for target, _in_function, line in info["imports"]
+        if target == "conceptexpress.viz"
+    ]
+    for path in sorted((PACKAGE / "io").glob("*.py")):  # PIL's drawing modules, however imported
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import | ast.ImportFrom) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names += [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.name}:{node.lineno} {n}" for n in names
+                      if n.startswith(("PIL.ImageDraw", "PIL.ImageFont"))]
     assert found == []
 
 

@@ -16,7 +16,7 @@ import torch
 import conceptexpress
 import conceptexpress.config as config_module
 import conceptexpress.models.loading as loading_module
-from conceptexpress.io.run_folder import RunManifest
+from conceptexpress.io.run_folder import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_the_in_memory_example_runs_as_written(pipe, tmp_path, monkeypatch, one_
     assert tokens.embeddings.shape[0] == loc.num_concepts == len(tokens.tokens)
     assert len(images) == 1 and len(images[0]) == 4
     assert len(pipe.tokenizer) == before  # generate() handed the pipeline back without the tokens
-    saved = RunManifest.read(tmp_path / "outputs" / "coffee-edited")
+    saved = RunFolder(tmp_path / "outputs" / "coffee-edited").read_manifest()
     assert saved.token_list == list(tokens.tokens) and os.path.isfile(tmp_path / "outputs/coffee-edited/concepts/c1.safetensors")
 
 
@@ -72,3 +72,25 @@ def test_merge_and_drop_return_new_localizations(pipe, image):
         loc.merge(0)
     with pytest.raises(ValueError):
         loc.drop(loc.num_concepts)
+
+
+def _listed_outputs() -> list[str]:
+    """The names README's "What `extract` writes" lists: the first word(s) of each entry line of its code block."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## What `extract` writes", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```\n(.*?)```", section, re.S)[0]
+    names = []
+    for line in block.splitlines()[1:]:  # the first line is the run folder itself
+        if not line.startswith("  ") or line.startswith("   "):  # a continuation of the line above
+            continue
+        entry = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]  # "loss.png, history.json", "masks/concept_01.png …"
+        names += [name.split()[0].split("/")[0] for name in entry.split(", ")]
+    return names
+
+
+def test_what_extract_writes_lists_exactly_the_run_folders_names():
+    listed = _listed_outputs()
+    by_stem = [RunFolder.SOURCE_STEM if name.startswith(RunFolder.SOURCE_STEM + ".") else name for name in listed]
+    assert sorted(by_stem) == sorted(RunFolder.EXTRACT_OUTPUTS), listed
+    assert len(by_stem) == len(set(by_stem))
+    assert RunFolder.source_name("photo.jpg") in listed  # the photo's copy as the README's example names it

@@ -27,7 +27,8 @@ _EXPORTS = {
     "generate_from_run": "conceptexpress.generate",
     "load_tokens_into": "conceptexpress.embeddings",
     "run_tokens": "conceptexpress.embeddings",
-    "RunManifest": "conceptexpress.io.run_folder",
+    "RunManifest": "conceptexpress.io.manifest",
+    "RunFolder": "conceptexpress.io.run_folder",
     "RuntimeConfig": "conceptexpress.config",
     "RunConfig": "conceptexpress.config",
     "SampleConfig": "conceptexpress.config",
@@ -36,8 +37,8 @@ _EXPORTS = {
     "Localization": "conceptexpress.localize.result",
     "localize_concepts": "conceptexpress.attention.localizer",
     "cluster_concepts": "conceptexpress.localize",
-    "save_localization": "conceptexpress.io.localization_files",
-    "read_localization": "conceptexpress.io.localization_files",
+    "save_localization": "conceptexpress.localization_stage",
+    "read_localization": "conceptexpress.io.run_folder",
     "ConceptExpressError": "conceptexpress.errors",
 }
 

@@ -20,7 +20,9 @@ import torch
 
 from .errors import InputError, RunFolderError
 from .export import read_token_file, split_embedding
-from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside
+from .io.checked import resolve_inside
+from .io.manifest import RunManifest
+from .io.run_folder import RunFolder, read_manifest
 from .models.family import ModelFamily, TextEncoderSpec, family_of
 
 __all__ = ["load_tokens_into", "read_token_embeddings", "run_tokens"]
@@ -31,7 +33,7 @@ TokenVectors = torch.Tensor | Sequence[torch.Tensor]
 
 # ----------------------------------------------------------------------------- reading a run
 def _token_file(run: Path, rel: str, token: str) -> Path:
-    path = resolve_inside(run, rel, source=run / RUN_MANIFEST)
+    path = resolve_inside(run, rel, source=run / RunFolder.MANIFEST)
     if path.suffix.lower() != ".safetensors":
         # Pickled embeddings (.bin/.pt) can run code on load; only safetensors files are read.
         raise RunFolderError(f"token {token!r}: file {rel!r} is not a .safetensors file; pickles are never loaded")
@@ -49,7 +51,7 @@ def _read_token_parts(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor
     for entry in manifest.tokens:
         token = entry["token"]
         path = _token_file(run, entry["file"], token)
-        parts = read_token_file(path, token, sha256=entry.get("sha256"), source=run / RUN_MANIFEST)
+        parts = read_token_file(path, token, sha256=entry.get("sha256"), source=run / RunFolder.MANIFEST)
         width = sum(p.shape[1] for p in parts)
         if dim is not None and width != dim:
             shape = (parts[0].shape[0], width)

@@ -50,7 +50,8 @@ from safetensors.torch import save as save_tensors
 
 from .errors import RunFolderError
 from .io.atomic import atomic_write_bytes
-from .io.run_folder import A1111_DIR, A1111_KEY, CONCEPTS_DIR, read_safetensors_checked
+from .io.checked import read_safetensors_checked
+from .io.run_folder import A1111_KEY, RunFolder
 from .models.family import FAMILIES
 
 __all__ = ["read_token_file", "split_embedding", "token_stem", "write_token_files"]
@@ -171,16 +172,16 @@ def write_token_files(
         raise ValueError(f"embeddings of {bad} contain NaN or infinity; refusing to export them")
 
     out = Path(out_dir)
-    (out / CONCEPTS_DIR).mkdir(parents=True, exist_ok=True)
+    (out / RunFolder.CONCEPTS_DIR).mkdir(parents=True, exist_ok=True)
     if len(keys) == 1:
-        (out / A1111_DIR).mkdir(parents=True, exist_ok=True)
+        (out / RunFolder.A1111_DIR).mkdir(parents=True, exist_ok=True)
     entries = []
     for i, (token, stem, emb) in enumerate(zip(tokens, stems, embeddings)):
         emb = emb.contiguous().clone()  # (V, D); safetensors refuses views that share storage
-        file = f"{CONCEPTS_DIR}/{stem}.safetensors"
+        file = f"{RunFolder.CONCEPTS_DIR}/{stem}.safetensors"
         meta = {"format": "pt", "token": token, "num_vectors": str(emb.shape[0])}
         if len(keys) == 1:
-            a1111_file = f"{A1111_DIR}/{stem}.safetensors"
+            a1111_file = f"{RunFolder.A1111_DIR}/{stem}.safetensors"
             data = save_tensors({token: emb}, metadata=meta)
             a1111_data = save_tensors({keys[0]: emb}, metadata={**meta, "name": stem})
             atomic_write_bytes(out / a1111_file, a1111_data)
@@ -201,7 +202,7 @@ def read_token_file(
 ) -> tuple[torch.Tensor, ...]:
     """One token's vectors from a token file: one ``(V, D_k)`` float32 CPU tensor per text encoder, in encoder order.
 
-    Reads (safetensors only, after :func:`~conceptexpress.io.run_folder.read_safetensors_checked`'s checks) a
+    Reads (safetensors only, after :func:`~conceptexpress.io.checked.read_safetensors_checked`'s checks) a
     multi-encoder file (``{clip_l, clip_g}``: two tensors, ordered as the family's encoders), or a single-encoder
     file holding ``(D,)`` or ``(V, D)`` under the token's key or under a single other key (``emb_params``), as
     diffusers also accepts.

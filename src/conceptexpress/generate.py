@@ -33,7 +33,9 @@ from .config import GenerateConfig, ModelConfig
 from .embeddings import run_tokens
 from .errors import ConfigError, InputError
 from .io.atomic import atomic_save_image, atomic_write_json, ensure_output_dir
-from .io.run_folder import RUN_MANIFEST, RunManifest, read_manifest, resolve_inside
+from .io.checked import resolve_inside
+from .io.manifest import RunManifest
+from .io.run_folder import RunFolder, read_manifest
 from .models import load_pipeline
 from .models.family import family_of
 from .sampler import build_scheduler, describe, using_scheduler
@@ -43,7 +45,6 @@ __all__ = [
     "prompt_slug", "run_model_config", "sampler_record", "text_embeddings",
 ]
 
-GENERATED_DIR = "generated"
 RECORD = "generation.json"
 # Angle-bracketed words are placeholders by convention (<c1>, <cat-toy>); one the run lacks is a typo.
 _TOKEN_LIKE = re.compile(r"<[A-Za-z0-9_.\-]+>")
@@ -296,7 +297,7 @@ def generate_from_run(
     manifest = read_manifest(run)
     tokens = manifest.token_list
     expanded = list(dict.fromkeys(expand_prompt(p, tokens) for p in prompts))  # duplicates would redo work
-    root = ensure_output_dir(out_dir if out_dir is not None else run / GENERATED_DIR)
+    root = ensure_output_dir(out_dir if out_dir is not None else run / RunFolder.GENERATED_DIR)
     model_cfg = run_model_config(manifest, model_options, run)
 
     # 2. Model and tokens.
@@ -355,7 +356,7 @@ def run_model_config(
         if run_dir is None:
             raise ConfigError("this run fine-tuned its own model (bas-ft): pass `run_dir` to find its pipeline folder")
         # relative to the run folder and never outside it (a tampered manifest must not load another model)
-        folder = resolve_inside(run_dir, manifest.base_model, source=Path(run_dir) / RUN_MANIFEST)
+        folder = resolve_inside(run_dir, manifest.base_model, source=Path(run_dir) / RunFolder.MANIFEST)
         if not folder.is_dir():
             raise InputError(f"the run's fine-tuned pipeline {str(folder)!r} is missing; the run folder is damaged")
         recorded = {"model": str(folder.resolve()), "single_file_config": None}

@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from conceptexpress.cli import main
 from conceptexpress.embeddings import read_token_embeddings
 from conceptexpress.errors import InputError, OutputError, RunFolderError
-from conceptexpress.io.localization_files import read_localization
 from conceptexpress.io.run_folder import (
     file_sha256,
+    read_localization,
     read_manifest,
     read_safetensors_checked,
     resolve_inside,

@@ -138,7 +138,7 @@ def _loc_manifest(out: Path) -> dict:
 
 
 def test_run_folder_round_trip(localized, tiny_sd2_dir, tmp_path):
-    from conceptexpress.io.run_edit import load_localization
+    from conceptexpress.localization_stage import load_localization
 
     fresh, _ = localized
     mode = fresh.clusters.clustering
@@ -241,7 +241,7 @@ def test_extract_with_other_options_keeps_an_edited_localization(tiny_sd2_dir, t
 def test_api_edit_and_cli_edit_give_identical_masks_and_centroids(tiny_sd2_dir, tmp_path, clustering, edit_args):
     """One rule: `loc.merge(0, 1)` / `loc.drop(1)` in a notebook and `conceptexpress edit --merge 1,2` / `--drop 2`
     give the same concepts, masks and centroids f_i (Eq. 6-7: what token learning reads) under either clustering."""
-    from conceptexpress.io.run_edit import load_localization
+    from conceptexpress.localization_stage import load_localization
 
     argv = ["-q", "localize", str(EXAMPLE), "--model", str(tiny_sd2_dir), "--out", str(tmp_path), "--device", "cpu"]
     assert main([*argv, "--clustering", clustering]) == 0

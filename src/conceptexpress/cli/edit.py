@@ -4,7 +4,7 @@ Concept numbers are the ones on the run's overlay (1-based) *before* this edit, 
 the edits apply as drop → merge → split → add. Merge and drop need no model; split and add recompute the image's
 self-attention with the run's recorded model and localization options (``--model``/``--device``/``--dtype``
 override them). The run's localization is rewritten atomically, the old one kept under ``RUN/backups/``
-(:mod:`conceptexpress.io.run_edit`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
+(:meth:`conceptexpress.io.run_folder.RunFolder.rewrite_localization`); ``conceptexpress extract IMAGE --out RUN`` then trains on the edited concepts.
 """
 
 from __future__ import annotations
@@ -71,16 +71,15 @@ def model_config(args: argparse.Namespace, base: dict | None = None):
 
 def run(args: argparse.Namespace) -> int:
     from ..io.images import load_image
-    from ..io.lock import run_lock
     from ..io.masks import read_mask
-    from ..io.run_edit import load_localization, rewrite_localization
-    from ..io.run_folder import file_sha256
+    from ..io.run_folder import RunFolder, file_sha256
+    from ..localization_stage import load_localization, rewrite_localization
     from ..localize.edit import apply_edits
 
     if not (args.merge or args.drop or args.split or args.add_mask):
         raise ConfigError("nothing to edit: give --merge, --drop, --split or --add-mask")
     masks = [read_mask(p) for p in args.add_mask]  # cheap checks before the lock and the model
-    with run_lock(args.run, wait=False):
+    with RunFolder(args.run).lock(wait=False):
         loc, manifest = load_localization(args.run)
         image_path = args.image or Path(manifest["image"])
         image = load_image(image_path)

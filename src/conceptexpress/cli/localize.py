@@ -25,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..extract import localize_run
+    from ..io.run_folder import RunFolder
+    from ..localization_stage import localize_run
 
     # Cheap checks first: a bad option, image or output folder fails before the model loads.
     model_cfg = config_from_args(args, ModelConfig)
@@ -36,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if loc.num_concepts == 0:
         raise NoConceptError(
             f"no salient concept found in {args.image!r} (every cluster failed the [EOT] filter); "
-            f"see {out / 'stages.png'}"
+            f"see {out / RunFolder.STAGES}"
         )
     print(f"found {loc.num_concepts} concepts in {args.image} -> {out}/ ({', '.join(manifest['masks'][:3])}"
-          f"{', …' if loc.num_concepts > 3 else ''}, overlay.png, stages.png, localization.json)")
+          f"{', …' if loc.num_concepts > 3 else ''}, {RunFolder.OVERLAY}, {RunFolder.STAGES}, {RunFolder.LOCALIZATION})")
     return 0

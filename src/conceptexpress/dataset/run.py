@@ -23,8 +23,9 @@ from ..config import LocalizeConfig, ModelConfig, RunConfig, TrainConfig, config
 from ..errors import ConfigError, OutputError
 from ..extract import extract
 from ..io.atomic import atomic_write_json, ensure_output_dir
+from ..io.checked import file_sha256
 from ..io.images import load_image
-from ..io.run_folder import CHECKPOINTS_DIR, LOCALIZATION_MANIFEST, RUN_MANIFEST, file_sha256
+from ..io.run_folder import RunFolder
 from ..learn.methods import get_method
 from ..models import load_pipeline
 from .shards import (
@@ -324,15 +325,15 @@ def _run_status(run: Path, image: Path, sha: str) -> tuple[str, dict[str, Any]]:
         OutputError: the folder holds a run (finished or not) of different image bytes, e.g. a photo of the
             same name from another folder written to the same ``--out``.
     """
-    manifest = _read_json(run / RUN_MANIFEST)
+    manifest = _read_json(run / RunFolder.MANIFEST)
     if manifest is not None and manifest.get("complete") is True:
         if manifest.get("image_sha256") != sha:
             raise _mismatch(run, image, str(manifest.get("image_sha256")), sha, "finished")
         return "finished", manifest
-    loc = _read_json(run / LOCALIZATION_MANIFEST)
+    loc = _read_json(run / RunFolder.LOCALIZATION)
     if loc is not None and loc.get("image_sha256") not in (None, sha):
         raise _mismatch(run, image, str(loc["image_sha256"]), sha, "half-finished")
-    return ("partial" if loc is not None or (run / CHECKPOINTS_DIR).is_dir() else "new"), {}
+    return ("partial" if loc is not None or (run / RunFolder.CHECKPOINTS_DIR).is_dir() else "new"), {}
 
 
 def _record(failures: list[dict[str, str]], failed: list[str], image: Path, run: Path, exc: BaseException) -> None:

@@ -17,7 +17,7 @@ from ..config import EvalConfig, ModelConfig
 from ..embeddings import run_tokens
 from ..errors import ConfigError
 from ..generate import generate, run_model_config, sampler_record
-from ..io.run_folder import file_sha256
+from ..io.checked import file_sha256
 from .cache import EVAL_DIR, GeneratedCache, cache_key, read_sam_cache, write_sam_cache
 from .progress import progress_bar
 from .runs import load_masks, load_source

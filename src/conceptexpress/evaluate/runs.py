@@ -18,8 +18,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..io.checked import file_sha256, resolve_inside
 from ..io.images import load_image
-from ..io.run_folder import RUN_MANIFEST, RunManifest, file_sha256, read_manifest, resolve_inside
+from ..io.manifest import RunManifest
+from ..io.run_folder import RunFolder, read_manifest
 
 __all__ = ["DEFAULT_METHOD", "EvalRun", "discover_runs", "load_masks", "load_source"]
 
@@ -56,7 +58,7 @@ def _check_run(run: Path, label: str) -> EvalRun:
     manifest = read_manifest(run)
     if isinstance(manifest.get("source_image"), str):
         # The photo's bytes inside the run folder (runs since the run-folder hardening): nothing outside is read.
-        image = resolve_inside(run, manifest["source_image"], source=run / RUN_MANIFEST)
+        image = resolve_inside(run, manifest["source_image"], source=run / RunFolder.MANIFEST)
     else:  # a run of an earlier version: the photo at its recorded path, used only if its SHA-256 still matches
         image = Path(str(manifest.get("image", "")))
     if not manifest.get("image") and not manifest.get("source_image") or not image.is_file():
@@ -126,7 +128,7 @@ def discover_runs(
     for root in map(Path, runs_dirs):
         if not root.is_dir():
             raise InputError(f"RUNS folder {str(root)!r} does not exist or is not a folder")
-        if (root / RUN_MANIFEST).is_file():
+        if (root / RunFolder.MANIFEST).is_file():
             candidates = [(root, root.resolve().name)]
         else:
             candidates = [
@@ -138,7 +140,7 @@ def discover_runs(
             if run.resolve() in seen:
                 continue
             seen.add(run.resolve())
-            if not (run / RUN_MANIFEST).is_file():
+            if not (run / RunFolder.MANIFEST).is_file():
                 reason = "no manifest.json (not a run, or the run did not finish)"
                 skipped.append({"path": str(run), "reason": reason})
                 skip_lines.append(f"{run}: {reason}")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..config import EvalConfig
 from ..generate import run_model_config
-from ..io.run_folder import versions
+from ..io.manifest import versions
 from .encoders import build_encoder
 from .metrics import compositional_similarity, identity_similarity, topk_correct
 from .progress import progress_bar

@@ -1,4 +1,5 @@
-"""Reading inputs and writing outputs: image loading and sizing (``images``), atomic file writes (``atomic``)."""
+"""Reading inputs and writing outputs: images (``images``), atomic writes (``atomic``), user masks (``masks``), and
+the run folder (``run_folder.RunFolder``: file names, checked reads, manifest, lock, localization files)."""
 
 from __future__ import annotations
 

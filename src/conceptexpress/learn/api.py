@@ -25,8 +25,8 @@ from ..embeddings import run_tokens
 from ..errors import ConfigError, NoConceptError
 from ..export import write_token_files
 from ..generate import generate
-from ..io.atomic import ensure_output_dir
-from ..io.run_folder import RUN_FORMAT, RUN_MANIFEST, RunManifest, token_names, versions
+from ..io.manifest import RunManifest, token_names
+from ..io.run_folder import RunFolder
 from ..localize.result import Localization
 from ..models.family import get_family
 from .methods import get_method
@@ -69,31 +69,25 @@ class LearnedTokens:
 
         ``base_model`` (hub id or path) is recorded so that ``generate`` can load the right model.
         """
-        out = ensure_output_dir(folder)
+        run = RunFolder(folder).create()
         dims = self.dims or (int(self.embeddings.shape[-1]),)
-        entries = write_token_files(out, list(self.tokens), self.embeddings, keys=get_family(self.family).export_keys,
-                                    dims=dims)
-        manifest = RunManifest.from_dict(
-            {
-                "format": RUN_FORMAT,
-                "method": self.method,
-                "base_model": base_model,
-                "family": self.family,
-                "tokens": entries,
-                "num_concepts": len(self.tokens),
-                "num_vectors": 1,
-                "embedding_dim": int(self.embeddings.shape[1]),
+        entries = write_token_files(run.path, list(self.tokens), self.embeddings,
+                                    keys=get_family(self.family).export_keys, dims=dims)
+        manifest = RunManifest.build(
+            entries,
+            method=self.method,
+            base_model=base_model,
+            family=self.family,
+            embedding_dim=int(self.embeddings.shape[1]),
+            config=config_dict(self.config),
+            entries={
                 "seed": self.config.seed,
                 "steps": len(self.history),
                 "sample_passes": self.sample_passes,
                 "final_loss": self.history[-1]["loss"] if self.history else None,
-                "config": config_dict(self.config),
-                "versions": versions(),
-                "complete": True,
             },
-            source=str(out / RUN_MANIFEST),
         )
-        manifest.write(out)
+        run.write_manifest(manifest)
         return manifest
 
 

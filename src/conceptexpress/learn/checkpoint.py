@@ -20,7 +20,7 @@ from safetensors.torch import save
 
 from ..errors import RunFolderError
 from ..io.atomic import atomic_write_bytes, atomic_write_json
-from ..io.run_folder import read_json_checked, read_safetensors_checked, resolve_inside
+from ..io.checked import read_json_checked, read_safetensors_checked, resolve_inside
 
 LATEST = "latest.json"
 PREVIOUS = "previous.json"  # the checkpoint before LATEST, used when LATEST's files are damaged

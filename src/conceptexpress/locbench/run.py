@@ -37,7 +37,7 @@ from conceptexpress.io.atomic import (
     ensure_output_dir,
 )
 from conceptexpress.io.images import upsample_masks
-from conceptexpress.io.run_folder import versions
+from conceptexpress.io.manifest import versions
 from conceptexpress.localize import cluster_concepts
 
 from ..baselines.clustering import finch_fixed_concepts, finch_levels, kmeans_concepts

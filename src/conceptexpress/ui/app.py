@@ -17,6 +17,7 @@ from PIL import Image
 from ..config import TrainConfig
 from ..errors import ConceptExpressError, InputError
 from ..io.images import load_image
+from ..io.run_folder import RunFolder
 from ..viz import concept_colors
 from .session import Session, Studio
 
@@ -183,7 +184,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 concepts: gr.AnnotatedImage(value=value, color_map=colours),
                 count: f"**{n} concept{'s' if n != 1 else ''}** found" + (f" (edits: {'; '.join(edits)})" if edits else ""),
                 select: gr.CheckboxGroup(choices=[str(i + 1) for i in range(n)], value=[]),
-                stages: Image.open(session.run / "stages.png"),
+                stages: Image.open(session.run / RunFolder.STAGES),
                 status: message,
             }
 

@@ -4,7 +4,7 @@
   localization swaps attention processors and training splices tokens, so two tabs must never share it at
   once; a tab that has to wait is told so.
 - Each session owns a run folder ``WORKDIR/runs/<random id>/`` (the same layout as ``conceptexpress extract``),
-  locked with :func:`conceptexpress.io.lock.run_lock` while it is written, so tabs never touch each other's runs.
+  locked with :meth:`RunFolder.lock <conceptexpress.io.run_folder.RunFolder.lock>` while it is written, so tabs never touch each other's runs.
 - The browser never names a path: photos arrive as uploads (size, type and the CLI's image checks apply) or as
   the built-in example, and downloads are zips the app writes under WORKDIR.
 """
@@ -26,14 +26,14 @@ from typing import Any
 from ..attention.localizer import ConceptLocalizer
 from ..config import LocalizeConfig, ModelConfig, RunConfig, TrainConfig
 from ..errors import ConceptExpressError, ConfigError, InputError
-from ..extract import SampleConfig, extract, localize_to_folder
+from ..extract import SampleConfig, extract
 from ..generate import GenerateConfig, expand_prompt, generate_from_run, prompt_folders
 from ..io.atomic import ensure_output_dir
+from ..io.checked import read_json_checked
 from ..io.images import load_image
-from ..io.lock import run_lock
-from ..io.run_edit import rewrite_localization
-from ..io.run_folder import LOCALIZATION_MANIFEST, read_json_checked, read_manifest
+from ..io.run_folder import RunFolder, read_manifest
 from ..learn.checkpoint import save_checkpoint
+from ..localization_stage import localize_to_folder, rewrite_localization
 from ..localize.edit import apply_edits
 from ..models import load_pipeline
 
@@ -43,8 +43,12 @@ DEFAULT_MAX_UPLOAD_MB = 20.0  # a 24 Mpx JPEG is ~10 MB; the pixel limit of io.i
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "coffee.jpg"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # What the downloaded zip holds (relative to the run folder): tokens in both formats, manifest, masks, pictures.
-ZIP_CONTENT = ("manifest.json", "concepts", "a1111", "masks", "localization.json", "localization.safetensors",
-               "overlay.png", "stages.png", "loss.png", "history.json", "samples", "generated")
+ZIP_CONTENT = (RunFolder.MANIFEST, RunFolder.CONCEPTS_DIR, RunFolder.A1111_DIR, RunFolder.MASKS_DIR, RunFolder.LOCALIZATION,
+               RunFolder.LOCALIZATION_TENSORS, RunFolder.OVERLAY, RunFolder.STAGES, RunFolder.LOSS_CURVE, RunFolder.HISTORY,
+               RunFolder.SAMPLES_DIR, RunFolder.GENERATED_DIR)
+# What a new photo removes from the tab's run folder (its pictures and masks are overwritten by the next localization).
+_CLEARED = (RunFolder.LOCALIZATION, RunFolder.MANIFEST, RunFolder.CHECKPOINTS_DIR, RunFolder.BACKUPS_DIR,
+            RunFolder.CONCEPTS_DIR, RunFolder.A1111_DIR, RunFolder.SAMPLES_DIR, RunFolder.GENERATED_DIR)
 
 
 class TrainingCancelled(Exception):
@@ -164,8 +168,7 @@ class Session:
     def _clear(self) -> None:
         self.loc = self.loc_manifest = self.attn = None
         self.train_config = None
-        for name in ("localization.json", "manifest.json", "checkpoints", "backups", "concepts", "a1111", "samples",
-                     "generated"):
+        for name in _CLEARED:
             p = self.run / name
             if p.is_dir():
                 shutil.rmtree(p)
@@ -188,7 +191,7 @@ class Session:
 
         self._require("localize")
         image = load_image(self.image_path)
-        with self.studio.using_model("localizing", on_wait) as pipe, run_lock(self.run):
+        with self.studio.using_model("localizing", on_wait) as pipe, RunFolder(self.run).lock():
             self._clear()
             manifest, loc = localize_to_folder(pipe, image, self.image_path, self.run, self.studio.config.model,
                                                self.studio.config.localize)
@@ -214,11 +217,11 @@ class Session:
         edited, done = apply_edits(self.loc, merge=[merge] if merge else [], drop=[drop] if drop else [],
                                    split=[split] if split else [], masks=[mask] if mask is not None else [],
                                    attn=self.attn)
-        with run_lock(self.run):
+        with RunFolder(self.run).lock():
             rewrite_localization(self.run, edited, image, self.loc_manifest, done)
-            shutil.rmtree(self.run / "checkpoints", ignore_errors=True)  # trained on the old concepts
+            shutil.rmtree(self.run / RunFolder.CHECKPOINTS_DIR, ignore_errors=True)  # trained on the old concepts
         self.loc = edited
-        self.loc_manifest = read_json_checked(self.run / LOCALIZATION_MANIFEST)
+        self.loc_manifest = read_json_checked(self.run / RunFolder.LOCALIZATION)
         self.train_config = None
         return done
 
@@ -227,7 +230,7 @@ class Session:
         """Train in a background thread (resuming this run's checkpoint when the config is the same)."""
         self._require("train")
         if self.train_config != config:
-            shutil.rmtree(self.run / "checkpoints", ignore_errors=True)  # other options: start over
+            shutil.rmtree(self.run / RunFolder.CHECKPOINTS_DIR, ignore_errors=True)  # other options: start over
         self.train_config = config
         job = TrainingJob(steps=config.steps)
         self.job = job
@@ -243,11 +246,11 @@ class Session:
             job.records.append(dict(record))
             job.status = f"step {record['step']}/{job.steps} · loss {record['loss']:.4f} · {record['phase']}"
             if job.cancel_requested.is_set():
-                save_checkpoint(self.run / "checkpoints", trainer.state())  # resumable from this very step
+                save_checkpoint(self.run / RunFolder.CHECKPOINTS_DIR, trainer.state())  # resumable from this very step
                 raise TrainingCancelled
 
         try:
-            with self.studio.using_model("training", on_wait) as pipe, run_lock(self.run):
+            with self.studio.using_model("training", on_wait) as pipe, RunFolder(self.run).lock():
                 if job.cancel_requested.is_set():  # cancelled while waiting for the model
                     raise TrainingCancelled
                 job.status = "training"
@@ -281,7 +284,7 @@ class Session:
         return [t["token"] for t in self._trained()["tokens"]]
 
     def _trained(self) -> dict[str, Any]:
-        if self.image_path is None or not (self.run / "manifest.json").is_file():
+        if self.image_path is None or not (self.run / RunFolder.MANIFEST).is_file():
             raise InputError("no trained tokens yet: train first")
         return read_manifest(self.run)
 
@@ -292,7 +295,7 @@ class Session:
         tokens = self.tokens()
         expanded = expand_prompt(prompt, tokens)
         config = GenerateConfig(n=int(n), steps=int(steps), seed=int(seed))
-        with self.studio.using_model("generating", on_wait) as pipe, run_lock(self.run):
+        with self.studio.using_model("generating", on_wait) as pipe, RunFolder(self.run).lock():
             root = generate_from_run(self.run, [expanded], config, pipe=pipe)  # hands the pipeline back as found
         folder = prompt_folders(root, [expanded])[0]
         return [str(p) for p in sorted(folder.glob("[0-9]*.png"))]
