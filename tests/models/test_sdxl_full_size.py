@@ -75,3 +75,29 @@ def test_random_pipeline_on_meta(tmp_path):
     assert (g.num_hidden_layers, g.num_attention_heads, g.intermediate_size, g.projection_dim) == (32, 20, 5120, 1280)
     assert pipe.text_encoder.config.num_hidden_layers == 12 and pipe.vae.config.scaling_factor == 0.13025
     assert round(sum(p.numel() for p in pipe.text_encoder_2.parameters()) / 1e6) == 695  # OpenCLIP bigG text
+
+
+def test_the_localization_capture_on_the_full_size_unet(unet):
+    """What the localization pass captures at 1024 px, through the real capture and accumulators: all 70
+    self-attention layers folded onto the 64×64 clustering grid (heads averaged as captured) and the 60
+    cross-attention layers at latent/4 = 32×32 for the [EOT] map."""
+    from types import SimpleNamespace
+
+    from conceptexpress.attention.aggregate import CrossAttentionAccumulator, SelfAttentionAccumulator
+    from conceptexpress.attention.capture import capture_attention
+    from conceptexpress.models.family import SDXL
+
+    grid = SDXL.clustering_grid(SimpleNamespace(unet=unet), (128, 128))
+    assert grid == (64, 64)
+    self_acc = SelfAttentionAccumulator(grid)
+    cross_acc = CrossAttentionAccumulator(grid, [1])
+    meta = dict(device="meta", dtype=torch.float16)
+    with torch.no_grad(), capture_attention(unet, (128, 128), self_attention=self_acc, cross_attention=cross_acc,
+                                            cross_downsample=SDXL.cross_attention_divisor,
+                                            head_chunk=SDXL.localize_head_chunk):
+        unet(torch.empty(1, 4, 128, 128, **meta), torch.tensor([0], device="meta"),
+             encoder_hidden_states=torch.empty(1, 77, 2048, **meta),
+             added_cond_kwargs={"text_embeds": torch.empty(1, 1280, **meta), "time_ids": torch.empty(1, 6, **meta)})
+    assert self_acc.num_layers == 70 and cross_acc.num_layers == 60
+    assert tuple(self_acc.result().shape) == (1, 64 * 64, 64 * 64)
+    assert tuple(cross_acc.result().shape) == (1, 1, 64, 64)

@@ -213,9 +213,10 @@ class CrossAttentionAccumulator:
                 f"resolution"
             )
         B, n_text = probs.shape[0], probs.shape[3]
-        idx = self.token_indices.to(probs.device)
+        idx = self.token_indices  # checked on the CPU: no device sync per layer (and it works on the meta device)
         if int(idx.max()) >= n_text or int(idx.min()) < -n_text:
             raise ValueError(f"`token_indices` {idx.tolist()} out of range for {n_text} text tokens")
+        idx = idx.to(probs.device)
         if idx.ndim == 2 and idx.shape[0] != B:
             raise ValueError(f"`token_indices` has {idx.shape[0]} rows but the batch has {B} elements")
         if not self.keep_grad:
