@@ -124,3 +124,21 @@ def test_extract_on_sd1_records_its_family(tiny_sd1_dir, tmp_path):
     for t in m["tokens"]:
         assert list(load_file(tmp_path / t["file"])) == [t["token"]]
         assert list(load_file(tmp_path / t["a1111_file"])) == ["emb_params"]
+
+
+def test_evaluate_on_the_sdxl_run(run, tmp_path):
+    """`evaluate` reads an SDXL run (its tokens go into both encoders, pooled at the end of text) and scores it."""
+    import shutil
+
+    from conceptexpress.evaluate.testing import save_tiny_eval_models
+
+    _, out = run
+    runs = tmp_path / "runs"
+    shutil.copytree(out, runs / "photo", ignore=shutil.ignore_patterns("generated"))
+    models = save_tiny_eval_models(tmp_path / "models")
+    code = main(["-q", "evaluate", str(runs), "--out", str(tmp_path / "eval"), "--clip", str(models["clip"]),
+                 "--dino", str(models["dino"]), "--sam", str(models["sam"]), "--images-per-concept", "1",
+                 "--compositional-images", "1", "--steps", "2", "--device", "cpu"])
+    assert code == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert "SIM^I" in json.dumps(summary)
