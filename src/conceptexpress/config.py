@@ -63,7 +63,8 @@ class ModelConfig:
     )
     # "auto" = cuda if available, else mps, else cpu.
     device: str = field(default="auto", metadata=_help("cuda, cuda:N, mps, cpu or auto", choices=None))
-    # "auto" = fp16 on cuda/mps, fp32 on cpu (half precision is slow and lossy on CPU).
+    # "auto" = bf16 on CUDA GPUs that support it (what token learning autocasts to: no second copy of the weights),
+    # else fp16 on cuda/mps; fp32 on cpu (half precision is slow and lossy on CPU).
     dtype: str = field(
         default="auto", metadata=_help("weights dtype", choices=("auto", "fp32", "fp16", "bf16"))
     )
@@ -264,9 +265,16 @@ class RuntimeConfig:
     not bit-for-bit.)
     """
 
-    # 4 is a guess for 8 GB GPUs at 512 px (not measured: no GPU was available); raise it on larger cards.
+    # 4 meets the memory targets with the family's checkpointing default (docs/scaling.md, simulated on the
+    # full-size architectures: SD 2.1 @ 512 6.2 GB, SDXL @ 1024 9.8 GB with bf16 weights and autocast).
     micro_batch: int = field(default=4, metadata=_help("prompts per UNet pass (memory); 0 = all prompts of a step at once"))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("UNet gradient checkpointing (less memory)"))
+    # None = the model family's default (models.family): off for SD 1.x/2.x, on for SDXL, whose 1024-px
+    # activations need 33 GB at micro-batch 4 without it (docs/scaling.md).
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata=_help("UNet gradient checkpointing (less memory, ~35 % more compute); default: the model family's "
+                       "(off for SD 1.x/2.x, on for SDXL)"),
+    )
     # "auto": on CUDA bf16 autocast where the GPU supports it, else fp16 autocast with dynamic loss scaling
     # (without scaling, fp16 token gradients underflow to zero); none on CPU and MPS. Token vectors stay fp32.
     mixed_precision: str = field(
@@ -281,7 +289,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         _need(_is_int(self.micro_batch) and self.micro_batch >= 0, self, "micro_batch", "an integer >= 0")
-        _need(isinstance(self.gradient_checkpointing, bool), self, "gradient_checkpointing", "true or false")
+        _need(self.gradient_checkpointing is None or isinstance(self.gradient_checkpointing, bool), self,
+              "gradient_checkpointing", "true, false or None (the model family's default)")
         _need(self.mixed_precision in ("auto", "no", "fp16", "bf16"), self, "mixed_precision", "auto, no, fp16 or bf16")
         _need(_is_int(self.checkpoint_every) and self.checkpoint_every >= 0, self, "checkpoint_every", "an integer >= 0")
 

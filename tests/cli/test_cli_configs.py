@@ -49,7 +49,7 @@ def test_every_command_is_registered_once_and_runs_its_module():
 def test_runtime_flags_build_a_runtime_config_not_the_train_config():
     args = build_parser().parse_args(["extract", "img.png", "--micro-batch", "2", "--no-gradient-checkpointing"])
     assert config_from_args(args, TrainConfig) == TrainConfig()
-    assert config_from_args(args, RuntimeConfig) == RuntimeConfig(micro_batch=2)
+    assert config_from_args(args, RuntimeConfig) == RuntimeConfig(micro_batch=2, gradient_checkpointing=False)  # the default is None: the family's
 
 
 def test_train_config_hands_runtime_keywords_to_its_runtime():

@@ -122,3 +122,12 @@ def test_token_gradient_matches_finite_differences(family_pipe):
             assert float(grad[:, cols].norm()) > 0, (name, cols)  # every encoder's part of the token trains
     finally:
         pipe.to(torch.float32)
+
+
+def test_gradient_checkpointing_defaults_to_the_familys(family_pipe):
+    """RuntimeConfig.gradient_checkpointing=None: on for SDXL (its 1024-px activations), off for SD 1.x/2.x; an explicit
+    value wins."""
+    name, pipe = family_pipe
+    assert _trainer(pipe).gradient_checkpointing is (name == "sdxl")
+    assert _trainer(pipe, gradient_checkpointing=False).gradient_checkpointing is False
+    assert _trainer(pipe, gradient_checkpointing=True).gradient_checkpointing is True

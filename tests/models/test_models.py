@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 
@@ -27,7 +29,12 @@ def test_dtype_choice(tiny_sd2_dir):
 
 def test_auto_dtype_and_device():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    # auto on CUDA: the dtype token learning autocasts to (bf16 where supported), so no second copy of the weights
+    with unittest.mock.patch("torch.cuda.is_bf16_supported", return_value=True):
+        assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with unittest.mock.patch("torch.cuda.is_bf16_supported", return_value=False):
+        assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("auto", torch.device("mps")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     if not torch.cuda.is_available():
         assert resolve_device("auto").type in ("cpu", "mps")

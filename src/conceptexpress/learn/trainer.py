@@ -157,6 +157,9 @@ class TokenTrainer:
         bases = [e.get_input_embeddings() for e in self.family.text_encoders(pipe)]
         toks = self.family.tokenizers(pipe)
         self.dims = tuple(b.embedding_dim for b in bases)  # each encoder's part of a token vector
+        # None: the family's default (on for SDXL at 1024 px, off for SD 1.x/2.x).
+        ckpt = self.runtime.gradient_checkpointing
+        self.gradient_checkpointing = self.family.gradient_checkpointing if ckpt is None else ckpt
         # (g·N, ΣD) float32: one vector per token, concatenated over the family's text encoders (SDXL: 768 + 1280).
         self.vectors = torch.nn.Parameter(self._initial_vectors(bases, toks).to(self.device))
         self.optimizer = torch.optim.AdamW(
@@ -226,7 +229,7 @@ class TokenTrainer:
         if resume and checkpoint_dir is not None:
             self._resume(checkpoint_dir)
         unet = self.pipe.unet
-        if rt.gradient_checkpointing:
+        if self.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         try:
             with spliced_tokens(self.family.text_encoders(self.pipe), self.vectors) as wrapper:
@@ -246,7 +249,7 @@ class TokenTrainer:
                         callback(self, record)
         finally:
             self._wrapper = None
-            if rt.gradient_checkpointing:
+            if self.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
         return TrainResult(
             embeddings=self.embeddings(),

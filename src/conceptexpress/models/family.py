@@ -98,6 +98,7 @@ class ModelFamily:
         guidance: default classifier-free guidance of ``generate``.
         single_file_config: hub id whose configs describe an original-layout single-file checkpoint.
         localize_head_chunk: heads per chunk in the localization pass (None: all at once).
+        gradient_checkpointing: token learning checkpoints the UNet unless the user says otherwise.
     """
 
     name: str
@@ -112,6 +113,9 @@ class ModelFamily:
     # The localization pass averages heads as it captures them, this many at a time (None: all heads at once,
     # as for SD 1.x/2.x). SDXL at 1024 px: a 64² layer's 10 heads would be 10 × 4096² probabilities.
     localize_head_chunk: int | None = None
+    # Token learning's default (RuntimeConfig.gradient_checkpointing=None): on where the activations of a
+    # micro-batch would not fit a 16-GB budget without it (docs/scaling.md).
+    gradient_checkpointing: bool = False
     export_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -260,6 +264,7 @@ SDXL = ModelFamily(
     guidance=5.0,
     single_file_config="stabilityai/stable-diffusion-xl-base-1.0",
     localize_head_chunk=1,
+    gradient_checkpointing=True,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL)}
 SUPPORTED = "SD 1.x, SD 2.x and SDXL base (text-to-image, 4-channel UNet)"
