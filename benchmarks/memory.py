@@ -404,7 +404,7 @@ def run_train_step(pipe, resolution: int, runtime, *, merged: bool, live: LiveBy
 
 
 def measure_train_step(pipe, image, work_size, masks, centroids, config, runtime, *, live: LiveBytes,
-                       merged: bool = False) -> dict:
+                       merged: bool = False, flop_counter=FlopCounter) -> dict:
     """Build a trainer and run ``train()`` for the last step of ``config`` (the first merged step when ``merged``):
     ``{init_peak_gb, step_peak_gb, flops, prompts}``. Real or fake tensors alike."""
     from conceptexpress.learn.trainer import TokenTrainer
@@ -416,7 +416,7 @@ def measure_train_step(pipe, image, work_size, masks, centroids, config, runtime
     live.reset_peak()
     if merged:
         trainer.step = config.merge_step
-    with FlopCounter() as flops, live:
+    with flop_counter() as flops, live:
         trainer.train()
     out = {"init_peak_gb": init_peak / GIB, "step_peak_gb": live.peak / GIB, "flops": flops.get_total_flops(),
            "prompts": trainer.history[-1]["prompts"]}
