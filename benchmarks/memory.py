@@ -2,13 +2,14 @@
 
 Runs the package's real code — one ``TokenTrainer.train_step()`` (through ``TokenTrainer.train`` with one step)
 and one ``ConceptLocalizer.attention`` pass — on the full-size architectures (SD 2.1-base at 512 px, SDXL base at
-1024 px) under ``torch._subclasses.fake_tensor.FakeTensorMode``: every tensor has its real shape, dtype and
-device but no storage, so nothing is computed and a 2.6 B-parameter UNet costs no memory. Two dispatch modes watch
-every ATen op: ``torch.utils.flop_counter.FlopCounterMode`` counts FLOPs, :class:`LiveBytes` counts the bytes of
-the live device storages (each storage once, freed when its last tensor dies) and keeps the peak. Prints one
-JSON row per setting::
+1024 px, both from ``conceptexpress.testing``'s builders on the meta device) under
+``torch._subclasses.fake_tensor.FakeTensorMode``: every tensor has its real shape, dtype and device but no storage,
+so nothing is computed and a 2.6 B-parameter UNet costs no memory. Two dispatch modes watch every ATen op:
+:class:`FlopCounter` (``torch.utils.flop_counter.FlopCounterMode`` without its per-module tracking, 9) counts
+FLOPs, :class:`LiveBytes` counts the bytes of the live device storages (each storage once, freed when its last
+tensor dies) and keeps the peak. Prints one JSON row per setting::
 
-    {model, resolution, stage, precision, micro_batch, checkpointing, peak_gb, tflop_per_step,
+    {model, resolution, weights, stage, precision, micro_batch, checkpointing, peak_gb, tflop_per_step,
      est_h100_s_per_image, ...}
 
 ``peak_gb`` is GiB (2**30 bytes) of live tensors: what ``torch.cuda.max_memory_allocated`` would report. A card
@@ -21,9 +22,11 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
    ``torch.amp.GradScaler("cuda")`` are enabled although this torch build has no CUDA (their availability checks
    are patched), so CUDA autocast's op lists apply (e.g. group/layer norm outputs in fp32) and the trainer takes
    its CUDA branches (batched Sinkhorn EMD instead of POT's exact EMD; fp16 loss scaling).
-2. **Weights as a user loads them with ``--dtype fp16``**: UNet, text encoder(s) and VAE in fp16 for every row,
-   also the bf16 rows (bf16 autocast then casts each weight per call, transiently, as it would on a GPU). SDXL's
-   VAE is held in fp32 (``force_upcast``: it overflows in fp16). Token vectors and their AdamW state are fp32.
+2. **Weights as** ``load_pipeline(..., dtype=--weights)`` **leaves them** (default fp16 = ``--dtype fp16``): UNet,
+   text encoder(s) and VAE in that dtype, except an fp16 SDXL's VAE, kept in fp32 (``keep_vae_fp32``: it
+   overflows in fp16). Autocast (``precision``) in another dtype than the weights (bf16 autocast on fp16 weights)
+   casts each weight per call, as it would on a GPU, and the cast copies are saved for the backward. Token
+   vectors and their AdamW state are fp32.
 3. **Flash attention.** diffusers' default processor calls ``F.scaled_dot_product_attention``; on an H100 with
    fp16/bf16 and head size 64 that is the flash kernel (no (q, k) matrix), so it is replaced by
    ``aten._scaled_dot_product_flash_attention`` (+ its backward) here — the CPU build would fall back to the math
@@ -34,7 +37,8 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
    tensors: :class:`LiveBytes` answers them (True, 1) so that control flow takes the ordinary path (no overflow, no
    clipping). No memory depends on those values.
 5. **Trainer parts patched at run time** (``src/`` is untouched): ``TokenTrainer._initial_vectors`` (draws
-   vocabulary rows with ``nonzero``, whose output shape depends on data) returns fp32 zeros of the same shape, and
+   vocabulary rows with ``nonzero``, whose output shape depends on data) returns fp32 zeros of the same shape
+   (g·N, ΣD: SDXL's 768 + 1280), and
    ``TokenTrainer._make_fingerprint`` (hashes tensors' bytes) returns a constant. Neither runs in the step.
 6. **Cost of one image** (DESIGN §9): 500 steps, N = 3 concepts, g = 5: 100 split steps of g·N = 15 prompts and
    400 merged steps of N + 1 = 4 prompts (3,100 sample-passes), plus one localization pass.
@@ -46,23 +50,24 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
 7. **Peak** = max over the trainer's construction (VAE encode of the photo, ``init_peak_gb``) and the split-phase
    step (``step_peak_gb``): the split step has the most prompts per micro-batch (min(micro_batch, 15)), so the
    merged phase (min(micro_batch, 4)) never needs more.
-8. **SDXL.** The SDXL architecture is built here from DESIGN §9's facts (TODO: switch to
-   ``conceptexpress.testing.sdxl_random_pipeline`` once it lands). SDXL rows run the same code path as SD 2.1
-   (``TokenTrainer``, ``ConceptLocalizer.attention``) as soon as those accept an SDXL pipeline; until then the
-   trainer or localizer raises and the row comes from a proxy that mirrors them with the package's own pieces
-   (``ModelFamily.encode`` with both encoders spliced, pooled embedding and time ids, the same capture,
-   masked ε-MSE and batched EMD) and says so: ``"stage": "unet_step_proxy"`` / ``"localize_proxy"`` with the
-   trainer's or localizer's error in ``"proxy_reason"``.
+8. **Concepts on the localizer's grid**: three rectangles on ``family.clustering_grid`` (SD 2.1: the 64×64
+   latent; SDXL: 64×64 = latent/2, which the trainer up-samples to the 128×128 latent), as ``extract`` passes them.
+9. **FLOPs without module tracking.** ``FlopCounterMode`` attributes FLOPs to modules with a ``ModuleTracker``
+   that hooks every module's input and output tensors and keeps the handles; under gradient checkpointing the
+   recomputed forward's tensors got such hooks too and stayed alive until the step ended, so a checkpointed step
+   read a higher peak than an unchecked one (SD 2.1 @ 512, fp16, micro-batch 4: 9.35 vs 6.19 GiB). A real GPU
+   run has no such tracker. :class:`FlopCounter` counts the same totals without it (checked in
+   ``tests/benchmarks/test_memory_counter.py``, which also checks the checkpointed peak on fake vs real tensors).
 
-    PYTHONPATH=src python benchmarks/memory.py                  # both models, the full grid (~15 min on 2 cores)
-    PYTHONPATH=src python benchmarks/memory.py --models sd21 --precisions bf16 --micro-batches 4
+    PYTHONPATH=src python benchmarks/memory.py                  # both models, the full grid (about an hour on 2 cores)
+    PYTHONPATH=src python benchmarks/memory.py --models sd21 --precisions bf16 --micro-batches 4 --weights bf16
+    PYTHONPATH=src python benchmarks/memory.py --models sdxl --no-localize --merged-tflop 59.5 79.2  # reuse FLOPs
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import tempfile
