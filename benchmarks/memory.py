@@ -61,7 +61,7 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
 
     PYTHONPATH=src python benchmarks/memory.py                  # both models, the full grid (about an hour on 2 cores)
     PYTHONPATH=src python benchmarks/memory.py --models sd21 --precisions bf16 --micro-batches 4 --weights bf16
-    PYTHONPATH=src python benchmarks/memory.py --models sdxl --no-localize --merged-tflop 59.5 79.2  # reuse FLOPs
+    PYTHONPATH=src python benchmarks/memory.py --models sdxl --no-localize --merged-tflop 59.5 80.35  # reuse FLOPs
 """
 
 from __future__ import annotations
