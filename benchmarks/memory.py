@@ -2,13 +2,14 @@
 
 Runs the package's real code — one ``TokenTrainer.train_step()`` (through ``TokenTrainer.train`` with one step)
 and one ``ConceptLocalizer.attention`` pass — on the full-size architectures (SD 2.1-base at 512 px, SDXL base at
-1024 px) under ``torch._subclasses.fake_tensor.FakeTensorMode``: every tensor has its real shape, dtype and
-device but no storage, so nothing is computed and a 2.6 B-parameter UNet costs no memory. Two dispatch modes watch
-every ATen op: ``torch.utils.flop_counter.FlopCounterMode`` counts FLOPs, :class:`LiveBytes` counts the bytes of
-the live device storages (each storage once, freed when its last tensor dies) and keeps the peak. Prints one
-JSON row per setting::
+1024 px, both from ``conceptexpress.testing``'s builders on the meta device) under
+``torch._subclasses.fake_tensor.FakeTensorMode``: every tensor has its real shape, dtype and device but no storage,
+so nothing is computed and a 2.6 B-parameter UNet costs no memory. Two dispatch modes watch every ATen op:
+:class:`FlopCounter` (``torch.utils.flop_counter.FlopCounterMode`` without its per-module tracking, 9) counts
+FLOPs, :class:`LiveBytes` counts the bytes of the live device storages (each storage once, freed when its last
+tensor dies) and keeps the peak. Prints one JSON row per setting::
 
-    {model, resolution, stage, precision, micro_batch, checkpointing, peak_gb, tflop_per_step,
+    {model, resolution, weights, stage, precision, micro_batch, checkpointing, peak_gb, tflop_per_step,
      est_h100_s_per_image, ...}
 
 ``peak_gb`` is GiB (2**30 bytes) of live tensors: what ``torch.cuda.max_memory_allocated`` would report. A card
@@ -21,9 +22,11 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
    ``torch.amp.GradScaler("cuda")`` are enabled although this torch build has no CUDA (their availability checks
    are patched), so CUDA autocast's op lists apply (e.g. group/layer norm outputs in fp32) and the trainer takes
    its CUDA branches (batched Sinkhorn EMD instead of POT's exact EMD; fp16 loss scaling).
-2. **Weights as a user loads them with ``--dtype fp16``**: UNet, text encoder(s) and VAE in fp16 for every row,
-   also the bf16 rows (bf16 autocast then casts each weight per call, transiently, as it would on a GPU). SDXL's
-   VAE is held in fp32 (``force_upcast``: it overflows in fp16). Token vectors and their AdamW state are fp32.
+2. **Weights as** ``load_pipeline(..., dtype=--weights)`` **leaves them** (default fp16 = ``--dtype fp16``): UNet,
+   text encoder(s) and VAE in that dtype, except an fp16 SDXL's VAE, kept in fp32 (``keep_vae_fp32``: it
+   overflows in fp16). Autocast (``precision``) in another dtype than the weights (bf16 autocast on fp16 weights)
+   casts each weight per call, as it would on a GPU, and the cast copies are saved for the backward. Token
+   vectors and their AdamW state are fp32.
 3. **Flash attention.** diffusers' default processor calls ``F.scaled_dot_product_attention``; on an H100 with
    fp16/bf16 and head size 64 that is the flash kernel (no (q, k) matrix), so it is replaced by
    ``aten._scaled_dot_product_flash_attention`` (+ its backward) here — the CPU build would fall back to the math
@@ -34,7 +37,8 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
    tensors: :class:`LiveBytes` answers them (True, 1) so that control flow takes the ordinary path (no overflow, no
    clipping). No memory depends on those values.
 5. **Trainer parts patched at run time** (``src/`` is untouched): ``TokenTrainer._initial_vectors`` (draws
-   vocabulary rows with ``nonzero``, whose output shape depends on data) returns fp32 zeros of the same shape, and
+   vocabulary rows with ``nonzero``, whose output shape depends on data) returns fp32 zeros of the same shape
+   (g·N, ΣD: SDXL's 768 + 1280), and
    ``TokenTrainer._make_fingerprint`` (hashes tensors' bytes) returns a constant. Neither runs in the step.
 6. **Cost of one image** (DESIGN §9): 500 steps, N = 3 concepts, g = 5: 100 split steps of g·N = 15 prompts and
    400 merged steps of N + 1 = 4 prompts (3,100 sample-passes), plus one localization pass.
@@ -46,23 +50,24 @@ Assumptions (each chosen to be what the real code would allocate on a CUDA GPU):
 7. **Peak** = max over the trainer's construction (VAE encode of the photo, ``init_peak_gb``) and the split-phase
    step (``step_peak_gb``): the split step has the most prompts per micro-batch (min(micro_batch, 15)), so the
    merged phase (min(micro_batch, 4)) never needs more.
-8. **SDXL.** The SDXL architecture is built here from DESIGN §9's facts (TODO: switch to
-   ``conceptexpress.testing.sdxl_random_pipeline`` once it lands). SDXL rows run the same code path as SD 2.1
-   (``TokenTrainer``, ``ConceptLocalizer.attention``) as soon as those accept an SDXL pipeline; until then the
-   trainer or localizer raises and the row comes from a proxy that mirrors them with the package's own pieces
-   (``ModelFamily.encode`` with both encoders spliced, pooled embedding and time ids, the same capture,
-   masked ε-MSE and batched EMD) and says so: ``"stage": "unet_step_proxy"`` / ``"localize_proxy"`` with the
-   trainer's or localizer's error in ``"proxy_reason"``.
+8. **Concepts on the localizer's grid**: three rectangles on ``family.clustering_grid`` (SD 2.1: the 64×64
+   latent; SDXL: 64×64 = latent/2, which the trainer up-samples to the 128×128 latent), as ``extract`` passes them.
+9. **FLOPs without module tracking.** ``FlopCounterMode`` attributes FLOPs to modules with a ``ModuleTracker``
+   that hooks every module's input and output tensors and keeps the handles; under gradient checkpointing the
+   recomputed forward's tensors got such hooks too and stayed alive until the step ended, so a checkpointed step
+   read a higher peak than an unchecked one (SD 2.1 @ 512, fp16, micro-batch 4: 9.35 vs 6.19 GiB). A real GPU
+   run has no such tracker. :class:`FlopCounter` counts the same totals without it (checked in
+   ``tests/benchmarks/test_memory_counter.py``, which also checks the checkpointed peak on fake vs real tensors).
 
-    PYTHONPATH=src python benchmarks/memory.py                  # both models, the full grid (~15 min on 2 cores)
-    PYTHONPATH=src python benchmarks/memory.py --models sd21 --precisions bf16 --micro-batches 4
+    PYTHONPATH=src python benchmarks/memory.py                  # both models, the full grid (about an hour on 2 cores)
+    PYTHONPATH=src python benchmarks/memory.py --models sd21 --precisions bf16 --micro-batches 4 --weights bf16
+    PYTHONPATH=src python benchmarks/memory.py --models sdxl --no-localize --merged-tflop 59.5 80.35  # reuse FLOPs
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 import tempfile
@@ -142,6 +147,33 @@ class LiveBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self.track(out)
         return out
+
+
+class _NoModuleTracking:
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+class FlopCounter(FlopCounterMode):
+    """``torch.utils.flop_counter.FlopCounterMode`` (same registry, same dispatch and decomposition rules) without
+    its per-module attribution, which would distort :class:`LiveBytes`' peak under gradient checkpointing.
+
+    FlopCounterMode's ``ModuleTracker`` registers a multi-grad hook on the tensors entering and leaving every
+    module and keeps the handles until it exits. Under ``torch.utils.checkpoint`` the checkpointed blocks run a
+    second time inside the backward; those recomputed tensors get hooks too, hooks that never fire, and the
+    handles hold the recomputed activations until the step ends — on the tiny pipeline the checkpointed step
+    then peaked at 22.5 MB instead of 10.9 MB (without checkpointing 16.7 MB either way;
+    ``tests/benchmarks/test_memory_counter.py``). Totals only: ``get_total_flops()``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _NoModuleTracking()
 
 
 # ---------------------------------------------------------------------------------------------- CUDA pretence
@@ -276,74 +308,22 @@ def simulation(cuda_like: bool = True) -> Iterator[tuple[FakeTensorMode, LiveByt
 
 
 # ---------------------------------------------------------------------------------------------- architectures
-def sdxl_unet_config() -> dict:
-    """UNet2DConditionModel config of SDXL base 1.0 (DESIGN §9; 2.57 B parameters).
-
-    TODO: use ``conceptexpress.testing.sdxl_unet_config`` once it lands on main.
-    """
-    return dict(
-        sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(5, 10, 20),
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        use_linear_projection=True,
-        norm_num_groups=32,
-        norm_eps=1e-5,
-        act_fn="silu",
-        flip_sin_to_cos=True,
-        freq_shift=0,
-    )
-
-
-def _vae(scaling_factor: float, force_upcast: bool):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        latent_channels=4, norm_num_groups=32, sample_size=1024 if force_upcast else 512,
-        scaling_factor=scaling_factor, force_upcast=force_upcast,
-    )
-
-
-def _clip(hidden: int, layers: int, heads: int, inter: int, proj: int, *, with_projection: bool, act: str):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    # bos/eos: the special-token ids of conceptexpress.testing's generated tokenizer (vocabulary stays 49408).
-    return cls(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, max_position_embeddings=77, projection_dim=proj, hidden_act=act,
-        bos_token_id=512, eos_token_id=513, pad_token_id=1,
-    ))
-
-
 def build_pipeline(model: str, tok_dir: Path, weights: torch.dtype = torch.float16):
-    """The full-size ``sd21`` or ``sdxl`` pipeline on the meta device (no memory, seconds), frozen and in eval mode.
+    """The full-size ``sd21`` or ``sdxl`` pipeline on the meta device (no memory, seconds), frozen and in eval mode,
+    with ``weights`` as ``load_pipeline(..., dtype=weights)`` leaves them (an fp16 SDXL keeps its VAE in fp32).
 
     :func:`to_fake_device` then gives it fake weights on the pretended CUDA device.
     """
-    with torch.device("meta"):
-        pipe = _build_pipeline(model, tok_dir, weights)
-    if model == "sdxl":  # a scheduler's tables are real data, built off the meta device
-        from diffusers import EulerDiscreteScheduler
+    from conceptexpress.models.loading import frozen_pipeline, keep_vae_fp32
+    from conceptexpress.testing import _pipeline, _sd21_modules, sdxl_random_pipeline, write_clip_tokenizer
 
-        pipe.scheduler = EulerDiscreteScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-        )
-    pipe.set_progress_bar_config(disable=True)
-    for m in pipeline_modules(pipe):
-        m.requires_grad_(False)
-        m.eval()
+    if model == "sd21":
+        with torch.device("meta"):
+            modules = _sd21_modules(0, weights)
+        return frozen_pipeline(_pipeline(*modules, write_clip_tokenizer(tok_dir / "sd2", pad_style="sd2")), "meta")
+    pipe = sdxl_random_pipeline(tok_dir / "sdxl", device="meta", dtype=weights)
+    if weights == torch.float16:  # load_pipeline's rule: SDXL's VAE overflows in fp16
+        keep_vae_fp32(pipe.vae)
     return pipe
 
 
@@ -365,29 +345,6 @@ def to_fake_device(modules, device: torch.device = DEVICE) -> None:
             for name, b in list(sub._buffers.items()):
                 if b is not None:
                     sub._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
-
-
-def _build_pipeline(model: str, tok_dir: Path, weights: torch.dtype):
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    from conceptexpress.testing import _pipeline, _sd21_modules, write_clip_tokenizer
-
-    if model == "sd21":
-        unet, vae, text_encoder = _sd21_modules(0, weights)
-        return _pipeline(unet, vae, text_encoder, write_clip_tokenizer(tok_dir / "sd2", pad_style="sd2"))
-    unet = UNet2DConditionModel(**sdxl_unet_config()).to(weights)
-    vae = _vae(0.13025, force_upcast=True).float()  # fp32: SDXL's VAE overflows in fp16
-    te1 = _clip(768, 12, 12, 3072, 768, with_projection=False, act="quick_gelu").to(weights)
-    te2 = _clip(1280, 32, 20, 5120, 1280, with_projection=True, act="gelu").to(weights)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2,
-        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(tok_dir / "l", pad_style="sd1")),
-        tokenizer_2=CLIPTokenizer.from_pretrained(write_clip_tokenizer(tok_dir / "g", pad_style="sd2")),
-        unet=unet,
-        scheduler=None,
-    )
-    return pipe
 
 
 def resolution_of(model: str) -> int:
@@ -414,32 +371,6 @@ def localize_pass(pipe, resolution: int) -> str:
     return _localizer_cls()(pipe).attention(photo(resolution)) and "localize"
 
 
-def localize_proxy(pipe, resolution: int) -> str:
-    """SDXL localization as DESIGN §9 describes it, with the package's pieces (until the localizer takes SDXL):
-    VAE encode (fp32), both encoders on "", one UNet pass capturing every self-attention layer into a 64×64
-    accumulator (the finest grid) and the [EOT] cross-attention at latent/4."""
-    from conceptexpress.attention.aggregate import CrossAttentionAccumulator, SelfAttentionAccumulator
-    from conceptexpress.attention.capture import capture_attention
-    from conceptexpress.io.images import image_to_tensor
-    from conceptexpress.models.family import SDXL
-
-    with torch.no_grad():
-        pixels = image_to_tensor(photo(resolution), (resolution, resolution)).to(DEVICE, pipe.vae.dtype)
-        latent = (pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor).to(pipe.unet.dtype)
-        hw = (latent.shape[-2], latent.shape[-1])
-        ids = SDXL.tokenize(pipe, [""])
-        cond = SDXL.encode(pipe, ids, time_ids=SDXL.micro_conditioning((resolution,) * 2, (resolution,) * 2))
-        eot = 1  # "" tokenizes to [BOS, EOT, pad, ...] in both tokenizers
-        self_acc = SelfAttentionAccumulator((hw[0] // 2, hw[1] // 2))
-        cross_acc = CrossAttentionAccumulator(hw, [eot])
-        t = torch.zeros(1, dtype=torch.long, device=DEVICE)
-        with capture_attention(pipe.unet, hw, self_attention=self_acc, cross_attention=cross_acc):
-            pipe.unet(latent, t, **SDXL.unet_kwargs(cond))
-        self_acc.result()[0].float().cpu()
-        cross_acc.result()[0, 0].float().cpu()
-    return "localize_proxy"
-
-
 def concept_layout(latent: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Three rectangular concepts on a (latent, latent) grid: masks (3, h, w) bool, centroids (3, h·w) float32."""
     masks = torch.zeros(CONCEPTS, latent, latent, dtype=torch.bool)
@@ -455,75 +386,42 @@ def trainer_patches() -> Iterator[None]:
     """The two data-dependent helpers of the trainer's constructor (module docstring, 5)."""
     from conceptexpress.learn.trainer import TokenTrainer
 
-    def zeros(self, base, tok):
-        return torch.zeros(self.n * self.g, base.embedding_dim, dtype=torch.float32)
+    def zeros(self, bases, toks):
+        return torch.zeros(self.n * self.g, sum(b.embedding_dim for b in bases), dtype=torch.float32)
 
     with mock.patch.object(TokenTrainer, "_initial_vectors", zeros), \
             mock.patch.object(TokenTrainer, "_make_fingerprint", lambda self, image: "simulated"):
         yield
 
 
-def _sdxl_proxy_trainer():
-    """``TokenTrainer`` with SDXL's conditioning in its ``_denoise`` seam (module docstring, 8): both encoders
-    spliced (a 768-d and a 1280-d vector per token, per-prompt copies with gradient), context through
-    ``ModelFamily.encode`` (penultimate states, pooled end-of-text embedding of encoder 2), time ids of the photo."""
-    from conceptexpress.learn.tokens import spliced_tokens
-    from conceptexpress.learn.trainer import TokenTrainer
-    from conceptexpress.models.family import SDXL
-
-    class SDXLProxyTrainer(TokenTrainer):
-        def train(self, *args, **kwargs):
-            d2 = self.pipe.text_encoder_2.get_input_embeddings().embedding_dim
-            self.vectors_2 = torch.nn.Parameter(torch.zeros(self.vectors.shape[0], d2, device=self.device))
-            w, h = self.work_size
-            self.time_ids = SDXL.micro_conditioning((h, w), (h, w))
-            with spliced_tokens(self.pipe.text_encoder_2, self.vectors_2) as wrapper_2:
-                self._wrapper_2 = wrapper_2
-                return super().train(*args, **kwargs)
-
-        def _denoise(self, input_ids, latents, noise, timesteps):
-            unet = self.pipe.unet
-            leaf_2 = self.vectors_2.detach().unsqueeze(0).repeat(input_ids.shape[0], 1, 1).requires_grad_(True)
-            self._wrapper_2.batch_vectors = leaf_2  # (b, K, 1280)
-            # Both generated tokenizers give the same ids (they differ in padding only): one id tensor serves both.
-            cond = SDXL.encode(self.pipe, [input_ids, input_ids], time_ids=self.time_ids)
-            # ModelFamily.encode returns the pooled embedding and time ids in the UNet's dtype (fp16 here); under
-            # bf16 autocast the UNet's torch.concat of fp16 text_embeds with its fp32 time embedding raises
-            # "Unexpected floating ScalarType in at::autocast::prioritize" (on CUDA as on CPU): pass them in fp32.
-            cond = dataclasses.replace(cond, pooled=cond.pooled.float(), time_ids=cond.time_ids.float())
-            noisy = self.scheduler.add_noise(latents, noise, timesteps).to(unet.dtype)
-            pred = unet(noisy, timesteps, **SDXL.unet_kwargs(cond)).sample  # (b, 4, h, w)
-            return pred, noise
-
-    return SDXLProxyTrainer
-
-
-def run_train_step(pipe, resolution: int, runtime, *, merged: bool, live: LiveBytes, trainer_cls=None) -> dict:
+def run_train_step(pipe, resolution: int, runtime, *, merged: bool, live: LiveBytes) -> dict:
     """One step of ``TokenTrainer.train`` (split phase, or the first merged step): peaks and FLOPs."""
     from conceptexpress.config import TrainConfig
+    from conceptexpress.models.family import family_of
 
-    masks, centroids = concept_layout(resolution // 8)
+    latent = resolution // 8
+    grid = family_of(pipe).clustering_grid(pipe, (latent, latent))  # the localizer's grid (SDXL: latent/2)
+    masks, centroids = concept_layout(grid[0])
     # emd_method "sinkhorn": what "auto" picks on CUDA (the simulated device is a CPU one).
     config = TrainConfig(steps=TrainConfig().merge_step + 1 if merged else 1, emd_method="sinkhorn")
     return measure_train_step(pipe, photo(resolution), (resolution, resolution), masks, centroids, config,
-                              runtime, live=live, merged=merged, trainer_cls=trainer_cls)
+                              runtime, live=live, merged=merged)
 
 
 def measure_train_step(pipe, image, work_size, masks, centroids, config, runtime, *, live: LiveBytes,
-                       merged: bool = False, trainer_cls=None) -> dict:
+                       merged: bool = False, flop_counter=FlopCounter) -> dict:
     """Build a trainer and run ``train()`` for the last step of ``config`` (the first merged step when ``merged``):
     ``{init_peak_gb, step_peak_gb, flops, prompts}``. Real or fake tensors alike."""
     from conceptexpress.learn.trainer import TokenTrainer
 
-    trainer_cls = trainer_cls or TokenTrainer
     live.reset_peak()
     with trainer_patches(), live:
-        trainer = trainer_cls(pipe, image, work_size, masks, centroids, config, runtime=runtime)
+        trainer = TokenTrainer(pipe, image, work_size, masks, centroids, config, runtime=runtime)
     init_peak = live.peak
     live.reset_peak()
     if merged:
         trainer.step = config.merge_step
-    with FlopCounterMode(display=False) as flops, live:
+    with flop_counter() as flops, live:
         trainer.train()
     out = {"init_peak_gb": init_peak / GIB, "step_peak_gb": live.peak / GIB, "flops": flops.get_total_flops(),
            "prompts": trainer.history[-1]["prompts"]}
@@ -546,10 +444,10 @@ def unet_forward_flops(pipe, resolution: int) -> int:
     return flops.get_total_flops()
 
 
-def run_localize(pipe, resolution: int, live: LiveBytes, proxy: bool) -> dict:
+def run_localize(pipe, resolution: int, live: LiveBytes) -> dict:
     live.reset_peak()
-    with FlopCounterMode(display=False) as flops, live:
-        stage = (localize_proxy if proxy else localize_pass)(pipe, resolution)
+    with FlopCounter() as flops, live:
+        stage = localize_pass(pipe, resolution)
     return {"stage": stage, "peak_gb": live.peak / GIB, "flops": flops.get_total_flops()}
 
 
@@ -557,75 +455,62 @@ def _r(x: float, nd: int = 3) -> float:
     return round(float(x), nd)
 
 
-def simulate(model: str, precisions, micro_batches, checkpointing, log=print, weights: str = "fp16") -> list[dict]:
-    """All rows of one model: the localization pass, then train steps over the grid."""
-    import gc
+def simulate(model: str, precisions, micro_batches, checkpointing, log=print, weights: str = "fp16",
+             localize: bool = True, merged_tflop: dict | None = None) -> list[dict]:
+    """All rows of one model: the localization pass, then train steps over the grid.
 
+    ``merged_tflop`` ({checkpointing: TFLOP of a merged step}, from an earlier run's rows) skips simulating the
+    merged step, whose FLOPs depend neither on the precision nor on the micro-batch.
+    """
     from conceptexpress.config import RuntimeConfig
 
     resolution = resolution_of(model)
     rows: list[dict] = []
+    wdtype = torch.float16 if weights == "fp16" else torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
-        pipe = build_pipeline(model, Path(tmp), torch.float16 if weights == "fp16" else torch.bfloat16)
+        pipe = build_pipeline(model, Path(tmp), wdtype)
     with simulation() as (_, live):
         modules = pipeline_modules(pipe)
         to_fake_device(modules)
         live.track([list(m.parameters()) + list(m.buffers()) for m in modules])
         weights_gb = live.current / GIB
-        base = {"model": model, "resolution": resolution, "weights": weights, "weights_gb": _r(weights_gb)}
-        fwd = unet_forward_flops(pipe, resolution)
-        row = {**base, "stage": "unet_forward", "precision": f"{weights} weights", "micro_batch": 1, "checkpointing": None,
-               "peak_gb": None, "tflop_per_step": _r(fwd / 1e12), "est_h100_s_per_image": None,
-               "design_tflop": {"sd21": 0.80, "sdxl": 6.76}[model]}
-        rows.append(row)
-        log(json.dumps(row))
+        base = {"model": model, "resolution": resolution, "weights": weights, "weights_gb": _r(weights_gb),
+                "simulated": True}
 
         # 1. Localization (one pass per image; independent of the training settings).
-        proxy_reason = None
-        try:
-            loc = run_localize(pipe, resolution, live, proxy=False)
-        except Exception as e:  # noqa: BLE001 - an SDXL pipeline the localizer does not take yet
-            if model == "sd21":
-                raise
-            proxy_reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            gc.collect()
-            loc = run_localize(pipe, resolution, live, proxy=True)
-        loc_flops = loc["flops"]
-        row = {**base, "stage": loc["stage"], "precision": f"{weights} weights", "micro_batch": None,
-               "checkpointing": None, "peak_gb": _r(loc["peak_gb"]), "tflop_per_step": _r(loc_flops / 1e12),
-               "est_h100_s_per_image": _r(loc_flops / (UTILIZATION * H100_BF16_DENSE))}
-        if proxy_reason:
-            row["proxy_reason"] = proxy_reason
-        rows.append(row)
-        log(json.dumps(row))
+        loc_flops = None
+        if localize:
+            fwd = unet_forward_flops(pipe, resolution)
+            row = {**base, "stage": "unet_forward", "precision": weights, "micro_batch": 1,
+                   "checkpointing": None, "peak_gb": None, "tflop_per_step": _r(fwd / 1e12),
+                   "est_h100_s_per_image": None, "design_tflop": {"sd21": 0.80, "sdxl": 6.76}[model]}
+            rows.append(row)
+            log(json.dumps(row))
+            t0 = time.perf_counter()
+            loc = run_localize(pipe, resolution, live)
+            loc_flops = loc["flops"]
+            row = {**base, "stage": loc["stage"], "precision": weights, "micro_batch": 1,
+                   "checkpointing": None, "peak_gb": _r(loc["peak_gb"]), "tflop_per_step": _r(loc_flops / 1e12),
+                   "est_h100_s_per_image": _r(loc_flops / (UTILIZATION * H100_BF16_DENSE)),
+                   "sim_s": _r(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            log(json.dumps(row))
 
         # 2. Token learning: split-phase step for every setting; merged-phase FLOPs once per checkpointing mode.
-        trainer_cls, proxy_reason, merged_flops = None, None, {}
+        merged_flops = {k: v * 1e12 for k, v in (merged_tflop or {}).items()}
         for ckpt in checkpointing:
             for precision in precisions:
                 for micro in micro_batches:
                     runtime = RuntimeConfig(micro_batch=micro, gradient_checkpointing=ckpt,
                                             mixed_precision=precision, checkpoint_every=0)
                     t0 = time.perf_counter()
-                    try:
-                        split = run_train_step(pipe, resolution, runtime, merged=False, live=live,
-                                               trainer_cls=trainer_cls)
-                    except Exception as e:  # noqa: BLE001 - the trainer does not take SDXL yet
-                        if model == "sd21" or trainer_cls is not None:
-                            raise
-                        proxy_reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-                        trainer_cls = _sdxl_proxy_trainer()
-                        gc.collect()
-                        split = run_train_step(pipe, resolution, runtime, merged=False, live=live,
-                                               trainer_cls=trainer_cls)
+                    split = run_train_step(pipe, resolution, runtime, merged=False, live=live)
                     if ckpt not in merged_flops:
-                        merged_flops[ckpt] = run_train_step(
-                            pipe, resolution, runtime, merged=True, live=live, trainer_cls=trainer_cls
-                        )["flops"]
-                    total = SPLIT_STEPS * split["flops"] + MERGED_STEPS * merged_flops[ckpt] + loc_flops
+                        merged_flops[ckpt] = run_train_step(pipe, resolution, runtime, merged=True, live=live)["flops"]
+                    total = SPLIT_STEPS * split["flops"] + MERGED_STEPS * merged_flops[ckpt] + (loc_flops or 0)
                     row = {
                         **base,
-                        "stage": "unet_step_proxy" if trainer_cls is not None else "train_step",
+                        "stage": "train_step",
                         "precision": precision,
                         "micro_batch": micro,
                         "checkpointing": ckpt,
@@ -636,11 +521,10 @@ def simulate(model: str, precisions, micro_batches, checkpointing, log=print, we
                         "init_peak_gb": _r(split["init_peak_gb"]),
                         "tflop_merged_step": _r(merged_flops[ckpt] / 1e12, 2),
                         "pflop_per_image": _r(total / 1e15, 2),
+                        "localization_in_estimate": loc_flops is not None,
                         "prompts_per_split_step": split["prompts"],
                         "sim_s": _r(time.perf_counter() - t0, 1),
                     }
-                    if proxy_reason:
-                        row["proxy_reason"] = proxy_reason
                     rows.append(row)
                     log(json.dumps(row))
     return rows
@@ -653,12 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--weights", default="fp16", choices=["fp16", "bf16"],
-                        help="dtype of UNet and text encoders (the SDXL VAE stays fp32); default fp16 = --dtype fp16")
+                        help="dtype of the weights as load_pipeline(dtype=...) leaves them (an fp16 SDXL keeps its VAE "
+                             "in fp32); default fp16 = --dtype fp16")
+    parser.add_argument("--no-localize", action="store_true",
+                        help="skip the localization pass (and leave it out of est_h100_s_per_image)")
+    parser.add_argument("--merged-tflop", nargs=2, type=float, metavar=("OFF", "ON"),
+                        help="TFLOP of a merged step without / with checkpointing, from an earlier run's "
+                             "tflop_merged_step (skips simulating it: it depends on neither precision nor micro-batch)")
     args = parser.parse_args(argv)
     ckpt = [c == "on" for c in args.checkpointing]
+    merged = dict(zip((False, True), args.merged_tflop)) if args.merged_tflop else None
     for model in args.models:
         simulate(model, args.precisions, args.micro_batches, ckpt, log=lambda line: print(line, flush=True),
-                 weights=args.weights)
+                 weights=args.weights, localize=not args.no_localize, merged_tflop=merged)
     return 0
 
 

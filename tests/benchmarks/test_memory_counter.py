@@ -50,11 +50,13 @@ def test_counter_frees_storages_and_counts_views_once(memory):
     assert live.peak == 8000 and live.current == 0
 
 
-def _step(memory, pipe, live) -> dict:
+def _step(memory, pipe, live, checkpointing: bool = False, **kwargs) -> dict:
     masks, centroids = memory.concept_layout(16)  # the tiny model's 16×16 latent at 128 px
     config = TrainConfig(steps=1, split_tokens=2, emd_method="sinkhorn")
-    runtime = RuntimeConfig(micro_batch=2, mixed_precision="no", checkpoint_every=0)
-    return memory.measure_train_step(pipe, memory.photo(128), (128, 128), masks, centroids, config, runtime, live=live)
+    runtime = RuntimeConfig(micro_batch=2, mixed_precision="no", checkpoint_every=0,
+                            gradient_checkpointing=checkpointing)
+    return memory.measure_train_step(pipe, memory.photo(128), (128, 128), masks, centroids, config, runtime, live=live,
+                                     **kwargs)
 
 
 def test_fake_peak_equals_real_peak_of_a_train_step(memory, tiny_sd2_dir):
@@ -94,6 +96,39 @@ def test_fake_peak_equals_real_peak_of_a_train_step(memory, tiny_sd2_dir):
     for counted, reachable in seen:
         assert reachable <= counted <= 1.1 * reachable
     print(f"real peaks {real_out}; fake peaks {fake_out}; after-forward counted/reachable {seen}")
+
+
+def test_checkpointed_step_fake_equals_real_and_peaks_lower(memory, tiny_sd2_dir):
+    """Gradient checkpointing: the counter reads the same peak on fake tensors as on real ones, and the step peaks
+    lower than without checkpointing (the checkpointed blocks keep only their inputs for the backward) while its
+    FLOPs grow by the recomputed forwards. FlopCounterMode's per-module tracking kept the recomputed activations
+    alive (a checkpointed step then read *higher* than an unchecked one): the benchmark's FlopCounter drops it and
+    must count the same FLOPs."""
+    from conceptexpress.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd2_dir), device="cpu")
+    modules = memory.pipeline_modules(pipe)
+    weights = [list(m.parameters()) + list(m.buffers()) for m in modules]
+
+    def real(checkpointing, **kwargs):
+        live = memory.LiveBytes("cpu")
+        live.track(weights)
+        return _step(memory, pipe, live, checkpointing, **kwargs)
+
+    real_off, real_on = real(False), real(True)
+    with_module_tracking = real(True, flop_counter=lambda: FlopCounterMode(display=False))
+    gc.collect()
+    with memory.simulation(cuda_like=False) as (_, fake):
+        memory.to_fake_device(modules)
+        fake.track([list(m.parameters()) + list(m.buffers()) for m in modules])
+        fake_on = _step(memory, pipe, fake, True)
+
+    assert fake_on["flops"] == real_on["flops"] == with_module_tracking["flops"] > real_off["flops"]
+    assert fake_on["step_peak_gb"] == pytest.approx(real_on["step_peak_gb"], rel=0.03)
+    assert real_on["step_peak_gb"] < 0.8 * real_off["step_peak_gb"]
+    mb = {k: round(v["step_peak_gb"] * 2**30 / 1e6, 3) for k, v in
+          {"off": real_off, "on": real_on, "on_fake": fake_on, "on_FlopCounterMode": with_module_tracking}.items()}
+    print(f"step peaks MB {mb}; GFLOP off {real_off['flops'] / 1e9:.3f}, on {real_on['flops'] / 1e9:.3f}")
 
 
 def _reachable_bytes(root: torch.Tensor, weights) -> int:
