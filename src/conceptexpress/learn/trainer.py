@@ -136,8 +136,7 @@ class TokenTrainer:
         self.latent_hw = (int(self.post_mean.shape[-2]), int(self.post_mean.shape[-1]))
         if self.latent_hw != grid_hw:
             # SDXL: masks of the latent/2 clustering grid, nearest-upsampled to the latent for the loss (Eq. 8).
-            factor = self.family.self_attention_divisor(pipe)
-            if tuple(-(-n // factor) for n in self.latent_hw) != grid_hw:
+            if self.family.clustering_grid(pipe, self.latent_hw) != grid_hw:
                 raise ConfigError(
                     f"masks are {grid_hw} but the image at {self.work_size} gives a latent of {self.latent_hw}: "
                     "localize and train at the same resolution"

@@ -99,6 +99,7 @@ class ModelFamily:
         single_file_config: hub id whose configs describe an original-layout single-file checkpoint.
         localize_head_chunk: heads per chunk in the localization pass (None: all at once).
         gradient_checkpointing: token learning checkpoints the UNet unless the user says otherwise.
+        cluster_on_attention_grid: cluster on the finest self-attention grid instead of the latent.
     """
 
     name: str
@@ -116,6 +117,9 @@ class ModelFamily:
     # Token learning's default (RuntimeConfig.gradient_checkpointing=None): on where the activations of a
     # micro-batch would not fit a 16-GB budget without it (docs/scaling.md).
     gradient_checkpointing: bool = False
+    # The grid the clustering reads: False = the latent (SD 1.x/2.x: every layer's map resized to the latent, as the
+    # released code does, DESIGN §3); True = the finest self-attention grid (SDXL: latent/2, DESIGN §9).
+    cluster_on_attention_grid: bool = False
     export_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
@@ -143,9 +147,12 @@ class ModelFamily:
         return int(pipe.unet.config.sample_size) * self.vae_factor(pipe)
 
     def clustering_grid(self, pipe, latent_hw: tuple[int, int]) -> tuple[int, int]:
-        """The finest self-attention grid for a latent of ``latent_hw``: the rows the clustering reads (64×64 for
-        SD 2.1 at 512 px and for SDXL at 1024 px). Each UNet level ceil-halves the previous one."""
+        """The grid the clustering reads for a latent of ``latent_hw`` (64×64 for SD 2.1 at 512 px and for SDXL at
+        1024 px): the latent itself, or with :attr:`cluster_on_attention_grid` the finest self-attention grid
+        (each UNet level ceil-halves the previous one)."""
         h, w = int(latent_hw[0]), int(latent_hw[1])
+        if not self.cluster_on_attention_grid:
+            return h, w
         for _ in range(self.self_attention_divisor(pipe).bit_length() - 1):
             h, w = -(-h // 2), -(-w // 2)
         return h, w
@@ -265,6 +272,7 @@ SDXL = ModelFamily(
     single_file_config="stabilityai/stable-diffusion-xl-base-1.0",
     localize_head_chunk=1,
     gradient_checkpointing=True,
+    cluster_on_attention_grid=True,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD1, SD2, SDXL)}
 SUPPORTED = "SD 1.x, SD 2.x and SDXL base (text-to-image, 4-channel UNet)"
