@@ -7,7 +7,13 @@ weights, which costs the same time and memory as the real weights). Each setting
 ``--steps`` split-phase steps (g·N prompts, the phase with the most UNet passes) with CUDA synchronisation.
 
     python benchmarks/gpu_sweep.py --device cuda                          # SD 2.1-base at 512 px, the full sweep
+    python benchmarks/gpu_sweep.py --arch sdxl --device cuda --weights bf16   # SDXL base at 1024 px
     python benchmarks/gpu_sweep.py --arch tiny --device cpu --steps 1     # smoke run on a CPU (tiny model)
+
+The SDXL architecture is built in memory (``conceptexpress.testing.sdxl_random_pipeline``, 2.6 B random parameters
+on the device) instead of being written to disk and loaded back. Concepts are drawn on the family's clustering grid
+(the latent for SD 2.1, latent/2 for SDXL), as the localizer hands them to the trainer. Compare the peaks with the
+simulated ones of ``benchmarks/memory.py`` (docs/scaling.md).
 
 A setting that runs out of memory is reported as ``"oom": true`` and the sweep goes on.
 """
@@ -44,7 +50,9 @@ def run_setting(pipe, image, work, latent, n: int, device: str, *, mixed_precisi
     from conceptexpress.config import RuntimeConfig, TrainConfig
     from conceptexpress.learn.trainer import TokenTrainer
 
-    masks, cents = synthetic_concepts(n, latent)
+    from conceptexpress.models.family import family_of
+
+    masks, cents = synthetic_concepts(n, family_of(pipe).clustering_grid(pipe, latent))
     total = warmup + steps
     cfg = TrainConfig(steps=total + 2, merge_step=total + 1, emd_method=emd_method)
     runtime = RuntimeConfig(micro_batch=micro_batch, gradient_checkpointing=checkpointing,
@@ -88,8 +96,8 @@ def run_setting(pipe, image, work, latent, n: int, device: str, *, mixed_precisi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=("sd21", "tiny"), default="sd21")
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--arch", choices=("sd21", "sdxl", "tiny", "tiny-sdxl"), default="sd21")
+    parser.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     parser.add_argument("--concepts", type=int, default=3)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", default="fp16", choices=("fp16", "bf16", "fp32"), help="UNet/text-encoder dtype")
@@ -103,18 +111,31 @@ def main() -> None:
 
     from conceptexpress.io.images import load_image, model_input_size
     from conceptexpress.models import load_pipeline
-    from conceptexpress.testing import save_sd21_random_pipeline, save_tiny_pipeline
+    from conceptexpress.models.family import family_of
+    from conceptexpress.models.loading import keep_vae_fp32, resolve_dtype
+    from conceptexpress.testing import (
+        save_sd21_random_pipeline,
+        save_tiny_pipeline,
+        save_tiny_sdxl_pipeline,
+        sdxl_random_pipeline,
+    )
 
     out = {"device": args.device, "arch": args.arch, "weights": args.weights, "concepts": args.concepts,
            "torch": torch.__version__, "rows": []}
     if args.device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.arch == "tiny":
-            path, res = save_tiny_pipeline(Path(tmp) / "tiny"), 128
+        if args.arch == "sdxl":
+            dtype = resolve_dtype(args.weights, torch.device(args.device))
+            pipe = sdxl_random_pipeline(Path(tmp) / "tok", device=args.device, dtype=dtype)
+            if dtype == torch.float16:
+                keep_vae_fp32(pipe.vae)  # as load_pipeline keeps SDXL's VAE (it overflows in fp16)
         else:
-            path, res = save_sd21_random_pipeline(Path(tmp) / "sd21"), args.resolution
-        pipe = load_pipeline(str(path), device=args.device, dtype=args.weights)
+            save = {"tiny": save_tiny_pipeline, "tiny-sdxl": save_tiny_sdxl_pipeline,
+                    "sd21": save_sd21_random_pipeline}[args.arch]
+            pipe = load_pipeline(str(save(Path(tmp) / args.arch)), device=args.device, dtype=args.weights)
+        res = args.resolution or family_of(pipe).native_resolution(pipe)
+        out.update(family=family_of(pipe).name, resolution=res)
         image = load_image(ROOT / "examples" / "coffee.jpg")
         work = model_input_size(image.size, res, pipe.vae_scale_factor)
         latent = (work[1] // pipe.vae_scale_factor, work[0] // pipe.vae_scale_factor)
