@@ -49,7 +49,6 @@ def run_setting(pipe, image, work, latent, n: int, device: str, *, mixed_precisi
                 checkpointing: bool, emd_method: str, warmup: int, steps: int) -> dict:
     from conceptexpress.config import RuntimeConfig, TrainConfig
     from conceptexpress.learn.trainer import TokenTrainer
-
     from conceptexpress.models.family import family_of
 
     masks, cents = synthetic_concepts(n, family_of(pipe).clustering_grid(pipe, latent))
