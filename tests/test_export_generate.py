@@ -222,12 +222,19 @@ def test_config_validation():
 
 
 def test_default_sampler_is_the_released_one():
+    from conceptexpress.models.family import SD1, SD2, SDXL
+
     cfg = GenerateConfig()
-    assert (cfg.scheduler, cfg.steps, cfg.guidance, cfg.seed) == ("ddim", 50, 7.5, 0)
+    assert (cfg.scheduler, cfg.steps, cfg.guidance, cfg.seed) == (None, 50, None, 0)  # None: the family's
+    for family in (SD1, SD2):  # the released sampler for the paper's models
+        assert (cfg.for_family(family).scheduler, cfg.for_family(family).guidance) == ("ddim", 7.5)
+    assert (cfg.for_family(SDXL).scheduler, cfg.for_family(SDXL).guidance) == ("euler", 5.0)  # SDXL's own
+    given = GenerateConfig(scheduler="pndm", guidance=3.0)
+    assert (given.for_family(SDXL).scheduler, given.for_family(SDXL).guidance) == ("pndm", 3.0)
     assert cfg.height is None and cfg.width is None  # the model's native size
     from conceptexpress.extract import SampleConfig
 
-    assert (SampleConfig().sample_scheduler, SampleConfig().sample_steps) == ("ddim", 50)
+    assert (SampleConfig().sample_scheduler, SampleConfig().sample_steps) == (None, 50)
     with pytest.raises(ConfigError, match="`scheduler` must be one of ddim, pipeline"):
         GenerateConfig(scheduler="lms")
 

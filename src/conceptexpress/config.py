@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import InitVar, asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
@@ -345,16 +345,22 @@ class GenerateConfig:
     n: int = field(default=4, metadata=_help("images per prompt"))
     # Image i uses seed + i, so a seed reproduces every picture whatever the batch size.
     seed: int = field(default=0, metadata=_help("random seed; image i of every prompt uses seed + i"))
-    # Released code (infer.py): DDIM (clip_sample False, set_alpha_to_one False) from the model's own schedule.
-    scheduler: str = field(
-        default=DEFAULT_SCHEDULER,
+    # None = the model family's sampler (models.family): for SD 1.x/2.x the released code's (infer.py: DDIM,
+    # clip_sample False, set_alpha_to_one False, from the model's own schedule), for SDXL its own Euler.
+    scheduler: str | None = field(
+        default=None,
         metadata=_help("sampler: ddim (released code), pipeline (the model's own, PNDM for SD 2.1-base), pndm, "
-                       "dpmsolver, euler", choices=SCHEDULERS),
+                       "dpmsolver, euler; default: the model family's (ddim for SD 1.x/2.x, euler for SDXL)",
+                       choices=SCHEDULERS),
     )
     # Released code: 50 DDIM steps.
     steps: int = field(default=50, metadata=_help("denoising steps"))
-    # Released code: 7.5, the SD default; 1 turns classifier-free guidance off.
-    guidance: float = field(default=7.5, metadata=_help("classifier-free guidance scale"))
+    # None = the family's: the released code's 7.5 (the SD default) for SD 1.x/2.x, SDXL's own 5.0; 1 turns
+    # classifier-free guidance off.
+    guidance: float | None = field(
+        default=None,
+        metadata=_help("classifier-free guidance scale; default: the model family's (7.5 for SD 1.x/2.x, 5 for SDXL)"),
+    )
     # None = the model's native size (UNet sample_size × VAE factor: 512 for SD 2.1-base).
     height: int | None = field(default=None, metadata=_help("image height in pixels, a multiple of 8; None = the model's native size"))
     width: int | None = field(default=None, metadata=_help("image width in pixels, a multiple of 8; None = the model's native size"))
@@ -367,18 +373,26 @@ class GenerateConfig:
             raise ConfigError(f"`seed` must be an integer in [0, 2**63 - 1 - n], got {self.seed!r}")
         if not _is_int(self.steps) or self.steps < 1:
             raise ConfigError(f"`steps` must be an integer >= 1, got {self.steps!r}")
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ConfigError(f"`scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if not isinstance(self.guidance, int | float) or isinstance(self.guidance, bool) or not (
-            math.isfinite(self.guidance) and self.guidance >= 0
-        ):
-            raise ConfigError(f"`guidance` must be a finite number >= 0, got {self.guidance!r}")
+        g = self.guidance
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int | float) or not (math.isfinite(g) and g >= 0)):
+            raise ConfigError(f"`guidance` must be a finite number >= 0, got {g!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 64 or v % 8):
                 raise ConfigError(f"`{name}` must be a multiple of 8 and >= 64 pixels, got {v!r}")
         if not isinstance(self.negative_prompt, str):
             raise ConfigError(f"`negative_prompt` must be a string, got {self.negative_prompt!r}")
+
+    def for_family(self, family: Any) -> GenerateConfig:
+        """This config with the sampler and guidance left unset taken from ``family``
+        (:class:`~conceptexpress.models.family.ModelFamily`: its ``sampler`` and ``guidance``)."""
+        return replace(
+            self,
+            scheduler=self.scheduler if self.scheduler is not None else family.sampler,
+            guidance=self.guidance if self.guidance is not None else family.guidance,
+        )
 
 
 @dataclass(frozen=True)
@@ -387,11 +401,13 @@ class SampleConfig:
 
     samples: bool = field(default=True, metadata={"help": "write sample images per concept after training"})
     sample_count: int = field(default=2, metadata={"help": "images per prompt"})
-    # Released sampler (docs/fidelity.md "Generation", conceptexpress.sampler): DDIM, 50 steps, guidance 7.5, native size.
+    # Released sampler (docs/fidelity.md "Generation", conceptexpress.sampler): 50 steps.
     sample_steps: int = field(default=50, metadata={"help": "denoising steps of the samples"})
-    sample_scheduler: str = field(
-        default=DEFAULT_SCHEDULER,
-        metadata={"help": "sampler of the samples (see `generate --help`)", "choices": SCHEDULERS},
+    # None = the model family's sampler and guidance, as for `generate` (SD 1.x/2.x: the released DDIM and 7.5;
+    # SDXL: Euler and 5.0).
+    sample_scheduler: str | None = field(
+        default=None,
+        metadata={"help": "sampler of the samples (see `generate --help`); default: the model family's", "choices": SCHEDULERS},
     )
 
     def __post_init__(self) -> None:
@@ -399,7 +415,7 @@ class SampleConfig:
         _need(isinstance(self.samples, bool), self, "samples", "true or false")
         _need(_is_int(self.sample_count) and self.sample_count >= 1, self, "sample_count", "an integer >= 1")
         _need(_is_int(self.sample_steps) and self.sample_steps >= 1, self, "sample_steps", "an integer >= 1")
-        if self.sample_scheduler not in SCHEDULERS:
+        if self.sample_scheduler is not None and self.sample_scheduler not in SCHEDULERS:
             raise ConfigError(
                 f"`sample_scheduler` must be one of {', '.join(SCHEDULERS)}, got {self.sample_scheduler!r}"
             )

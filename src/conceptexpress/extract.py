@@ -191,6 +191,8 @@ def _manifest(photo: Photo, config: RunConfig, entries: list[dict[str, Any]], le
     """The run's manifest (``"complete": true``; :meth:`RunManifest.build` sets the fields every run has)."""
     model, result, fine_tune, user_masks = config.model, learned.result, learned.fine_tune, photo.user_masks
     sample_files, sampler = samples
+    # The sampler the samples used (SampleConfig's None = the family's), as the config actually used.
+    sample = config.sample if sampler is None else dataclasses.replace(config.sample, sample_scheduler=sampler["scheduler"])
     return RunManifest.build(
         entries,
         method=config.method,
@@ -200,7 +202,7 @@ def _manifest(photo: Photo, config: RunConfig, entries: list[dict[str, Any]], le
         family=family_of(learned.sample_pipe).name,
         embedding_dim=int(result.embeddings.shape[1]),
         # The config actually used (FineTuneConfig only where it was).
-        config=config_dict(model, config.localize, learned.train, config.runtime_or_default, config.sample,
+        config=config_dict(model, config.localize, learned.train, config.runtime_or_default, sample,
                            *([config.finetune] if fine_tune else [])),
         entries={
             "image": str(photo.path.resolve()),

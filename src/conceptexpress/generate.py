@@ -1,12 +1,12 @@
 """Generate images with the learned tokens of a run (``conceptexpress generate RUN "a photo of <c1>"``).
 
-The sampler is the released code's by default (:mod:`conceptexpress.sampler`: DDIM, 50 steps, guidance 7.5, the
-model's native size, seeds 0…n−1). Each image ``i`` of a prompt starts from noise drawn by its own CPU
-``torch.Generator`` seeded with ``seed + i``: the pictures do not depend on batch size, device or the other prompts, and image ``i`` of two
-prompts starts from the same noise, so prompts compare side by side. SDXL: the same default sampler (DDIM, 50 steps,
-guidance 7.5: ``GenerateConfig``'s defaults are recorded by every SD run, so they are not family-dependent; pass
-``--scheduler euler --guidance 5`` for SDXL's own), and the prompt embeddings are computed here
-(:func:`text_embeddings`) so that the pooled embedding is read at the end of the text, not on a learned token.
+The sampler and guidance are the model family's unless given (``GenerateConfig.for_family``): for SD 1.x/2.x the
+released code's (:mod:`conceptexpress.sampler`: DDIM, guidance 7.5), for SDXL its own (Euler, guidance 5.0); 50 steps,
+the model's native size, seeds 0…n−1, and ``generation.json`` records what was used. Each image ``i`` of a prompt
+starts from noise drawn by its own CPU ``torch.Generator`` seeded with ``seed + i``: the pictures do not depend on
+batch size, device or the other prompts, and image ``i`` of two prompts starts from the same noise, so prompts
+compare side by side. SDXL's prompt embeddings are computed here (:func:`text_embeddings`) so that the pooled
+embedding is read at the end of the text, not on a learned token.
 Outputs::
 
     RUN/generated/<slug-of-prompt>/000.png 001.png …   one file per image
@@ -138,10 +138,10 @@ def generate(pipe, prompts: list[str], config: GenerateConfig | None = None) -> 
     Returns:
         One list of ``n`` RGB PIL images per prompt, in order, each ``width × height`` (model native by default).
     """
-    config = config or GenerateConfig()
     if isinstance(prompts, str) or not prompts:
         raise ConfigError(f"`prompts` must be a non-empty list of strings, got {prompts!r}")
     family = family_of(pipe)
+    config = (config or GenerateConfig()).for_family(family)  # unset sampler and guidance: the family's
     results = []
     with using_scheduler(pipe, config.scheduler):
         for prompt in prompts:
@@ -215,6 +215,7 @@ def text_embeddings(
 
 def sampler_record(pipe, config: GenerateConfig) -> dict[str, Any]:
     """What a run records about how its pictures were sampled (:func:`conceptexpress.sampler.describe`)."""
+    config = config.for_family(family_of(pipe))
     scheduler = build_scheduler(pipe.scheduler, config.scheduler)
     record = describe(scheduler, config.scheduler, config.steps, config.guidance)
     unet = pipe.unet.config
@@ -313,6 +314,7 @@ def generate_from_run(
 
 
 def _sample_and_write(pipe, run: Path, expanded: list[str], root: Path, config: GenerateConfig, model_name) -> None:
+    config = config.for_family(family_of(pipe))  # generation.json records the sampler and guidance used
     sampler = sampler_record(pipe, config)
     for prompt, folder in zip(expanded, prompt_folders(root, expanded)):
         images = generate(pipe, [prompt], config)[0]
