@@ -272,7 +272,7 @@ class RuntimeConfig:
     # activations need 33 GB at micro-batch 4 without it (docs/scaling.md).
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata=_help("UNet gradient checkpointing (less memory, ~35 % more compute); default: the model family's "
+        metadata=_help("UNet gradient checkpointing (less memory, about a third more compute); default: the model family's "
                        "(off for SD 1.x/2.x, on for SDXL)"),
     )
     # "auto": on CUDA bf16 autocast where the GPU supports it, else fp16 autocast with dynamic loss scaling
