@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode  # noqa: F401  (the exact matmul test)
 
 from conceptexpress.config import RuntimeConfig, TrainConfig
 
@@ -59,75 +59,71 @@ def _step(memory, pipe, live, checkpointing: bool = False, **kwargs) -> dict:
                                      **kwargs)
 
 
-def test_fake_peak_equals_real_peak_of_a_train_step(memory, tiny_sd2_dir):
+@pytest.fixture(scope="module")
+def real_steps(memory, tiny_sd2_dir):
+    """One real CPU train step of the tiny pipeline without and with gradient checkpointing, counted by the
+    benchmark's counter; without, also the bytes of every storage alive right after the UNet's forward (python-visible
+    tensors and the autograd graph's saved tensors), counted independently, against the counter at that moment."""
     from conceptexpress.models import load_pipeline
 
     pipe = load_pipeline(str(tiny_sd2_dir), device="cpu")
     modules = memory.pipeline_modules(pipe)
     weights = [list(m.parameters()) + list(m.buffers()) for m in modules]
 
-    # 1. Real CPU tensors; independently, the bytes of every storage alive right after the UNet's forward
-    # (python-visible tensors and the autograd graph's saved tensors) against the counter at that moment.
-    real = memory.LiveBytes("cpu")
-    real.track(weights)
+    def real(checkpointing, live):
+        live.track(weights)
+        return _step(memory, pipe, live, checkpointing)
+
     seen: list[tuple[int, int]] = []
+    live_off = memory.LiveBytes("cpu")
 
     def after_forward(module, args, output):
-        seen.append((real.current, _reachable_bytes(output.sample, weights)))
+        seen.append((live_off.current, _reachable_bytes(output.sample, weights)))
 
     hook = pipe.unet.register_forward_hook(after_forward)
     try:
-        real_out = _step(memory, pipe, real)
+        off = real(False, live_off)
     finally:
         hook.remove()
+    on = real(True, memory.LiveBytes("cpu"))
+    return {"pipe": pipe, "modules": modules, "off": off, "on": on, "seen": seen}
 
-    # 2. The same step on fake tensors (weights replaced by storage-less ones).
+
+def _fake_step(memory, real_steps, checkpointing: bool) -> dict:
+    """The same step on fake tensors (weights replaced by storage-less ones)."""
     gc.collect()
+    modules = real_steps["modules"]
     with memory.simulation(cuda_like=False) as (_, fake):
         memory.to_fake_device(modules)
         fake.track([list(m.parameters()) + list(m.buffers()) for m in modules])
-        fake_out = _step(memory, pipe, fake)
+        return _step(memory, real_steps["pipe"], fake, checkpointing)
 
+
+def test_fake_peak_equals_real_peak_of_a_train_step(memory, real_steps):
+    real_out = real_steps["off"]
+    fake_out = _fake_step(memory, real_steps, False)
     assert real_out["flops"] == fake_out["flops"] > 0
     assert fake_out["step_peak_gb"] == pytest.approx(real_out["step_peak_gb"], rel=0.03)
     assert fake_out["init_peak_gb"] == pytest.approx(real_out["init_peak_gb"], rel=0.03)
     # The counter holds at least what is reachable from the loss's graph, and not much more.
+    seen = real_steps["seen"]
     assert seen
     for counted, reachable in seen:
         assert reachable <= counted <= 1.1 * reachable
     print(f"real peaks {real_out}; fake peaks {fake_out}; after-forward counted/reachable {seen}")
 
 
-def test_checkpointed_step_fake_equals_real_and_peaks_lower(memory, tiny_sd2_dir):
+def test_checkpointed_step_fake_equals_real_and_peaks_lower(memory, real_steps):
     """Gradient checkpointing: the counter reads the same peak on fake tensors as on real ones, and the step peaks
     lower than without checkpointing (the checkpointed blocks keep only their inputs for the backward) while its
-    FLOPs grow by the recomputed forwards. FlopCounterMode's per-module tracking kept the recomputed activations
-    alive (a checkpointed step then read *higher* than an unchecked one): the benchmark's FlopCounter drops it and
-    must count the same FLOPs."""
-    from conceptexpress.models import load_pipeline
-
-    pipe = load_pipeline(str(tiny_sd2_dir), device="cpu")
-    modules = memory.pipeline_modules(pipe)
-    weights = [list(m.parameters()) + list(m.buffers()) for m in modules]
-
-    def real(checkpointing, **kwargs):
-        live = memory.LiveBytes("cpu")
-        live.track(weights)
-        return _step(memory, pipe, live, checkpointing, **kwargs)
-
-    real_off, real_on = real(False), real(True)
-    with_module_tracking = real(True, flop_counter=lambda: FlopCounterMode(display=False))
-    gc.collect()
-    with memory.simulation(cuda_like=False) as (_, fake):
-        memory.to_fake_device(modules)
-        fake.track([list(m.parameters()) + list(m.buffers()) for m in modules])
-        fake_on = _step(memory, pipe, fake, True)
-
-    assert fake_on["flops"] == real_on["flops"] == with_module_tracking["flops"] > real_off["flops"]
+    FLOPs grow by the recomputed forwards. (FlopCounterMode's per-module tracking kept the recomputed activations
+    alive, so a checkpointed step read *higher* than an unchecked one: the benchmark's FlopCounter drops it.)"""
+    real_off, real_on = real_steps["off"], real_steps["on"]
+    fake_on = _fake_step(memory, real_steps, True)
+    assert fake_on["flops"] == real_on["flops"] > real_off["flops"]
     assert fake_on["step_peak_gb"] == pytest.approx(real_on["step_peak_gb"], rel=0.03)
     assert real_on["step_peak_gb"] < 0.8 * real_off["step_peak_gb"]
-    mb = {k: round(v["step_peak_gb"] * 2**30 / 1e6, 3) for k, v in
-          {"off": real_off, "on": real_on, "on_fake": fake_on, "on_FlopCounterMode": with_module_tracking}.items()}
+    mb = {k: round(v["step_peak_gb"] * 2**30 / 1e6, 3) for k, v in {"off": real_off, "on": real_on, "on_fake": fake_on}.items()}
     print(f"step peaks MB {mb}; GFLOP off {real_off['flops'] / 1e9:.3f}, on {real_on['flops'] / 1e9:.3f}")
 
 

@@ -275,17 +275,27 @@ def test_evaluate_skips_a_run_whose_mask_leads_outside(run):
 
 def test_evaluate_refuses_a_run_whose_mask_leads_outside_in_one_stderr_line(run):
     """Issue 26: the refusal was a "skipping …" warning and then "error: no finished run …" (two lines, the second
-    hiding the reason). A fresh process, so the command line's own logging setup is what writes stderr."""
+    hiding the reason). A fresh process, so the command line's own logging setup is what writes stderr; one process
+    runs both commands (the run itself, and a RUNS folder whose only run is refused), each stderr read apart."""
     import subprocess
     import sys
 
     _edit_json(run / "manifest.json", lambda m: m["tokens"][0].update(mask="../../mask.png"))
-    for target in (run, run.parent):  # the run itself, and a RUNS folder whose only run is refused
-        proc = subprocess.run([sys.executable, "-m", "conceptexpress", "evaluate", str(target), "--device", "cpu"],
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
-        assert proc.returncode == RunFolderError.exit_code, proc.stderr
-        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
-        assert "outside the run folder" in proc.stderr and "skipping" not in proc.stderr, proc.stderr
+    script = (
+        "import sys\n"
+        "from conceptexpress.cli import main\n"
+        "for target in sys.argv[1:]:\n"
+        "    code = main(['evaluate', target, '--device', 'cpu'])\n"
+        "    sys.stderr.write(f'<<exit {code}>>\\n')\n"
+        "    sys.stderr.flush()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(run), str(run.parent)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    parts = proc.stderr.split(f"<<exit {RunFolderError.exit_code}>>\n")
+    assert len(parts) == 3 and parts[2] == "", proc.stderr  # both commands exited with the run-folder error's code
+    for err in parts[:2]:
+        assert err.startswith("error: ") and err.count("\n") == 1, proc.stderr
+        assert "outside the run folder" in err and "skipping" not in err, proc.stderr
 
 
 def test_evaluate_refusing_every_run_of_a_dataset_says_why_in_one_error(run, caplog):
