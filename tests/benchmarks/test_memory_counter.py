@@ -52,7 +52,7 @@ def test_counter_frees_storages_and_counts_views_once(memory):
 
 def _step(memory, pipe, live, checkpointing: bool = False, **kwargs) -> dict:
     masks, centroids = memory.concept_layout(16)  # the tiny model's 16×16 latent at 128 px
-    config = TrainConfig(steps=1, split_tokens=2, emd_method="sinkhorn")
+    config = TrainConfig(steps=1, split_tokens=1, emd_method="sinkhorn")  # one prompt per concept: fast
     runtime = RuntimeConfig(micro_batch=2, mixed_precision="no", checkpoint_every=0,
                             gradient_checkpointing=checkpointing)
     return memory.measure_train_step(pipe, memory.photo(128), (128, 128), masks, centroids, config, runtime, live=live,
