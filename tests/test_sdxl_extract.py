@@ -45,6 +45,14 @@ def test_extract_on_sdxl_writes_a_complete_run(run):
     # Clustering on the finest self-attention grid: latent/2 (the tiny model's 128 px → latent 16 → grid 8).
     assert max(loc["latent_size"]) == 8
     assert len(m["samples"]) == n + 1
+    # The whole method ran (DESIGN §9): split tokens (g·N prompts) with the contrastive term, then merged ones
+    # (N + the joint prompt); the EMD alignment at latent/4 in both phases.
+    history = json.loads((out / "history.json").read_text())
+    split = [r for r in history if r["phase"] == "split"]
+    merged = [r for r in history if r["phase"] == "merged"]
+    assert len(split) == 2 and len(merged) == 2
+    assert all(r["prompts"] == 2 * n and r["con"] > 0 and r["reg"] > 0 for r in split)
+    assert all(r["prompts"] == n + 1 and r["reg"] > 0 for r in merged)
 
 
 def test_generate_from_the_sdxl_run(run):
