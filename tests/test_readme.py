@@ -6,6 +6,7 @@ network here), and ``TrainConfig`` is shortened to 2 steps (the README's 500 wou
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -31,6 +32,10 @@ def test_the_in_memory_example_runs_as_written(pipe, tmp_path, monkeypatch, one_
     blocks = _python_blocks()
     localize_block = next(b for b in blocks if "localize_concepts(" in b)
     memory_block = next(b for b in blocks if "learn_tokens(" in b)
+    # Import what the examples import before patching: a module first imported while `load_pipeline` is patched
+    # would keep the stand-in for the rest of the session (`from .models import load_pipeline` binds at import).
+    importlib.import_module("conceptexpress.learn.api")
+    importlib.import_module("conceptexpress.attention.localizer")
     monkeypatch.setattr(loading_module, "load_pipeline", lambda *a, **k: pipe)
     real = config_module.TrainConfig
     monkeypatch.setattr(config_module, "TrainConfig", lambda **kw: real(**{**kw, "steps": 2, "merge_step": 1}))
