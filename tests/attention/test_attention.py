@@ -16,7 +16,8 @@ from conceptexpress.attention import (
     capture_attention,
     layer_hw,
 )
-from conceptexpress.models.text import encode_prompt, eot_index
+from conceptexpress.models.family import family_of
+from conceptexpress.models.text import eot_index
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -27,7 +28,8 @@ def _inputs(pipe, hw, batch=2, seed=0):
     x = torch.randn(batch, 4, *hw, generator=g)  # (B, 4, h, w)
     t = torch.tensor([0, 500][:batch])
     with torch.no_grad():
-        emb = encode_prompt(pipe.tokenizer, pipe.text_encoder, ["", "a photo of"][:batch])  # (B, 77, D)
+        family = family_of(pipe)
+        emb = family.encode(pipe, family.tokenize(pipe, ["", "a photo of"][:batch])).context  # (B, 77, D)
     return x, t, emb
 
 

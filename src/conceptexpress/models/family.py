@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
+from .text import tokenize_padded
 
 __all__ = [
     "FAMILIES",
@@ -212,13 +213,7 @@ class ModelFamily:
 
     def tokenize(self, pipe, prompts: Sequence[str]) -> list[torch.Tensor]:
         """``(B, L)`` padded ids of ``prompts`` per tokenizer, as the pipelines tokenize them."""
-        ids = []
-        for tok in self.tokenizers(pipe):
-            ids.append(
-                tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-            )
-        return ids
+        return [tokenize_padded(tok, list(prompts)).input_ids for tok in self.tokenizers(pipe)]
 
     def micro_conditioning(self, original_hw: tuple[int, int], target_hw: tuple[int, int]) -> torch.Tensor | None:
         """SDXL's time ids for a photo of ``original_hw`` (H, W) fed at ``target_hw``: (orig h, orig w, crop top 0,

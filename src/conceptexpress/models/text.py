@@ -7,10 +7,8 @@ the real CLIP tokenizer, where it has the largest id, but not in general) and ne
 
 from __future__ import annotations
 
-import torch
 
-
-def _tokenize(tokenizer, prompts: list[str]) -> dict:
+def tokenize_padded(tokenizer, prompts: list[str]) -> dict:
     # Padded to the full context (77 for CLIP) like the SD pipelines, so positions match what the UNet sees.
     return tokenizer(
         prompts,
@@ -34,28 +32,8 @@ def eot_index(tokenizer, prompt: str = "") -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no `eos_token_id`; cannot find [EOT]")
-    ids = _tokenize(tokenizer, [prompt]).input_ids[0].tolist()
+    ids = tokenize_padded(tokenizer, [prompt]).input_ids[0].tolist()
     try:
         return ids.index(eos)
     except ValueError:
         raise ValueError(f"no end-of-text token (id {eos}) in the tokenized prompt {prompt!r}") from None
-
-
-def encode_prompt(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings of ``prompts`` as the SD pipelines compute them (no classifier-free guidance).
-
-    Returns:
-        The text encoder's last hidden state, ``(B, model_max_length, dim)`` (``(B, 77, 1024)`` for SD 2.x),
-        on the text encoder's device and in its dtype. Gradients flow when autograd is on (token learning
-        trains embedding rows through this call).
-    """
-    if isinstance(prompts, str):
-        raise TypeError("`prompts` must be a list of strings, got a single string")
-    tokens = _tokenize(tokenizer, list(prompts))
-    input_ids = tokens.input_ids.to(text_encoder.device)  # (B, L)
-    # Most SD text encoders are called without a mask; follow the config when it asks for one (as diffusers does).
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = tokens.attention_mask.to(text_encoder.device)
-    out = text_encoder(input_ids, attention_mask=mask)
-    return out[0].to(text_encoder.dtype)  # (B, L, dim)
